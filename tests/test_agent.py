@@ -1,0 +1,313 @@
+"""Tests of agent.py: masks, log-prob identities, padding invariance, checkpoints, LoRA, seeding.
+
+One tiny agent is built and briefly SFT-trained per module (random-init models emit EOS at once), so it
+answers in JSON; every check compares numbers computed two independent ways.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from agent import Agent, Batch, CheckpointError, LoRALinear, lora_modules
+
+ANSWERS = ['{"thoughts": "player at row 2 col 4. box at row 2 col 2. so move left.", "action": "left"}',
+           '{"thoughts": "player at row 1 col 1. box at row 3 col 1. so move down.", "action": "down"}',
+           '{"cards": ["3", "8", "3", "8"], "formula": "8/(3", "thoughts": "need 3-8/3.", "action": "-"}',
+           '{"thoughts": "player at row 4 col 3. box at row 2 col 3. so move up.", "action": "up"}']
+PROMPTS = ["Sokoban. Push every box onto a target. Legal actions: up, down, left, right. Answer in JSON.",
+           "Sokoban. Legal actions: up, down, left, right.",
+           "Points24. Make 24 from the four cards. Legal actions: 1-9, +, -, *, /, (, ), =.",
+           "Gridworld. Reach the goal. Legal actions: up, down, left, right. Answer with thoughts and action."]
+CORPUS = ANSWERS + PROMPTS
+
+
+def images(n, seed=0, shape=(96, 96, 3)):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]
+
+
+def sft(agent, imgs, prompts, answers, steps=50, lr=3e-3):
+    """Teacher-forced cross-entropy on whole answers via encode + score."""
+    opt = torch.optim.Adam(agent.parameters(), lr=lr)
+    batch = agent.encode(imgs, prompts, answers)
+    for _ in range(steps):
+        logp, _, _ = agent.score(batch)
+        loss = -logp.sum() / batch.gen_mask.sum()
+        opt.zero_grad(), loss.backward(), opt.step()
+    return loss.item()
+
+
+@pytest.fixture(scope="module")
+def agent():
+    torch.manual_seed(0)
+    a = Agent.build("tiny", CORPUS, seed=0)
+    loss = sft(a, images(4), PROMPTS, ANSWERS)
+    assert loss < 0.5, f"SFT warm-up did not fit 4 answers (loss {loss:.3f})"
+    return a
+
+
+def token_spans(tok, ids):
+    """Character span of each token in the decoded text, by decoding prefixes one at a time."""
+    ends = [len(tok.decode(ids[:k + 1], skip_special_tokens=True)) for k in range(len(ids))]
+    return list(zip([0] + ends[:-1], ends))
+
+
+def test_build_offline_seeded():
+    a, b = Agent.build("tiny", CORPUS, seed=3), Agent.build("tiny", CORPUS, seed=3)
+    c = Agent.build("tiny", CORPUS, seed=4)
+    assert 0.5e6 < a.num_params() < 1.5e6
+    assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab() and len(a.tokenizer) <= 512
+    sa, sb, sc = a.trainable_state(), b.trainable_state(), c.trainable_state()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    s = Agent.build("small", CORPUS, seed=0)
+    assert 3e6 < s.num_params() < 7e6
+
+
+def test_sample_shapes_and_masks(agent):
+    torch.manual_seed(1)
+    b = agent.sample(images(4), PROMPTS, max_new_tokens=48)
+    B, P, G = 4, b.prompt_len, b.gen_ids.shape[1]
+    assert b.input_ids.shape == b.attention_mask.shape == b.mm_token_type_ids.shape == (B, P + G)
+    assert b.gen_mask.shape == b.thought_mask.shape == b.action_mask.shape == b.logp.shape == (B, G)
+    assert b.values.shape == b.thought_entropy.shape == (B,) and b.image_grid_thw.shape == (B, 3)
+    assert b.pixel_values.shape[0] == int(b.image_grid_thw.prod(-1).sum())
+    assert torch.equal(b.thought_mask + b.action_mask, b.gen_mask)          # disjoint, cover gen_mask
+    assert torch.equal(b.attention_mask[:, P:].float(), b.gen_mask)
+    assert (b.mm_token_type_ids[:, P:] == 0).all() and (b.mm_token_type_ids[:, :P].sum(1) == 9).all()  # 3x3 tokens
+    n = b.gen_mask.sum(1).long()
+    assert torch.equal(b.gen_mask, (torch.arange(G) < n[:, None]).float())   # a prefix of ones
+    assert (b.logp[b.gen_mask == 0] == 0).all() and (b.logp[b.gen_mask == 1] <= 0).all()
+    for r in range(B):   # the SFT'd agent finishes with <|im_end|> and answers in JSON
+        assert b.gen_ids[r, n[r] - 1] == agent.im_end_id and (b.gen_ids[r, n[r]:] == agent.pad_id).all()
+        assert '"action":' in b.texts[r] and b.action_mask[r].sum() >= 2
+    assert (b.thought_entropy > 0).all()
+
+
+def test_thought_action_split_exact(agent):
+    text = '{"thoughts": "the word \\"action\\": appears. move up.", "action": "up"}'
+    none = '{"thoughts": "no key here"}'
+    b = agent.encode(images(2), PROMPTS[:2], [text, none])
+    tok = agent.tokenizer
+    ids = b.gen_ids[0][b.gen_mask[0].bool()].tolist()
+    s = text.rfind('"action":')                    # the LAST one, not the one inside the thought
+    spans = token_spans(tok, ids)
+    k = next(i for i, (lo, hi) in enumerate(spans) if lo <= s < hi)   # token holding the quote
+    assert torch.equal(b.thought_mask[0, :len(ids)], (torch.arange(len(ids)) < k).float())
+    th = tok.decode(b.gen_ids[0][b.thought_mask[0].bool()])
+    ac = tok.decode(b.gen_ids[0][b.action_mask[0].bool()], skip_special_tokens=True)
+    assert th == text[:spans[k][0]] and ac == text[spans[k][0]:] and th + ac == text
+    assert text[len(th):s].strip() == ""          # thought ends right before `"action":` (up to spacing)
+    assert b.gen_ids[0, len(ids) - 1] == agent.im_end_id and b.action_mask[0, len(ids) - 1] == 1   # EOS is action
+    assert b.texts[0] == text
+    assert torch.equal(b.thought_mask[1], b.gen_mask[1]) and b.action_mask[1].sum() == 0   # no key: all thought
+
+
+def test_score_equals_sample_logp(agent):
+    # independent reference: generate's own per-step logits (KV-cache path) at the chosen tokens
+    imgs, T = images(4), 0.7
+    b = agent.sample(imgs, PROMPTS, temperature=T, do_sample=False, repetition_penalty=1.0, max_new_tokens=40)
+    enc = agent.encode_prompts(imgs, PROMPTS)
+    with torch.no_grad():
+        out = agent.model.generate(**agent._model_inputs(enc), do_sample=False, max_new_tokens=40,
+                                   return_dict_in_generate=True, output_logits=True,
+                                   pad_token_id=agent.pad_id, eos_token_id=agent.eos_ids)
+    G = b.gen_ids.shape[1]
+    ref_logits = torch.stack(out.logits[:G], 1)                                 # [B, G, V]
+    ref = torch.log_softmax(ref_logits / T, -1).gather(-1, b.gen_ids[..., None]).squeeze(-1) * b.gen_mask
+    assert torch.equal(out.sequences[:, enc["input_ids"].shape[1]:][:, :G] * b.gen_mask.long(),
+                       b.gen_ids * b.gen_mask.long())
+    assert (ref - b.logp).abs().max() < 1e-4
+    logp, values, logits = agent.score(b, return_logits=True)
+    assert logp.requires_grad and values.requires_grad
+    assert (logp - b.logp).abs().max() < 1e-4 and (values - b.values).abs().max() < 1e-5
+    real = b.gen_mask.bool()   # after EOS generate feeds pads to finished rows; only real tokens compare
+    assert (logits - ref_logits)[real].abs().max() < 1e-4                        # aligned to gen tokens
+    lp2, _, _ = agent.score(b, temperature=1.0)
+    ref1 = torch.log_softmax(ref_logits, -1).gather(-1, b.gen_ids[..., None]).squeeze(-1) * b.gen_mask
+    assert (lp2 - ref1).abs().max() < 1e-4
+
+
+def test_left_padding_invariance(agent):
+    imgs = images(2, seed=5)
+    alone = agent.encode(imgs[:1], PROMPTS[1:2], ANSWERS[:1])
+    both = agent.encode(imgs, PROMPTS[1:2] + [PROMPTS[0] * 3], ANSWERS[:1] + [ANSWERS[2]])
+    assert both.prompt_len > alone.prompt_len and both.attention_mask[0, 0] == 0   # row 0 is left-padded
+    G = alone.gen_ids.shape[1]
+    assert (both.logp[0, :G] - alone.logp[0]).abs().max() < 1e-5
+    assert abs(both.values[0] - alone.values[0]) < 1e-5
+
+
+def test_cat_and_select_keep_rows(agent):
+    b1 = agent.encode(images(2, seed=1), PROMPTS[:2], ANSWERS[:2])
+    b2 = agent.encode(images(3, seed=2), [PROMPTS[0] * 2, PROMPTS[2], PROMPTS[3]], ANSWERS[1:])
+    assert b1.prompt_len != b2.prompt_len and b1.gen_ids.shape[1] != b2.gen_ids.shape[1]
+    cat = Batch.cat([b1, b2])
+    assert len(cat) == 5 and cat.texts == b1.texts + b2.texts
+    logp, values, _ = agent.score(cat)
+    for src, rows in ((b1, range(0, 2)), (b2, range(2, 5))):
+        for i, r in enumerate(rows):
+            G = src.gen_ids.shape[1]
+            assert (logp[r, :G] - src.logp[i]).abs().max() < 1e-5 and (logp[r, G:] == 0).all()
+            assert (cat.logp[r, :G] == src.logp[i]).all() and abs(values[r] - src.values[i]) < 1e-5
+    sel = cat.select([4, 0, 2])
+    assert torch.equal(sel.image_grid_thw, cat.image_grid_thw[[4, 0, 2]])
+    n = int(b2.image_grid_thw[0].prod())   # all rows have the same patch count here
+    assert torch.equal(sel.pixel_values[:n], b2.pixel_values[2 * n:3 * n])
+    assert torch.equal(sel.pixel_values[n:2 * n], b1.pixel_values[:n])
+    slp, sv, _ = agent.score(sel)
+    assert (slp - logp[[4, 0, 2]]).abs().max() < 1e-5 and (sv - values[[4, 0, 2]]).abs().max() < 1e-5
+    assert sel.texts == [cat.texts[i] for i in (4, 0, 2)]
+
+
+def test_select_with_different_image_sizes(agent):
+    a = agent.encode(images(1, shape=(96, 96, 3)), PROMPTS[:1], ANSWERS[:1])
+    c = agent.encode(images(1, shape=(128, 192, 3)), PROMPTS[2:3], ANSWERS[2:3])   # card-game size
+    cat = Batch.cat([a, c, a])
+    assert cat.image_grid_thw[:, 1:].prod(-1).tolist() == [36, 96, 36]
+    sel = cat.select([1])
+    assert torch.equal(sel.pixel_values, c.pixel_values)
+    assert (agent.score(sel)[0] - c.logp).abs().max() < 1e-5
+
+
+def test_save_load_roundtrip(agent, tmp_path):
+    b = agent.encode(images(2), PROMPTS[:2], ANSWERS[:2])
+    with torch.no_grad():
+        agent.value_head[-1].bias.fill_(0.25)   # non-trivial value head to round-trip
+        lp, v, lg = agent.score(b, return_logits=True)
+    path = tmp_path / "ckpt"
+    agent.save(path)
+    agent.save(path)                            # replacing an existing checkpoint
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]   # no temp or .old dirs left behind
+    back = Agent.load(path)
+    assert back.size == "tiny" and back.value_hidden == agent.value_hidden
+    b2 = back.encode(images(2), PROMPTS[:2], ANSWERS[:2])
+    assert torch.equal(b2.input_ids, b.input_ids)
+    with torch.no_grad():
+        lp2, v2, lg2 = back.score(b2, return_logits=True)
+    assert torch.equal(lg, lg2) and torch.equal(lp, lp2) and torch.equal(v, v2)
+    with torch.no_grad():
+        agent.value_head[-1].bias.zero_()
+
+
+def test_plain_save_pretrained_loads(agent, tmp_path):
+    agent.model.save_pretrained(tmp_path)
+    agent.processor.save_pretrained(tmp_path)
+    back = Agent.load(tmp_path)
+    b = agent.encode(images(2), PROMPTS[:2], ANSWERS[:2])
+    with torch.no_grad():
+        lg = agent.score(b, return_logits=True)[2]
+        lp2, v2, lg2 = back.score(b, return_logits=True)
+    assert torch.equal(lg, lg2) and (v2 == 0).all()   # fresh value head: zero last layer
+
+
+def test_bad_checkpoints_raise(agent, tmp_path, monkeypatch):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        Agent.load(tmp_path / "missing")
+    good = tmp_path / "good"
+    agent.save(good)
+    weights = good / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])                    # truncated
+    with pytest.raises(CheckpointError, match="model.safetensors.*truncated"):
+        Agent.load(good)
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......" + data[100:])   # corrupt header
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        Agent.load(good)
+    weights.write_bytes(data)
+    vh = good / "value_head.safetensors"
+    vh.write_bytes(vh.read_bytes()[:-3])
+    with pytest.raises(CheckpointError, match="value_head.safetensors"):
+        Agent.load(good)
+    cfg = json.loads((good / "config.json").read_text())
+    (good / "config.json").write_text(json.dumps(dict(cfg, model_type="llama")))
+    with pytest.raises(CheckpointError, match="config.json.*not a Qwen2.5-VL"):
+        Agent.load(good)
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)   # no network retries here
+    with pytest.raises(CheckpointError, match="hub"):
+        Agent.load("nobody-here/no-such-model")
+
+
+def test_lora(agent):
+    base = agent.copy_frozen()
+    la = Agent.build("tiny", CORPUS, seed=0, lora_rank=4, lora_alpha=8)
+    # start from the SFT'd agent's weights: copy them into the LoRA model's frozen bases
+    mods = lora_modules(la.model)
+    assert len(mods) == 2 * 7 + 1 * 5 + 2   # text layer: q,k,v,o,gate,up,down; vision: qkv,proj,gate,up,down; merger 2
+    assert all(not n.endswith("lm_head") for n in mods)
+    sd = agent.model.state_dict()
+    with torch.no_grad():
+        for n, p in la.model.named_parameters():
+            if "lora_" not in n:
+                p.copy_(sd[n.replace(".base.", ".")])
+    b = agent.encode(images(2), PROMPTS[:2], ANSWERS[:2])
+    with torch.no_grad():
+        lg0, lgl = base.score(b, return_logits=True)[2], la.score(b, return_logits=True)[2]
+    assert torch.equal(lg0, lgl)                       # B = 0: wrapped model equals the base
+    # gradients reach only LoRA factors (and the value head, which is separate)
+    logp, values, _ = la.score(b)
+    (-(logp.sum()) + values.sum()).backward()
+    for n, p in la.model.named_parameters():
+        assert p.requires_grad == ("lora_" in n), n
+        if "lora_" in n:
+            assert p.grad is not None
+    assert all(m.lora_A.grad.abs().sum() == 0 for m in mods.values())   # B = 0 at init, so dL/dA = 0
+    assert any(m.lora_B.grad.abs().sum() > 0 for m in mods.values())
+    opt = torch.optim.Adam(la.parameters(), lr=1e-2)
+    opt.step()
+    # trainable_state = real weight change after folding LoRA in
+    state = la.trainable_state()
+    assert set(state) == {f"{n}.weight" for n in mods}
+    with torch.no_grad():
+        for n, m in mods.items():
+            x = torch.randn(3, m.base.in_features)
+            folded = sd[f"{n}.weight"] + (m.lora_B @ m.lora_A) * m.scale
+            assert torch.allclose(state[f"{n}.weight"], folded - sd[f"{n}.weight"], atol=1e-7)
+            assert torch.allclose(m(x), torch.nn.functional.linear(x, folded, m.base.bias), atol=1e-5)
+        lg_trained = la.score(b, return_logits=True)[2]
+    assert (lg_trained - lg0).abs().max() > 1e-4      # the step changed the model
+    # a frozen teacher from the untrained LoRA agent reproduces the trained outputs from the state alone
+    teacher = Agent.build("tiny", CORPUS, seed=0, lora_rank=4, lora_alpha=8)
+    with torch.no_grad():
+        for n, p in teacher.model.named_parameters():
+            if "lora_" not in n:
+                p.copy_(sd[n.replace(".base.", ".")])
+    teacher = teacher.copy_frozen()
+    teacher.load_trainable_state(state)
+    with torch.no_grad():
+        lg_t = teacher.score(b, return_logits=True)[2]
+    assert (lg_t - lg_trained).abs().max() < 1e-4
+    assert all(torch.allclose(v, state[k], atol=1e-7) for k, v in teacher.trainable_state().items())
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+
+
+def test_full_trainable_state_roundtrip(agent):
+    teacher = Agent.build("tiny", CORPUS, seed=9).copy_frozen()
+    teacher.load_trainable_state(agent.trainable_state())
+    b = agent.encode(images(1), PROMPTS[:1], ANSWERS[:1])
+    with torch.no_grad():
+        assert torch.equal(agent.score(b, return_logits=True)[2], teacher.score(b, return_logits=True)[2])
+    with pytest.raises(KeyError):
+        teacher.load_trainable_state({"nope": torch.zeros(1)})
+
+
+def test_seeded_sampling_reproducible(agent):
+    imgs = images(4, seed=7)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append(agent.sample(imgs, PROMPTS, temperature=1.5, top_k=50, max_new_tokens=24))
+    assert runs[0].texts == runs[1].texts and torch.equal(runs[0].input_ids, runs[1].input_ids)
+    torch.manual_seed(124)
+    other = agent.sample(imgs, PROMPTS, temperature=1.5, top_k=50, max_new_tokens=24)
+    assert other.texts != runs[0].texts
+
+
+def test_bad_input_is_a_clear_error(agent):
+    with pytest.raises(ValueError, match="uint8 HxWx3"):
+        agent.sample([np.zeros((96, 96), np.uint8)], PROMPTS[:1])
+    with pytest.raises(ValueError, match="as many images"):
+        agent.sample(images(2), PROMPTS[:1])

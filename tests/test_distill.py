@@ -1,0 +1,92 @@
+"""distill.py against hand computations (GTR_TURBO.md 3, 4.2, 4.3)."""
+import math
+
+import pytest
+import torch
+
+from distill import exact_reverse_kl, forward_kl, reverse_kl_penalty, sft_loss, token_logprobs
+
+T = torch.tensor
+
+
+def test_token_logprobs_alignment():
+    # V = 3; logits at position t are log of a chosen distribution, so the answer is readable
+    probs = T([[[0.5, 0.25, 0.25], [0.1, 0.2, 0.7], [1 / 3, 1 / 3, 1 / 3]]])  # [1, 3, 3]
+    tokens = T([[0, 2, 1]])
+    out = token_logprobs(probs.log(), tokens)  # [1, 2]: P(tok1=2 | pos0), P(tok2=1 | pos1)
+    assert torch.allclose(out, T([[math.log(0.25), math.log(0.2)]]), atol=1e-6)
+    # temperature 2 on the same logits: softmax(log p / 2) is proportional to sqrt(p)
+    s = probs[0, 0].sqrt()
+    assert torch.allclose(token_logprobs(probs.log(), tokens, 2.0)[0, 0], (s[2] / s.sum()).log(), atol=1e-6)
+
+
+def test_penalty_zero_when_models_agree_and_empty_turn():
+    lp = -torch.rand(3, 5) * 4
+    mask = T([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]).bool()
+    for est in ("clip", "k1", "abs", "k3"):
+        assert torch.equal(reverse_kl_penalty(lp, lp, mask, estimator=est), torch.zeros(3))
+    lp2 = lp.clone()
+    lp2[2] = float("-inf")  # padding of an all-action turn may hold -inf: still 0, not nan
+    assert torch.equal(reverse_kl_penalty(lp2, lp, mask), torch.zeros(3))
+
+
+def test_penalty_clipping_and_estimators():
+    agent = T([[-1.0, -0.5, -20.0, -3.0]])
+    teacher = T([[-3.0, -0.25, -0.5, -15.0]])  # d = [2, -0.25, -19.5, 12]
+    mask = T([[1, 1, 1, 1]])
+    assert torch.allclose(reverse_kl_penalty(agent, teacher, mask), T([(2 + 0 + 0 + 10) / 4]))
+    assert torch.allclose(reverse_kl_penalty(agent, teacher, mask, lo=-1, hi=5), T([(2 - 0.25 - 1 + 5) / 4]))
+    assert torch.allclose(reverse_kl_penalty(agent, teacher, mask, "k1"), T([(2 - 0.25 - 19.5 + 12) / 4]))
+    assert torch.allclose(reverse_kl_penalty(agent, teacher, mask, "abs"), T([(2 + 0.25 + 19.5 + 12) / 4]))
+    half = reverse_kl_penalty(agent, teacher, T([[1, 0, 0, 0]]), "k3")  # r = e^-2: e^-2 - 1 + 2
+    assert torch.allclose(half, T([math.exp(-2) + 1]))
+    d = torch.randn(64, 32) * 5  # k3 is never negative, whatever the sign of d
+    assert (reverse_kl_penalty(d, torch.zeros_like(d), torch.ones_like(d), "k3") >= 0).all()
+    with pytest.raises(ValueError):
+        reverse_kl_penalty(agent, teacher, mask, "k2")
+    with pytest.raises(ValueError):
+        reverse_kl_penalty(agent, teacher[:, :3], mask)
+
+
+def test_exact_kl_hand_three_word_vocab():
+    p = T([0.5, 0.3, 0.2])
+    q = T([0.2, 0.2, 0.6])
+    rev = sum(p[i] * math.log(p[i] / q[i]) for i in range(3))  # KL(p||q) = 0.2332...
+    fwd = sum(q[i] * math.log(q[i] / p[i]) for i in range(3))
+    agent = torch.stack([p.log() + 1.7, q.log()])[None]  # [1, 2, 3]; shift: logits, not log-probs
+    teacher = torch.stack([q.log(), q.log()])[None]
+    mask = T([[1, 1]])
+    assert torch.allclose(exact_reverse_kl(agent, teacher, mask), T([rev / 2]), atol=1e-6)
+    assert torch.allclose(exact_reverse_kl(agent, teacher, T([[1, 0]])), T([rev]), atol=1e-6)
+    assert torch.allclose(forward_kl(agent, teacher, T([[1, 0]])), T([fwd]), atol=1e-6)
+    assert torch.allclose(exact_reverse_kl(teacher, teacher, mask), torch.zeros(1))
+    a, b = torch.randn(4, 6, 50) * 3, torch.randn(4, 6, 50) * 3
+    assert (exact_reverse_kl(a, b, torch.ones(4, 6), temperature=0.2) >= 0).all()
+    assert (forward_kl(a, b, torch.ones(4, 6)) >= 0).all()
+
+
+def test_sft_loss_hand_ce_and_ignores_actions():
+    logits = torch.zeros(1, 3, 4)  # uniform -> CE = log 4 wherever the target is
+    logits[0, 1] = T([2.0, 0.0, 0.0, 0.0])  # CE for target 0: -log(e^2 / (e^2 + 3))
+    logits.requires_grad_(True)
+    targets = T([[1, 0, -100]])  # -100 on the action token must be ignored
+    mask = T([[True, True, False]])
+    loss = sft_loss(logits, targets, mask)
+    want = (math.log(4) - math.log(math.e ** 2 / (math.e ** 2 + 3))) / 2
+    assert abs(loss.item() - want) < 1e-6
+    loss.backward()
+    assert torch.equal(logits.grad[0, 2], torch.zeros(4))  # no gradient into the action position
+    # token mean over the batch, not a mean of row means: rows with 1 and 3 thought tokens
+    lg = torch.randn(2, 3, 5)
+    tg = torch.randint(0, 5, (2, 3))
+    m = T([[1, 0, 0], [1, 1, 1]]).bool()
+    ce = torch.nn.functional.cross_entropy(lg[m], tg[m])
+    assert torch.allclose(sft_loss(lg, tg, m), ce)
+    # empty mask: 0 with a graph that backpropagates zeros
+    empty = sft_loss(logits, targets, torch.zeros(1, 3, dtype=torch.bool))
+    assert empty.item() == 0 and empty.requires_grad
+    logits.grad = None
+    empty.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+    with pytest.raises((RuntimeError, IndexError)):  # a thought token labelled -100 is a bug, not ignored
+        sft_loss(logits, targets, torch.ones(1, 3, dtype=torch.bool))

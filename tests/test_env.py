@@ -1,0 +1,381 @@
+"""Tests for env.py: rules worked out by hand, solvers against brute force, experts, parsing, lockstep."""
+import itertools
+import json
+import pickle
+import time
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import env as E
+
+UP, DOWN, LEFT, RIGHT = range(4)
+
+
+def load(level, **kw):
+    e = E.SokobanEnv(**kw)
+    e.reset(options={"level": level})
+    return e
+
+
+def brute_force_len(e, limit):
+    """Shortest solution length by trying every move sequence up to `limit` (independent of the BFS)."""
+    start = (e.player, e.boxes)
+    for n in range(limit + 1):
+        for seq in itertools.product(range(4), repeat=n):
+            p, b = start
+            for a in seq:
+                p, b, _ = E.sokoban_move(e.nbr, p, b, a)
+            if b == e.targets:
+                return n
+    return None
+
+
+def act(e, name):
+    return e.step(e.action_names.index(name))
+
+
+# ------------------------------------------------------------------ Sokoban dynamics and rewards
+
+def test_sokoban_push_off_and_onto_target_rewards():
+    # Both boxes start on targets; push one off (-1), walk round it, push it back (+1 and +10).
+    e = load("#######\n#  *  #\n#@*   #\n#     #\n#######")
+    rewards = []
+    for a in (RIGHT, DOWN, RIGHT, RIGHT, UP, LEFT):
+        obs, r, term, trunc, info = e.step(a)
+        rewards.append(r)
+    assert rewards == pytest.approx([-1.1, -0.1, -0.1, -0.1, -0.1, 10.9])
+    assert term and not trunc and info["success"] and info["boxes_on_target"] == 2
+    assert e.render_mode is None and e._text() == "#######\n#  *  #\n# *@  #\n#     #\n#######"
+
+
+def test_sokoban_push_into_wall_and_no_chain_push():
+    e = load("#####\n#.@$#\n#####")
+    _, r, term, trunc, _ = e.step(RIGHT)  # box against the wall: nothing moves, the step still costs
+    assert r == pytest.approx(-0.1) and not term and e._text() == "#####\n#.@$#\n#####"
+    e = load("#######\n#@$$..#\n#######")
+    e.step(RIGHT)  # two boxes in a row: no chain push
+    assert e._text() == "#######\n#@$$..#\n#######"
+    assert E.solve_sokoban(e.nbr, e.targets, e.boxes, e.player) is None
+
+
+def test_sokoban_truncation_and_ansi_roundtrip():
+    e = E.SokobanEnv(render_mode="ansi", max_steps=3)
+    e.reset(options={"level": "######\n#@$ .#\n######"})
+    assert e.render() == "######\n#@$ .#\n######"
+    for t in range(3):
+        _, _, term, trunc, _ = e.step(LEFT)  # into the wall
+    assert not term and trunc and e.steps == 3
+    with pytest.raises(ValueError, match="rectangular"):
+        e.reset(options={"level": "####\n#@$.#\n#####"})
+    with pytest.raises(ValueError, match="as many boxes"):
+        e.reset(options={"level": "######\n#@$$.#\n######"})
+
+
+@pytest.mark.parametrize("level,length", [
+    ("#####\n#@$.#\n#####", 1),
+    ("######\n#    #\n# $@ #\n# .  #\n######", 3),       # walk round the box to push it down
+    ("#######\n#.$@$.#\n#######", 3),                    # two boxes: left, then right right
+    ("#######\n#.    #\n#   $ #\n#    @#\n#######", 7),  # up 1 and left 3: two ways, both 7
+])
+def test_sokoban_solver_optimal_on_hand_levels(level, length):
+    e = load(level)
+    sol = e.solve()
+    assert len(sol) == length == brute_force_len(e, length)
+    total, term = 0.0, False
+    for a in sol:
+        _, r, term, _, _ = e.step(a)
+        total += r
+    assert term and total == pytest.approx(-0.1 * length + 10 + len(e.targets))
+
+
+def test_sokoban_solver_node_limit_is_a_named_error():
+    e = load("##########\n#   #    #\n# $ .  $ #\n#  *  @  #\n#   # .  #\n#  $ .   #\n"
+             "#        #\n#  ##    #\n#        #\n##########")
+    assert e.observation_space.shape == (160, 160, 3) and e._obs().shape == (160, 160, 3)
+    with pytest.raises(E.SokobanSolverLimit, match="max_nodes"):
+        E.solve_sokoban(e.nbr, e.targets, e.boxes, e.player, max_nodes=500)
+
+
+def test_sokoban_generator_determinism_solvability_and_range():
+    e = E.SokobanEnv(min_solution_len=3, max_solution_len=6)
+    levels = []
+    for seed in range(60):
+        obs, info = e.reset(seed=seed)
+        obs2, info2 = e.reset(seed=seed)
+        assert info["level"] == info2["level"] and np.array_equal(obs, obs2)
+        sol = e.solve()
+        assert 3 <= len(sol) <= 6
+        levels.append(info["level"])
+        if seed < 8:  # BFS optimality against brute force on generated levels
+            assert brute_force_len(e, len(sol)) == len(sol)
+    assert len(set(levels)) > 50 and obs.shape == (96, 96, 3) and obs.dtype == np.uint8
+    big = E.SokobanEnv(dim_room=(7, 7), num_boxes=2, max_solution_len=10)
+    _, info = big.reset(seed=1)
+    assert big._obs().shape == (128, 128, 3) and info["level"].count("$") + info["level"].count("*") == 2
+
+
+# ------------------------------------------------------------------ GridWorld
+
+def test_gridworld_wall_costs_a_step_and_goal_reward():
+    e = E.GridWorldEnv(render_mode="ansi")
+    e.reset(seed=0)
+    e.walls[1:-1, 1:-1] = False  # hand-made layout: open 4x4 room, player top-left, goal two right
+    e._load(e.walls, e.w + 1, e.w + 3)
+    _, r, term, trunc, info = e.step(UP)
+    assert r == pytest.approx(-0.1) and e.player == e.w + 1 and info["steps"] == 1 and not term
+    assert E.solve_gridworld(e.nbr, e.player, e.goal) == [RIGHT, RIGHT]
+    assert e.optimal_actions() == {RIGHT}
+    e.step(RIGHT)
+    _, r, term, trunc, info = e.step(RIGHT)
+    assert r == pytest.approx(9.9) and term and info["success"]
+
+
+def test_gridworld_generator_solvable_and_deterministic():
+    e = E.GridWorldEnv()
+    for seed in range(100):
+        _, info = e.reset(seed=seed)
+        assert e.player in e.dist and e.player != e.goal
+        assert e.reset(seed=seed)[1]["level"] == info["level"]
+
+
+# ------------------------------------------------------------------ Points24 rules
+
+def p24(cards):
+    e = E.Points24Env(render_mode="ansi")
+    e.reset(options={"cards": cards})
+    return e
+
+
+def play(e, tokens):
+    out = None
+    for t in tokens:
+        out = act(e, t)
+    return out
+
+
+def test_points24_rules():
+    e = p24([3, 8, 3, 8])
+    _, r, term, _, _ = play(e, ["3", "+", "3", "+", "3"])  # a third 3
+    assert r == -1.0 and term
+    e = p24([3, 8, 3, 8])
+    _, r, term, _, info = play(e, list("3+8+3+8") + ["="])  # 22
+    assert r == -1.0 and term and not info["success"]
+    e = p24([3, 8, 1, 1])
+    _, r, term, _, _ = play(e, ["3", "*", "8", "="])  # 24 but two cards unused
+    assert r == -1.0 and term
+    e = p24([3, 8, 3, 8])
+    _, r, term, _, info = play(e, list("8/(3-8/3)") + ["="])  # exactly 24 in Fractions
+    assert r == 10.0 and term and info["success"]
+    assert e.render() == "cards: 3 8 3 8 | formula: 8/(3-8/3)"
+    e = p24([12, 1, 2, 13])  # Q A 2 K: values 10 1 2 10; "10" is its own token, "1" is the ace
+    _, r, _, _, _ = play(e, ["10", "+", "10", "+", "2", "*", "1", "+"])
+    assert r == 0.0 and e.formula == ["10", "+", "10", "+", "2", "*", "1", "+"]
+    e = p24([12, 1, 2, 13])
+    _, r, term, _, _ = play(e, ["1", "1"])
+    assert r == -1.0 and term
+    e = p24([1, 1, 8, 8])
+    _, r, term, _, _ = play(e, ["8", "/", "(", "1", "-", "1", ")", "="])  # division by zero
+    assert r == -1.0 and term
+    e = p24([3, 8, 3, 8])
+    _, r, term, _, _ = play(e, ["3", "8", "="])  # adjacent numbers: syntax error
+    assert r == -1.0 and term
+    e = p24([3, 8, 3, 8])
+    for k in range(20):
+        _, r, term, trunc, _ = act(e, "(")
+        assert r == 0.0 and not (term or trunc)
+    _, r, term, trunc, _ = act(e, "(")  # 21st token
+    assert r == -1.0 and trunc and not term
+
+
+def test_points24_solver():
+    assert E.shortest_solution([3, 8, 3, 8]) == "8/(3-8/3)"
+    assert E.evaluate_formula(E.tokenize_formula("8/(3-8/3)")) == 24
+    sols = E.solve24([4, 6, 1, 1])
+    assert "4*6*1*1" in sols and "(1+1)*4*6" not in sols
+    for s in sols:
+        toks = E.tokenize_formula(s)
+        assert E.evaluate_formula(toks) == 24 and sorted(int(t) for t in toks if t.isdigit()) == [1, 1, 4, 6]
+    assert E.solve24([1, 1, 1, 1]) == []
+    assert E.evaluate_formula(E.tokenize_formula("(1+2")) is None
+    hands = list(itertools.combinations_with_replacement(range(1, 11), 4))[:120]
+    # Solvability against an independent brute force: all orders, ops and the five tree shapes.
+    ops = [lambda a, b: a + b, lambda a, b: a - b, lambda a, b: a * b,
+           lambda a, b: a / b if b else None]
+
+    def brute(vals):
+        from fractions import Fraction as F
+        for a, b, c, d in itertools.permutations([F(v) for v in vals]):
+            for f, g, h in itertools.product(ops, repeat=3):
+                def ap(op, x, y):
+                    return None if x is None or y is None else op(x, y)
+                cands = [ap(h, ap(g, ap(f, a, b), c), d), ap(h, ap(f, a, ap(g, b, c)), d),
+                         ap(h, ap(f, a, b), ap(g, c, d)), ap(f, a, ap(h, ap(g, b, c), d)),
+                         ap(f, a, ap(g, b, ap(h, c, d)))]
+                if 24 in cands:
+                    return True
+        return False
+    for h in hands[:60]:
+        assert bool(E.solve24(h)) == brute(h), h
+
+
+# ------------------------------------------------------------------ split
+
+@pytest.mark.parametrize("task", ["sokoban", "gridworld", "points24"])
+def test_split_disjoint(task):
+    train, ev = E.make_env(task, split="train"), E.make_env(task, split="eval")
+    tr = {train.reset(seed=s)[1]["level"] for s in range(150)}
+    evs = {ev.reset(seed=s)[1]["level"] for s in range(150)}
+    assert not tr & evs and evs
+    assert all(E.in_eval_split(l) for l in evs) and not any(E.in_eval_split(l) for l in tr)
+    with pytest.raises(ValueError):
+        E.make_env(task, split="test")
+
+
+# ------------------------------------------------------------------ gymnasium API
+
+@pytest.mark.parametrize("env_id", ["gtr/Sokoban-v0", "gtr/GridWorld-v0", "gtr/Points24-v0"])
+def test_check_env(env_id):
+    for mode in ("rgb_array", "ansi"):
+        e = gym.make(env_id, render_mode=mode).unwrapped
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            check_env(e)
+        obs, _ = e.reset(seed=0)
+        assert obs.shape[0] % 32 == 0 and obs.shape[1] % 32 == 0
+        assert e.render_image(scale=3).shape == (obs.shape[0] * 3, obs.shape[1] * 3, 3)
+        assert isinstance(e.render(), str if mode == "ansi" else np.ndarray)
+    assert E.Points24Env().reset(seed=0)[0].shape == (128, 192, 3)
+
+
+# ------------------------------------------------------------------ parse_answer
+
+def test_parse_answer():
+    moves, cards = E.MOVES, E.P24_ACTIONS
+    assert E.parse_answer('{"thoughts": "go", "action": "up"}', moves) == (0, True)
+    assert E.parse_answer('  {"action": "LEFT", "thoughts": "x", "extra": 1}\n', moves) == (2, True)
+    assert E.parse_answer('{"action": "up"}', moves) == (0, False)  # key missing
+    assert E.parse_answer('{"thoughts": "a", "action": "up"} {"x": 1}', moves) == (0, False)  # two objects
+    assert E.parse_answer('{"thoughts": "down", "action": "up', moves) == (0, False)  # broken JSON
+    assert E.parse_answer('"action": "down" ... "action": right}', moves) == (3, False)  # the last one
+    assert E.parse_answer('{"thoughts": "a", "action": "up or down"}', moves) == (None, True)
+    assert E.parse_answer('{"thoughts": "a", "action": "move down"}', moves) == (1, True)
+    assert E.parse_answer('{"thoughts": "a", "action": "jump"}', moves) == (None, True)
+    keys = ("cards", "formula", "thoughts", "action")
+    ans = '{"cards": ["K"], "formula": "", "thoughts": "t", "action": "10"}'
+    assert E.parse_answer(ans, cards, keys) == (9, True)
+    assert E.parse_answer(ans.replace('"10"', '"1"'), cards, keys) == (0, True)
+    assert E.parse_answer(ans.replace('"10"', '"/"'), cards, keys) == (13, True)
+    assert E.parse_answer(ans, cards) == (9, True)  # default keys: thoughts + action present
+    assert E.parse_answer(ans, cards, ("x",)) == (9, False)
+    rng = np.random.default_rng(0)
+    garbage = [
+        "", "   ", None, b"\xff\xfe".decode("latin-1"), rng.bytes(5000).decode("latin-1"),
+        "x" * 1_000_000 + '"action": "up"', '{"a": ' * 10_000 + "1" + "}" * 10_000,
+        "[" * 10_000 + "]" * 10_000, '"action":' * 1000, '{"thoughts": "\\ud800", "action": "\\"',
+    ]
+    t = time.perf_counter()
+    results = [E.parse_answer(g, moves) for g in garbage]
+    assert time.perf_counter() - t < 1.0
+    assert [r[1] for r in results] == [False] * len(garbage)
+    assert results[5] == (0, False) and all(r[0] is None for i, r in enumerate(results) if i != 5)
+    assert E.extract_thought('{"thoughts": "a \\"b\\"", "action": "up"}') == 'a "b"'
+    assert E.extract_thought("garbage") is None
+
+
+# ------------------------------------------------------------------ experts and grounding
+
+@pytest.mark.parametrize("task,kw", [("sokoban", {}), ("gridworld", {}), ("points24", {"solvable_only": True})])
+def test_expert_solves_every_env(task, kw):
+    e = E.make_env(task, **kw)
+    max_words = 0
+    for seed in range(200):
+        e.reset(seed=seed)
+        done, info = False, {}
+        while not done:
+            text = e.expert_answer()
+            action, fmt = E.parse_answer(text, e.action_names, e.answer_keys)
+            assert fmt and list(json.loads(text)) == list(e.answer_keys)
+            assert action in e.optimal_actions()
+            thought = json.loads(text)["thoughts"]
+            max_words = max(max_words, len(thought.split()))
+            assert e.grounding(thought) == 1.0
+            _, _, term, trunc, info = e.step(action)
+            done = term or trunc
+        assert info["success"], (task, seed)
+    assert max_words <= 40
+
+
+def test_expert_phrasing_and_wrong_facts():
+    e = load("######\n#    #\n# $@ #\n# .  #\n######")
+    thought = json.loads(e.expert_answer())["thoughts"]
+    assert thought == ("player at row 2 col 3. box at row 2 col 2. target at row 3 col 2. "
+                       "push the box down: go above it first, so move up.")
+    assert e.grounding(thought.replace("box at row 2 col 2", "box at row 1 col 2")) == pytest.approx(2 / 3)
+    assert e.grounding("I will move up") is None and e.grounding(None) is None
+    assert e.grounding("player at row 99 col 2.") == 0.0
+    p = p24([3, 8, 3, 8])
+    play(p, list("8/(3"))
+    ans = json.loads(p.expert_answer())
+    assert ans == {"cards": ["3", "8", "3", "8"], "formula": "8/(3",
+                   "thoughts": "cards 3 8 3 8. formula 8/(3. target 8/(3-8/3). next -.", "action": "-"}
+    assert p.grounding("cards 3 8 8 8. formula 8/(3. target 8/(3-8/3). next -.") == pytest.approx(2 / 3)
+    assert p.grounding("cards 3 8 3 8. formula 8/(3. target 8/(3+8/3). next +.") == pytest.approx(2 / 3)
+    assert p.grounding("cards 3 8 3 8. formula 8/3. target 8/3*3*8. next -.") == pytest.approx(1 / 3)
+    q = p24([1, 1, 1, 1])  # unsolvable: the expert ends the episode at once
+    assert json.loads(q.expert_answer())["action"] == "=" and q.optimal_actions() == {16}
+    g = E.GridWorldEnv()
+    g.reset(seed=4)
+    th = json.loads(g.expert_answer())["thoughts"]
+    assert g.grounding(th) == 1.0 and g.grounding(th.replace("goal at", "goal at row 0 col 0. x")) < 1.0
+
+
+# ------------------------------------------------------------------ LockstepEnvs
+
+def test_lockstep_autoreset_and_invalid_turns():
+    envs = E.LockstepEnvs("gridworld", 3, seed=7, invalid_penalty=-1.0, max_steps=4)
+    images, prompts = envs.observe()
+    assert len(images) == 3 and images[0].shape == (96, 96, 3) and "JSON" in prompts[0]
+    before = [e.player for e in envs.envs]
+    out = envs.step_texts(["garbage", '{"thoughts": "x", "action": "up down"}', envs.envs[2].expert_answer()])
+    assert [e.player for e in envs.envs][:2] == before[:2] and [e.steps for e in envs.envs] == [1, 1, 1]
+    assert out["reward"][:2].tolist() == [-1.0, -1.0] and out["action"].tolist()[:2] == [-1, -1]
+    assert out["action_valid"].tolist() == [False, False, True]
+    assert out["format_ok"].tolist() == [False, True, True]
+    assert np.isnan(out["grounding"][0]) and out["grounding"][2] == 1.0
+    for _ in range(3):  # three more invalid turns: max_steps 4 truncates envs 0 and 1, then auto-reset
+        out = envs.step_texts(["", "", envs.envs[2].expert_answer()])
+    assert out["truncated"][0] and out["done"][0] and not out["terminated"][0]
+    eps = {ep["env"]: ep for ep in out["episodes"]}
+    assert eps[0]["length"] == 4 and eps[0]["return"] == 0.0 and eps[0]["invalid"] == 4
+    assert envs.envs[0].steps == 0 and envs.next_episode >= 5
+    # Random-action mode: the env moves, the answer still counts as invalid.
+    envs = E.LockstepEnvs("sokoban", 4, seed=1, invalid="random")
+    out = envs.step_texts([""] * 4)
+    assert out["action_valid"].sum() == 0 and (out["action"] == -1).all()
+    assert [e.steps for e in envs.envs] == [1] * 4
+
+
+def test_lockstep_state_dict_roundtrip_continues_identically():
+    def run(envs, n, rng):
+        outs = []
+        for _ in range(n):
+            opt = envs.expert_texts()
+            texts = [t if rng.random() < 0.7 else "nonsense" for t in opt]
+            out = envs.step_texts(texts)
+            outs.append((out["reward"].tolist(), out["done"].tolist(), [ep["level"] for ep in out["episodes"]],
+                         [im.tobytes() for im in envs.observe()[0]]))
+        return outs
+
+    for task in ("sokoban", "points24"):
+        a = E.LockstepEnvs(task, 4, seed=3, invalid="random")
+        run(a, 6, np.random.default_rng(0))
+        state = pickle.loads(pickle.dumps(a.state_dict()))
+        ref = run(a, 20, np.random.default_rng(1))
+        b = E.LockstepEnvs(task, 4, seed=99, invalid="random")
+        b.load_state_dict(state)
+        assert run(b, 20, np.random.default_rng(1)) == ref
+        assert sum(len(o[2]) for o in ref) > 0  # episodes did finish (and auto-reset) in the compared part

@@ -1,0 +1,158 @@
+"""merge.py against numbers worked out by hand (GTR_TURBO.md 4.1)."""
+import os
+
+import pytest
+import torch
+
+from merge import (MergeHistory, ema_weights, exact_ties_merge, linear_merge, load_state, save_state,
+                   ties_merge, trim)
+
+T = torch.tensor
+
+
+def close(a, b, atol=1e-6):
+    return torch.allclose(a.float(), torch.as_tensor(b, dtype=torch.float32), atol=atol)
+
+
+def test_ties_hand_example():
+    # density 0.75 on 4 entries -> keep k = 3 per delta; weights 1, 1, 2
+    d1 = {"w": T([4.0, -1.0, 0.5, 3.0]), "b": T([2.0, 0.0])}
+    d2 = {"w": T([-2.0, 5.0, -1.0, 0.25]), "b": T([-2.0, 0.0])}
+    d3 = {"w": T([1.0, -3.0, 2.0, -0.5]), "b": T([0.0, 0.0])}
+    # trimmed: d1 [4,-1,0,3]  d2 [-2,5,-1,0]  d3 [1,-3,2,0]
+    # weighted sums: 4-2+2=4 (+), -1+5-6=-2 (-), 0-1+4=3 (+), 3 (+)
+    # disjoint means: (4*1+1*2)/3=2, (-1*1-3*2)/3=-7/3, 2*2/2=2, 3/1=3
+    # "b": k = max(1, floor(1.5)) = 1: [2,0], [-2,0], [0,0]; sums 0 and 0 -> both "+"
+    #      entry 0 keeps d1's 2 -> 2; entry 1 keeps nothing (zeros are never kept) -> 0
+    out = ties_merge([d1, d2, d3], [1.0, 1.0, 2.0], density=0.75)
+    assert close(out["w"], [2.0, -7 / 3, 2.0, 3.0])
+    assert close(out["b"], [2.0, 0.0])
+
+
+def test_trim_keeps_exactly_k_and_breaks_ties_by_index():
+    assert torch.equal(trim(T([1.0, -1.0, 1.0, 1.0]), 0.5), T([1.0, -1.0, 0.0, 0.0]))
+    assert torch.equal(trim(T([0.1, -5.0, 3.0]), 0.01), T([0.0, -5.0, 0.0]))  # k = max(1, 0) = 1
+    x = torch.randn(7, 13, generator=torch.Generator().manual_seed(0))
+    assert int((trim(x, 0.29) != 0).sum()) == 26  # floor(0.29 * 91) = 26
+
+
+def test_ties_simple_identities():
+    g = torch.Generator().manual_seed(1)
+    d = {"a": torch.randn(5, 6, generator=g), "b": torch.randn(7, generator=g)}
+    one = ties_merge([d], [3.0], density=1.0)
+    same = ties_merge([d, d, d], [1.0, 2.0, 0.5], density=0.6)
+    for k in d:
+        assert close(one[k], d[k])  # one delta at density 1 returns it (up to w * x / w rounding)
+        assert close(same[k], trim(d[k], 0.6))  # identical deltas return themselves (trimmed)
+    # no sign conflicts and density 1: TIES is the weighted mean
+    pos = [{"a": torch.rand(4, 4, generator=g) + 0.1} for _ in range(3)]
+    w = [1.0, 2.0, 5.0]
+    assert close(ties_merge(pos, w, density=1.0)["a"], linear_merge(pos, w)["a"])
+    assert close(linear_merge(pos, w)["a"], sum(wi * p["a"] for wi, p in zip(w, pos)) / 8)
+
+
+def test_bf16_in_bf16_out_and_bad_input():
+    d = [{"a": torch.randn(8, 8).bfloat16()} for _ in range(2)]
+    out = ties_merge(d, [1.0, 1.0])
+    assert out["a"].dtype == torch.bfloat16
+    base = {"a": torch.randn(8, 8).bfloat16()}
+    h = MergeHistory(base)
+    h.add([{"a": base["a"] + x["a"]} for x in d])
+    assert h.teacher_state()["a"].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="weights"):
+        ties_merge(d, [1.0])
+    with pytest.raises(ValueError, match="> 0"):
+        ties_merge(d, [1.0, -1.0])
+    with pytest.raises(ValueError, match="shape"):
+        ties_merge([d[0], {"a": torch.zeros(8, 9)}], [1.0, 1.0])
+    with pytest.raises(ValueError, match="keys"):
+        h.add([{"b": torch.zeros(8, 8)}])
+    with pytest.raises(ValueError, match="shape"):
+        h.add([{"a": torch.zeros(8, 9)}])
+    assert h.count == 2  # a rejected add changes nothing
+
+
+# base 10; deltas d1 = [2, 1], d2 = [4, -1], d3 = [1, 3]
+BASE = {"x": T([10.0, 10.0])}
+STATES = [{"x": T([12.0, 11.0])}, {"x": T([14.0, 9.0])}, {"x": T([11.0, 13.0])}]
+
+
+@pytest.mark.parametrize("mode,method,alpha,expected", [
+    # SMA linear: [2,1] -> [3,0] -> (2*[3,0] + [1,3]) / 3
+    ("sma", "linear", 0.5, [[2, 1], [3, 0], [7 / 3, 1]]),
+    # SMA TIES (density 1): second entry of add 2: 1 - 1 = 0 -> "+", keeps 1 -> 1;
+    # add 3: members [3,1] (weight 2) and [1,3]: (6+1)/3, (2+3)/3
+    ("sma", "ties", 0.5, [[2, 1], [3, 1], [7 / 3, 5 / 3]]),
+    # EMA linear alpha 0.25: .25*[4,-1] + .75*[2,1] = [2.5,.5]; .25*[1,3] + .75*[2.5,.5] = [2.125,1.125]
+    ("ema", "linear", 0.25, [[2, 1], [2.5, 0.5], [2.125, 1.125]]),
+    # EMA TIES alpha 0.25: entry 1 of step 2: .75 - .25 > 0 -> keeps 1 (weight .75) -> 1;
+    # step 3: (.75*2.5 + .25*1) / 1 = 2.125, (.75*1 + .25*3) / 1 = 1.5
+    ("ema", "ties", 0.25, [[2, 1], [2.5, 1], [2.125, 1.5]]),
+])
+def test_history_arithmetic_over_three_adds(mode, method, alpha, expected):
+    h = MergeHistory(BASE, mode=mode, method=method, alpha=alpha, density=1.0)
+    assert torch.equal(h.teacher_state()["x"], BASE["x"])  # base itself before any add
+    for k, (s, e) in enumerate(zip(STATES, expected), 1):
+        h.add([s])
+        assert h.count == k
+        assert close(h.teacher_state()["x"], T(e) + 10)
+
+
+def test_sma_one_add_of_several_equals_ties_merge():
+    h = MergeHistory(BASE, density=0.5)
+    h.add(STATES)
+    deltas = [{"x": s["x"] - BASE["x"]} for s in STATES]
+    assert close(h.teacher_state()["x"], ties_merge(deltas, [1, 1, 1], density=0.5)["x"] + 10)
+
+
+def test_exact_and_running_merges(tmp_path):
+    # density 0.5 on 2 entries -> keep 1 per delta. base 0, deltas d1 [3,1], d2 [1,2], d3 [1,.5]
+    base = {"x": T([0.0, 0.0])}
+    states = [{"x": T([3.0, 1.0])}, {"x": T([1.0, 2.0])}, {"x": T([1.0, 0.5])}]
+    paths = [tmp_path / f"ckpt{i}.safetensors" for i in range(3)]
+    for s, p in zip(states, paths):
+        save_state(s, p)
+    h = MergeHistory(base, density=0.5)
+    h.add(paths[:2])  # one add: identical members -> identical merges ([3,0] and [0,2] -> [3,2])
+    assert close(h.teacher_state()["x"], [3.0, 2.0])
+    assert close(exact_ties_merge(paths[:2], base, density=0.5)["x"], [3.0, 2.0])
+    h.add([states[2]])
+    # running: the merge [3,2] (weight 2) is re-trimmed to [3,0]; d3 -> [1,0]: [(2*3+1)/3, 0]
+    assert close(h.teacher_state()["x"], [7 / 3, 0.0])
+    # exact: [3,0], [0,2], [1,0] -> [(3+1)/2, 2/1]
+    assert close(exact_ties_merge(paths, base, density=0.5)["x"], [2.0, 2.0])
+    # EMA weights: a linear exact merge with them equals the linear EMA history
+    assert close(T(ema_weights(3, 0.25)), [0.5625, 0.1875, 0.25])
+
+
+def test_save_load_round_trip_and_corrupt_file(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    base = {"w": torch.randn(4, 3, generator=g).bfloat16(), "v": torch.randn(5, generator=g)}
+    h = MergeHistory(base, mode="ema", alpha=0.3, density=0.7)
+    path = tmp_path / "hist.safetensors"
+    h.save(path)  # before any add
+    assert MergeHistory.load(path).merged is None
+    for _ in range(2):
+        h.add([{k: v + torch.randn(v.shape, generator=g).to(v.dtype) for k, v in base.items()}])
+    h.save(path)
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # the temp file was renamed away
+    h2 = MergeHistory.load(path)
+    assert (h2.mode, h2.alpha, h2.method, h2.density, h2.count) == ("ema", 0.3, "ties", 0.7, 2)
+    for k in base:
+        assert torch.equal(h2.teacher_state()[k], h.teacher_state()[k])
+        assert h2.teacher_state()[k].dtype == base[k].dtype
+    nxt = {k: v + 1 for k, v in base.items()}
+    h.add([nxt]), h2.add([nxt])  # and it keeps merging identically
+    assert all(torch.equal(h2.merged[k], h.merged[k]) for k in base)
+    h3 = MergeHistory(base, mode="sma")
+    with pytest.raises(ValueError, match="settings"):
+        h3.load_state_dict(h.state_dict())
+    # state files: round trip with tied (shared-storage) tensors, and a corrupt file names its path
+    shared = torch.randn(3, 3)
+    save_state({"emb": shared, "lm_head": shared}, tmp_path / "s.safetensors")
+    assert torch.equal(load_state(tmp_path / "s.safetensors")["lm_head"], shared)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(path.read_bytes()[:100])
+    for fn in (lambda: MergeHistory.load(bad), lambda: load_state(bad), lambda: h.add([bad])):
+        with pytest.raises(ValueError, match="bad.safetensors"):
+            fn()

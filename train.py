@@ -1,0 +1,561 @@
+"""train.py: the GTR-Turbo training loop, one file, read top to bottom (GTR_TURBO.md sections 2 and 4).
+
+    SFT warm-up on solver demonstrations (cached)                       (section 6: the "7B-SFT" start)
+    for each update:
+        rollout: N envs in lockstep, the agent writes thought + action each turn     (section 1)
+        teacher guidance: clipped reverse-KL of the agent's own thought tokens       (section 4.2, turbo-kl)
+        GAE on env rewards, + format reward, - beta * KL penalty on the turn's return (section 2, 4.2)
+        PPO epochs: sequence-level ratio from lambda * thought logp + action logp     (section 2)
+        checkpoint after each epoch -> fold into the TIES merge history -> teacher    (section 4, 4.1)
+
+Methods: `ppo` (RL4VLM, no teacher) and `turbo-kl` (GTR-Turbo, the default). Everything the paper sets is a
+flag; where our CPU default differs from the paper's value, the help says so.
+
+Left out on purpose: value-function pretraining, LoRA on the tiny model (full fine-tuning), vision-tower
+freezing, DeepSpeed. `python train.py --help` lists every flag.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+METHODS = ("ppo", "turbo-kl")
+TASKS = ("sokoban", "gridworld", "points24")
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    # --- what to train
+    task: str = arg("sokoban", "environment: sokoban | gridworld | points24")
+    method: str = arg("turbo-kl", "ppo (RL4VLM baseline) | turbo-kl (GTR-Turbo, KL variant)")
+    model: str = arg("small", "tiny (~1M params, tests) | small (~5M, CPU default) | PATH to a Qwen2.5-VL directory | hub id")
+    init: str = arg("", "start RL from this agent directory (skips the SFT warm-up)")
+    device: str = arg("cpu", "cpu | cuda | cuda:N")
+    bf16: bool = arg(True, "bfloat16 autocast for forward passes (weights and Adam stay fp32)")
+    seed: int = arg(1, "seed of everything: weights, sampling, levels")
+    out: str = arg("", "run directory (default runs/<task>-<method>-<model>-s<seed>)")
+    # --- budgets
+    total_steps: int = arg(5120, "env turns over all envs (paper: 30k on Points24, 20k ALFWorld)")
+    num_envs: int = arg(16, "envs run in lockstep")
+    num_steps: int = arg(16, "turns per env per update; env turns per update = num_envs * num_steps (paper: 1024)")
+    # --- SFT warm-up (tiny/small models without --init)
+    sft_steps: int = arg(-1, "warm-up SFT steps; -1 = the task's calibrated default (sokoban 400, gridworld 150, points24 1200)")
+    sft_batch: int = arg(32, "warm-up SFT batch size")
+    sft_lr: float = arg(3e-4, "warm-up SFT learning rate (cosine decay after 30 warm-up steps)")
+    # --- sampling (paper: T=0.2, top-k 5, repetition penalty 1.2, 256 new tokens)
+    temperature: float = arg(1.0, "sampling temperature; log-probs use it too (paper 0.2: too greedy for a tiny model)")
+    top_k: int = arg(0, "top-k filter at sampling, 0 = off (paper 5)")
+    repetition_penalty: float = arg(1.0, "(paper 1.2: it punishes the repeated 'row/col' words of grid thoughts)")
+    max_new_tokens: int = arg(64, "answer length cap (paper 256)")
+    # --- PPO (section 2)
+    lr: float = arg(1e-5, "Adam learning rate, cosine decay to 0 (paper 1e-5 on a LoRA 7B)")
+    ppo_epochs: int = arg(4, "PPO epochs per update (paper 4)")
+    minibatch: int = arg(32, "PPO minibatch size in turns")
+    clip: float = arg(0.1, "PPO ratio clip, also the value clip (paper 0.1)")
+    vf_coef: float = arg(0.5, "value-loss coefficient (paper 0.5)")
+    max_grad_norm: float = arg(1.0, "gradient-norm clip (paper 0.01 with LoRA on 7B)")
+    gamma: float = arg(0.9, "discount (paper 0.9)")
+    gae_lambda: float = arg(0.95, "GAE lambda (paper 0.95)")
+    thought_coef: float = arg(0.5, "lambda weighting thought-token log-probs in the sequence log-prob (paper 0.5 Points24, 0.2 ALFWorld)")
+    format_reward: str = arg("", "'valid,invalid' reward added to each turn's return; default ppo 0,0; turbo-kl 3,-2 (paper)")
+    invalid: str = arg("penalty", "invalid answer: 'penalty' (state unchanged, turn counted) | 'random' (reference code: random legal action)")
+    invalid_penalty: float = arg(-1.0, "env reward of an invalid turn under --invalid penalty")
+    # --- GTR-Turbo teacher (section 4)
+    kl_coef: float = arg(1.0, "beta, the reverse-KL penalty coefficient (paper 1)")
+    kl_clip: float = arg(10.0, "per-token clip of log pi_agent - log pi_teacher to [0, kl_clip] (paper 10)")
+    kl_invalid: float = arg(100.0, "KL penalty of a turn whose format is invalid (paper 100)")
+    merge: str = arg("ties", "merge of the checkpoint history: ties | linear")
+    weighting: str = arg("sma", "history weighting: sma | ema")
+    ema_alpha: float = arg(0.5, "EMA weight of the newest checkpoint (paper best 0.5)")
+    density: float = arg(0.8, "TIES trim density (paper code 0.8)")
+    merge_every: int = arg(1, "rebuild the teacher every N updates (paper: 1, up to 10 works)")
+    # --- evaluation and output
+    resume: str = arg("", "continue the run in this directory from its last complete checkpoint, with its saved args")
+    eval_episodes: int = arg(100, "held-out episodes for the final evaluation of agent and teacher (0 = skip)")
+    log_episodes: int = arg(64, "success/return in metrics are over this many most recent training episodes")
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name in ("total_steps", "num_envs", "num_steps", "sft_batch", "ppo_epochs", "minibatch",
+                     "max_new_tokens", "merge_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "sft_lr", "temperature", "clip", "density"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.density > 1:
+            raise ValueError(f"--density must be in (0, 1], got {self.density}")
+        if self.invalid not in ("penalty", "random"):
+            raise ValueError(f"--invalid must be penalty or random, got {self.invalid!r}")
+        if self.merge not in ("ties", "linear") or self.weighting not in ("sma", "ema"):
+            raise ValueError(f"--merge must be ties|linear and --weighting sma|ema, got {self.merge!r}, {self.weighting!r}")
+        if self.sft_steps < 0:
+            self.sft_steps = {"sokoban": 400, "gridworld": 150, "points24": 1200}[self.task]
+        if not self.format_reward:
+            self.format_reward = "0,0" if self.method == "ppo" else "3,-2"
+        try:
+            valid, invalid = (float(x) for x in self.format_reward.split(","))
+        except ValueError:
+            raise ValueError(f"--format-reward must be 'valid,invalid', got {self.format_reward!r}") from None
+        self.format_valid, self.format_invalid = valid, invalid
+        if not self.out:
+            name = self.model if self.model in ("tiny", "small") else os.path.basename(self.model.rstrip("/"))
+            self.out = os.path.join("runs", f"{self.task}-{self.method}-{name}-s{self.seed}")
+
+    @property
+    def num_updates(self):
+        return max(1, self.total_steps // (self.num_envs * self.num_steps))
+
+
+def parse_args(argv=None) -> Args:
+    """Dataclass -> argparse; a bad value exits with status 2 and a one-line message."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            p.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"])
+    ns = p.parse_args(argv)
+    if ns.resume:  # a resumed run keeps the settings it was started with
+        saved = os.path.join(ns.resume, "args.json")
+        if not os.path.isfile(saved):
+            p.error(f"--resume {ns.resume}: no args.json there, not a run directory")
+        with open(saved) as f:
+            fields = {f.name for f in dataclasses.fields(Args)}
+            ns = argparse.Namespace(**{k: v for k, v in json.load(f).items() if k in fields})
+        ns.resume, ns.out = os.path.dirname(saved) or ".", os.path.dirname(saved) or "."
+    try:
+        args = Args(**vars(ns))
+    except ValueError as e:
+        p.error(str(e))
+    check_model_arg(args.model, p.error)
+    if args.init:
+        check_model_arg(args.init, p.error, local_only=True)
+    return args
+
+
+def check_model_arg(model: str, error, local_only=False):
+    """tiny/small are built in code; a directory must hold a VLM config; anything else is a hub id."""
+    if model in ("tiny", "small") and not local_only:
+        return
+    if os.path.isdir(model):
+        cfg_path = os.path.join(model, "config.json")
+        if not os.path.isfile(cfg_path):
+            error(f"{model} is not a model checkpoint: no config.json in it")
+        try:
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            error(f"{cfg_path} is not readable JSON: {e}")
+        if "vision_config" not in cfg:
+            error(f"{model} is not a vision-language checkpoint (config.json has no vision_config; model_type={cfg.get('model_type')!r})")
+        return
+    looks_like_path = local_only or model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1] \
+        or model.count("/") != 1
+    if looks_like_path:
+        error(f"model path {model} does not exist")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small helpers beside the loop that uses them
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast(args):
+    device_type = "cuda" if str(args.device).startswith("cuda") else "cpu"
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=args.bf16)
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int = 0) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def gae(rewards, values, dones, last_value, gamma: float, lam: float):
+    """Generalised advantage estimation over a [T, N] rollout (section 2: env rewards only).
+
+    rewards, values, dones: [T, N]; dones[t] = the episode ended with turn t (no bootstrap across it);
+    last_value: [N] value of the observation after turn T-1. Returns advantages [T, N].
+    """
+    T = rewards.shape[0]
+    adv = torch.zeros_like(rewards)
+    next_adv = torch.zeros_like(last_value)
+    next_value = last_value
+    for t in reversed(range(T)):  # a loop over turns, not tokens: T is small
+        nonterminal = 1.0 - dones[t]
+        delta = rewards[t] + gamma * next_value * nonterminal - values[t]
+        next_adv = delta + gamma * lam * nonterminal * next_adv
+        adv[t] = next_adv
+        next_value = values[t]
+    return adv
+
+
+def sequence_logp(logp, thought_mask, action_mask, thought_coef: float):
+    """log pi(a|s) of one turn = lambda * sum(thought logp) + sum(action logp) (section 2). [B, G] -> [B]."""
+    return thought_coef * (logp * thought_mask).sum(-1) + (logp * action_mask).sum(-1)
+
+
+def ppo_loss(new_seq, old_seq, advantages, new_values, old_values, returns, clip: float):
+    """Clipped PPO objective with one ratio per turn, and the clipped value loss. All inputs [B]."""
+    log_ratio = new_seq - old_seq
+    ratio = log_ratio.exp()
+    pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)).mean()
+    v_clipped = old_values + (new_values - old_values).clamp(-clip, clip)
+    v_loss = 0.5 * torch.max((new_values - returns) ** 2, (v_clipped - returns) ** 2).mean()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - log_ratio).mean()
+        clipfrac = ((ratio - 1).abs() > clip).float().mean()
+    return pg_loss, v_loss, approx_kl, clipfrac
+
+
+def atomic_write_text(path: str, text: str):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Agent construction and the SFT warm-up (section 6)
+
+
+def tokenizer_corpus(seed: int, episodes_per_task: int = 60) -> list[str]:
+    """Prompts and expert answers of all three tasks: what the tiny model's BPE vocabulary is trained on."""
+    from env import LockstepEnvs
+    corpus = []
+    for task in TASKS:
+        envs = LockstepEnvs(task, 4, seed=seed, split="train", solvable_only=True) if task == "points24" \
+            else LockstepEnvs(task, 4, seed=seed, split="train")
+        for _ in range(episodes_per_task // 4 * 6):
+            _, prompts = envs.observe()
+            answers = envs.expert_texts()
+            corpus += prompts + answers
+            envs.step_texts(answers)
+    return corpus
+
+
+def demo_envs(args, seed):
+    """Envs driven by the solver: each step yields one fresh (image, prompt, expert answer) per env."""
+    from env import LockstepEnvs
+    kw = {"solvable_only": True} if args.task == "points24" else {}
+    return LockstepEnvs(args.task, args.sft_batch, seed=seed, split="train", **kw)
+
+
+def sft_step_loss(agent, images, prompts, answers, args):
+    """Cross-entropy on the whole answer (thought, action and EOS): the warm-up's loss."""
+    batch = agent.encode(images, prompts, answers, temperature=1.0).to(agent.device)
+    logp, _, _ = agent.score(batch, temperature=1.0)
+    mask = batch.gen_mask.float()
+    return -(logp * mask).sum() / mask.sum()
+
+
+def sft_warmup(agent, args, steps: int, desc="SFT warm-up"):
+    envs = demo_envs(args, seed=args.seed + 7919)
+    params = [p for p in agent.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.sft_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    bar = tqdm(range(steps), desc=desc, dynamic_ncols=True)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, args.sft_lr, warmup=30)
+        images, prompts = envs.observe()
+        answers = envs.expert_texts()
+        with autocast(args):
+            loss = sft_step_loss(agent, images, prompts, answers, args)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        envs.step_texts(answers)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return agent
+
+
+def make_agent(args):
+    """tiny/small: built in code, SFT-warmed on solver demos, cached; otherwise loaded from a checkpoint."""
+    from agent import Agent
+    if args.init:
+        return Agent.load(args.init, device=args.device)
+    if args.model not in ("tiny", "small"):
+        return Agent.load(args.model, device=args.device)
+    cache = os.path.join("runs", "sft-cache", f"{args.task}-{args.model}-s{args.seed}-n{args.sft_steps}")
+    if os.path.isfile(os.path.join(cache, "agent.json")):
+        print(f"SFT warm-up: reusing cached agent {cache}")
+        return Agent.load(cache, device=args.device)
+    seed_everything(args.seed)
+    agent = Agent.build(args.model, tokenizer_corpus(args.seed), seed=args.seed, device=args.device)
+    t0 = time.time()
+    sft_warmup(agent, args, args.sft_steps)
+    print(f"SFT warm-up: {args.sft_steps} steps in {time.time() - t0:.0f}s -> {cache}")
+    agent.save(cache)
+    return agent
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def rollout(agent, teacher, envs, args, stats):
+    """Play args.num_steps turns in every env. Returns the per-turn batches and [T, N] tensors."""
+    from distill import reverse_kl_penalty
+    T, N = args.num_steps, args.num_envs
+    keys = ("rewards", "dones", "values", "format_ok", "action_valid", "kl", "grounding", "entropy")
+    buf = {k: torch.zeros(T, N) for k in keys}
+    batches = []
+    for t in range(T):
+        images, prompts = envs.observe()
+        with torch.no_grad(), autocast(args):
+            batch = agent.sample(images, prompts, temperature=args.temperature, top_k=args.top_k,
+                                 repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens)
+            if teacher is not None:
+                t0 = time.time()
+                teacher_logp, _, _ = teacher.score(batch)  # the teacher scores the agent's own tokens, image in context
+                kl = reverse_kl_penalty(batch.logp, teacher_logp, batch.thought_mask, estimator="clip", lo=0.0, hi=args.kl_clip)
+                stats["teacher_time"] += time.time() - t0
+                buf["kl"][t] = kl.float().cpu()
+        out = envs.step_texts(batch.texts)
+        batches.append(batch.to("cpu"))
+        buf["rewards"][t] = torch.as_tensor(out["reward"], dtype=torch.float32)
+        buf["dones"][t] = torch.as_tensor(out["done"], dtype=torch.float32)
+        buf["values"][t] = batch.values.float().cpu()
+        buf["format_ok"][t] = torch.as_tensor(out["format_ok"], dtype=torch.float32)
+        buf["action_valid"][t] = torch.as_tensor(out["action_valid"], dtype=torch.float32)
+        buf["grounding"][t] = torch.as_tensor(out["grounding"], dtype=torch.float32)
+        buf["entropy"][t] = batch.thought_entropy.float().cpu()
+        stats["episodes"].extend(out["episodes"])
+    images, prompts = envs.observe()
+    with torch.no_grad(), autocast(args):  # V(s_T) for the bootstrap; the value reads only the prompt
+        last = agent.encode(images, prompts, [""] * N).values.float().cpu()
+    return batches, buf, last
+
+
+def compute_returns(buf, last_value, args):
+    """GAE on env rewards, then the turn's shaping terms (format reward, - beta * KL) join its return."""
+    adv = gae(buf["rewards"], buf["values"], buf["dones"], last_value, args.gamma, args.gae_lambda)
+    returns = adv + buf["values"]
+    fmt = buf["format_ok"]
+    returns = returns + fmt * args.format_valid + (1 - fmt) * args.format_invalid
+    if args.method == "turbo-kl":
+        penalty = torch.where(fmt > 0, buf["kl"], torch.full_like(buf["kl"], args.kl_invalid))
+        returns = returns - args.kl_coef * penalty
+    advantages = returns - buf["values"]
+    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    return returns, advantages
+
+
+def ppo_update(agent, opt, params, data, args, stats):
+    """args.ppo_epochs passes over the buffer; returns the trainable state after each epoch (section 4 step 3)."""
+    from agent import Batch
+    n = data["batch"].values.shape[0]
+    states, logs = [], []
+    for epoch in range(args.ppo_epochs):
+        perm = torch.randperm(n)
+        for start in range(0, n, args.minibatch):
+            idx = perm[start:start + args.minibatch]
+            mb = data["batch"].select(idx).to(agent.device)
+            with autocast(args):
+                logp, values, _ = agent.score(mb)
+            logp, values = logp.float(), values.float()
+            new_seq = sequence_logp(logp, mb.thought_mask.float(), mb.action_mask.float(), args.thought_coef)
+            old_seq = sequence_logp(mb.logp.float(), mb.thought_mask.float(), mb.action_mask.float(), args.thought_coef)
+            pg, vl, approx_kl, clipfrac = ppo_loss(new_seq, old_seq, data["advantages"][idx].to(agent.device),
+                                                  values, data["values"][idx].to(agent.device),
+                                                  data["returns"][idx].to(agent.device), args.clip)
+            loss = pg + args.vf_coef * vl
+            opt.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                stats["skipped_steps"] += 1  # a NaN never reaches the weights
+                continue
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                stats["skipped_steps"] += 1
+                opt.zero_grad(set_to_none=True)
+                continue
+            opt.step()
+            logs.append(torch.stack([pg.detach(), vl.detach(), approx_kl, clipfrac]))
+        if args.method == "turbo-kl":
+            states.append(agent.trainable_state())
+    means = torch.stack(logs).mean(0).tolist() if logs else [float("nan")] * 4
+    return states, dict(zip(("losses/policy", "losses/value", "losses/approx_kl", "losses/clipfrac"), means))
+
+
+def summarize(update, args, buf, stats, losses, lr):
+    fmt = buf["format_ok"]
+    g = buf["grounding"][~torch.isnan(buf["grounding"])]
+    eps = stats["episodes"][-args.log_episodes:]
+    row = {
+        "update": update,
+        "env_steps": update * args.num_envs * args.num_steps,
+        "charts/success_rate": float(np.mean([e["success"] for e in eps])) if eps else float("nan"),
+        "charts/episodic_return": float(np.mean([e["return"] for e in eps])) if eps else float("nan"),
+        "charts/episodic_length": float(np.mean([e["length"] for e in eps])) if eps else float("nan"),
+        "charts/format_rate": fmt.mean().item(),
+        "charts/invalid_rate": 1.0 - buf["action_valid"].mean().item(),
+        "charts/thought_grounding": g.mean().item() if g.numel() else float("nan"),
+        "charts/thought_entropy": buf["entropy"].mean().item(),
+        "teacher/kl": buf["kl"][fmt > 0].mean().item() if args.method == "turbo-kl" and fmt.sum() > 0 else float("nan"),
+        **losses,
+        "charts/lr": lr,
+        "charts/wall_time": stats["wall_time"],
+        "teacher/time": stats["teacher_time"],
+        "charts/skipped_steps": stats["skipped_steps"],
+    }
+    return row
+
+
+def save_checkpoint(args, update, agent, teacher, opt, envs, history, stats):
+    """Everything a killed run needs to continue bit-identically, written as one directory swap:
+    ckpt.tmp/ is filled, then replaces ckpt/; a crash at any point leaves a complete ckpt/ or ckpt.old/."""
+    final, tmp, old = (os.path.join(args.out, d) for d in ("ckpt", "ckpt.tmp", "ckpt.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    agent.save(os.path.join(tmp, "agent"))
+    if teacher is not None:
+        teacher.save(os.path.join(tmp, "teacher"))
+    state = {"update": update, "optimizer": opt.state_dict(), "envs": envs.state_dict(), "stats": stats,
+             "history": history.state_dict() if history is not None else None,
+             "rng": (random.getstate(), np.random.get_state(), torch.get_rng_state())}
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    if os.path.isdir(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(run_dir):
+    for d in ("ckpt", "ckpt.old"):  # ckpt.old exists only if a crash hit the swap itself
+        path = os.path.join(run_dir, d)
+        if os.path.isfile(os.path.join(path, "state.pt")):
+            return path
+    raise FileNotFoundError(f"{run_dir}: no complete checkpoint (ckpt/state.pt) to resume from")
+
+
+def load_state(path):
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as e:  # truncated or foreign file: name it
+        raise RuntimeError(f"checkpoint file {path} is corrupt or not a train state ({type(e).__name__}: {e})") from None
+
+
+def main(args: Args):
+    from agent import Agent, Batch
+    from env import LockstepEnvs
+    from merge import MergeHistory
+
+    os.makedirs(args.out, exist_ok=True)
+    if not args.resume:
+        atomic_write_text(os.path.join(args.out, "args.json"),
+                          json.dumps({k: v for k, v in dataclasses.asdict(args).items()}, indent=2))
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    ckpt = find_checkpoint(args.out) if args.resume else None
+    agent = Agent.load(os.path.join(ckpt, "agent"), device=args.device) if ckpt else make_agent(args)
+    seed_everything(args.seed)
+    envs = LockstepEnvs(args.task, args.num_envs, seed=args.seed, split="train", invalid=args.invalid,
+                        invalid_penalty=args.invalid_penalty)
+
+    teacher, history = None, None
+    if args.method == "turbo-kl":
+        teacher = Agent.load(os.path.join(ckpt, "teacher"), device=args.device).copy_frozen() if ckpt \
+            else agent.copy_frozen()  # before any RL the teacher is the SFT model itself
+        history = MergeHistory(agent.trainable_state(), method=args.merge, weighting=args.weighting,
+                               alpha=args.ema_alpha, density=args.density)
+
+    params = [p for p in agent.model.parameters() if p.requires_grad] + list(agent.value_head.parameters())
+    opt = torch.optim.Adam(params, lr=args.lr, eps=1e-5)
+    stats = {"teacher_time": 0.0, "skipped_steps": 0, "episodes": [], "wall_time": 0.0}
+    start = 1
+    if ckpt:
+        state = load_state(os.path.join(ckpt, "state.pt"))
+        opt.load_state_dict(state["optimizer"])
+        envs.load_state_dict(state["envs"])
+        if history is not None:
+            history.load_state_dict(state["history"])
+        stats = state["stats"]
+        random.setstate(state["rng"][0]); np.random.set_state(state["rng"][1]); torch.set_rng_state(state["rng"][2])
+        start = state["update"] + 1
+        with open(metrics_path) as f:  # lines written after the checkpoint are redone
+            kept = [line for line in f if line.strip() and json.loads(line)["update"] < start]
+        atomic_write_text(metrics_path, "".join(kept))
+        print(f"resumed {args.out} after update {start - 1}")
+    else:
+        open(metrics_path, "w").close()
+
+    t_start = time.time() - stats["wall_time"]
+    bar = tqdm(range(start, args.num_updates + 1), desc=f"{args.method} {args.task}", dynamic_ncols=True,
+               initial=start - 1, total=args.num_updates)
+    for update in bar:
+        lr = cosine_lr(update - 1, args.num_updates, args.lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batches, buf, last_value = rollout(agent, teacher, envs, args, stats)
+        returns, advantages = compute_returns(buf, last_value, args)
+        data = {"batch": Batch.cat(batches), "returns": returns.reshape(-1), "advantages": advantages.reshape(-1),
+                "values": buf["values"].reshape(-1)}
+        states, losses = ppo_update(agent, opt, params, data, args, stats)
+        if history is not None:
+            history.add(states)
+            if update % args.merge_every == 0:
+                t0 = time.time()
+                teacher.load_trainable_state(history.teacher_state())
+                stats["teacher_time"] += time.time() - t0
+        stats["wall_time"] = time.time() - t_start
+        row = summarize(update, args, buf, stats, losses, lr)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.set_postfix(success=f"{row['charts/success_rate']:.2f}", kl=f"{row['teacher/kl']:.3f}",
+                        sps=f"{row['env_steps'] / row['charts/wall_time']:.1f}")
+        stats["episodes"] = stats["episodes"][-args.log_episodes:]
+        save_checkpoint(args, update, agent, teacher, opt, envs, history, stats)
+    final_evaluation(agent, teacher, args)
+
+
+def final_evaluation(agent, teacher, args):
+    """Held-out levels (split='eval', disjoint from every training level), agent and its teacher."""
+    if args.eval_episodes <= 0:
+        return
+    from eval import evaluate, format_table
+    rows = {}
+    for name, model in (("agent", agent), ("teacher", teacher)):
+        if model is None:
+            continue
+        with autocast(args):
+            rows[name] = evaluate(model, args.task, args.eval_episodes, seed=args.seed, temperature=args.temperature,
+                                  max_new_tokens=args.max_new_tokens)
+    print(format_table(rows))
+    atomic_write_text(os.path.join(args.out, "eval.json"), json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main(parse_args())
