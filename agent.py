@@ -40,6 +40,9 @@ from safetensors.torch import load_file, save_file
 from transformers import (AutoModelForImageTextToText, GenerationConfig, PreTrainedTokenizerFast,
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()  # a checkpoint every update would print "Writing model shards" bars
 
 from distill import token_logprobs
 
@@ -385,7 +388,19 @@ class Agent:
         self.im_end_id = im_end
         self.eos_ids = sorted({im_end} | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else im_end
+        # generate() fills every option we leave unset from model.generation_config; a checkpoint's own
+        # (Qwen ships do_sample, top_p=0.001, top_k=1, repetition_penalty=1.05) would silently change our
+        # sampling, so the model keeps only the token ids and `sample` states everything else.
+        self.model.generation_config = GenerationConfig(pad_token_id=self.pad_id, eos_token_id=self.eos_ids,
+                                                        bos_token_id=None)
         self.image_token_id = model.config.image_token_id
+        # Vision placeholders in an answer would make the next forward expect image features that do not
+        # exist; an early or untrained model does emit them, so sampling never may (pad and the other
+        # control tokens likewise). EOS tokens stay allowed.
+        cfg = model.config
+        banned = {cfg.image_token_id, getattr(cfg, "video_token_id", None), getattr(cfg, "vision_start_token_id", None),
+                  getattr(cfg, "vision_end_token_id", None), self.pad_id, tok.convert_tokens_to_ids("<|im_start|>")}
+        self.suppress_ids = sorted(i for i in banned if i is not None and i not in self.eos_ids and i != tok.unk_token_id)
 
     # ---- construction -------------------------------------------------------------------------------
 
@@ -398,9 +413,9 @@ class Agent:
         tok = build_tokenizer(corpus, vocab_size)
         processor = build_processor(tok, max_pixels)
         torch.manual_seed(seed)   # weights, value head and LoRA init all draw from here, in this order
-        model = Qwen2_5_VLForConditionalGeneration(build_config(size, tok))
-        model.generation_config.pad_token_id, model.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
-        model.to(device=device, dtype=dtype)
+        # _from_config builds in `dtype` but keeps RoPE's inv_freq buffers fp32 (as from_pretrained does);
+        # a later model.to(bf16) would round them too and a saved-then-loaded copy would differ
+        model = Qwen2_5_VLForConditionalGeneration._from_config(build_config(size, tok), dtype=dtype).to(device)
         return cls(model, processor, size=size, value_hidden=value_hidden, lora_rank=lora_rank,
                    lora_alpha=lora_alpha)
 
@@ -412,7 +427,7 @@ class Agent:
         value head sizes) win over the arguments; a conflicting LoRA rank is an error."""
         path_s = str(path)
         local = Path(path_s).expanduser()
-        settings, vh_state, lora_state = {}, None, None
+        settings = {}
         if local.exists():
             check_checkpoint_dir(local)
             if (local / "agent.json").is_file():
@@ -682,18 +697,18 @@ class Agent:
         enc = self.encode_prompts(images, prompts)
         gc = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
                               temperature=temperature if do_sample else None, top_k=top_k if do_sample else None,
-                              top_p=1.0 if do_sample else None,   # override checkpoint defaults (Qwen ships top_p)
-                              repetition_penalty=repetition_penalty, pad_token_id=self.pad_id,
-                              eos_token_id=self.eos_ids, bos_token_id=None)
+                              top_p=1.0, repetition_penalty=repetition_penalty, pad_token_id=self.pad_id,
+                              eos_token_id=self.eos_ids, bos_token_id=None, suppress_tokens=self.suppress_ids)
         model_in = self._model_inputs(enc)
         with torch.no_grad():
             seqs = self.model.generate(**model_in, generation_config=gc)             # [B, P+G']
         gen = seqs[:, enc["input_ids"].shape[1]:].cpu()
         return self._fill_stats(self._make_batch(enc, gen, temperature))
 
-    def encode(self, images, prompts, answers, temperature: float = 1.0) -> Batch:
+    def encode(self, images, prompts, answers, temperature: float = 1.0, fill: bool = True) -> Batch:
         """The Batch `sample` would give if it had generated `answers` (each terminated by <|im_end|>):
-        teacher forcing for SFT warm-up and SFT targets; same mask rule, logp/values filled."""
+        teacher forcing for SFT warm-up and SFT targets; same mask rule, logp/values filled unless
+        fill=False (a caller that runs `score` itself saves a forward)."""
         if len(answers) != len(prompts):
             raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
         enc = self.encode_prompts(images, prompts)
@@ -702,7 +717,8 @@ class Agent:
         gen = torch.full((len(ids), G), self.pad_id, dtype=torch.long)
         for b, r in enumerate(ids):
             gen[b, :len(r)] = torch.tensor(r)
-        return self._fill_stats(self._make_batch(enc, gen, temperature))
+        batch = self._make_batch(enc, gen, temperature)
+        return self._fill_stats(batch) if fill else batch
 
     def _model_inputs(self, b) -> dict:
         get = (lambda k: b[k]) if isinstance(b, dict) else (lambda k: getattr(b, k))

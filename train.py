@@ -273,7 +273,7 @@ def demo_envs(args, seed):
 
 def sft_step_loss(agent, images, prompts, answers, args):
     """Cross-entropy on the whole answer (thought, action and EOS): the warm-up's loss."""
-    batch = agent.encode(images, prompts, answers, temperature=1.0).to(agent.device)
+    batch = agent.encode(images, prompts, answers, temperature=1.0, fill=False)
     logp, _, _ = agent.score(batch, temperature=1.0)
     mask = batch.gen_mask.float()
     return -(logp * mask).sum() / mask.sum()
@@ -489,7 +489,7 @@ def main(args: Args):
     if args.method == "turbo-kl":
         teacher = Agent.load(os.path.join(ckpt, "teacher"), device=args.device).copy_frozen() if ckpt \
             else agent.copy_frozen()  # before any RL the teacher is the SFT model itself
-        history = MergeHistory(agent.trainable_state(), method=args.merge, weighting=args.weighting,
+        history = MergeHistory(agent.trainable_state(), method=args.merge, mode=args.weighting,
                                alpha=args.ema_alpha, density=args.density)
 
     params = [p for p in agent.model.parameters() if p.requires_grad] + list(agent.value_head.parameters())
@@ -511,6 +511,8 @@ def main(args: Args):
         print(f"resumed {args.out} after update {start - 1}")
     else:
         open(metrics_path, "w").close()
+        start_evaluation(agent, args)
+        seed_everything(args.seed)  # training draws the same numbers with or without the start evaluation
 
     t_start = time.time() - stats["wall_time"]
     bar = tqdm(range(start, args.num_updates + 1), desc=f"{args.method} {args.task}", dynamic_ncols=True,
@@ -541,18 +543,36 @@ def main(args: Args):
     final_evaluation(agent, teacher, args)
 
 
-def final_evaluation(agent, teacher, args):
-    """Held-out levels (split='eval', disjoint from every training level), agent and its teacher."""
+def held_out(model, args):
+    """Held-out levels (split='eval', disjoint from every training level), sampled as in training."""
+    from eval import evaluate
+    with autocast(args):
+        return evaluate(model, args.task, args.eval_episodes, seed=args.seed, temperature=args.temperature,
+                        max_new_tokens=args.max_new_tokens)
+
+
+def start_evaluation(agent, args):
+    """The RL start point (the SFT model) on the held-out levels; saved so the final table can show it."""
     if args.eval_episodes <= 0:
         return
-    from eval import evaluate, format_table
+    row = held_out(agent, args)
+    print(f"start (SFT) held-out success {row['success']:.3f} over {row['episodes']} episodes")
+    atomic_write_text(os.path.join(args.out, "eval_start.json"), json.dumps(row, indent=2))
+
+
+def final_evaluation(agent, teacher, args):
+    """Start, final agent and its teacher on the same held-out episodes -> a table and eval.json."""
+    if args.eval_episodes <= 0:
+        return
+    from eval import format_table
     rows = {}
-    for name, model in (("agent", agent), ("teacher", teacher)):
-        if model is None:
-            continue
-        with autocast(args):
-            rows[name] = evaluate(model, args.task, args.eval_episodes, seed=args.seed, temperature=args.temperature,
-                                  max_new_tokens=args.max_new_tokens)
+    start = os.path.join(args.out, "eval_start.json")
+    if os.path.isfile(start):
+        with open(start) as f:
+            rows["start (SFT)"] = json.load(f)
+    rows["agent"] = held_out(agent, args)
+    if teacher is not None:
+        rows["teacher"] = held_out(teacher, args)
     print(format_table(rows))
     atomic_write_text(os.path.join(args.out, "eval.json"), json.dumps(rows, indent=2))
 

@@ -39,6 +39,16 @@ def sft(agent, imgs, prompts, answers, steps=50, lr=3e-3):
     return loss.item()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are too small to split: 1 thread is several times faster than 2 here (and far
+    faster when another process holds a core, where OpenMP threads spin). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def agent():
     torch.manual_seed(0)
@@ -87,12 +97,13 @@ def test_sample_shapes_and_masks(agent):
 
 
 def test_thought_action_split_exact(agent):
-    text = '{"thoughts": "the word \\"action\\": appears. move up.", "action": "up"}'
+    text = '{"thoughts": "first guess "action": left. no, move up.", "action": "up"}'
     none = '{"thoughts": "no key here"}'
     b = agent.encode(images(2), PROMPTS[:2], [text, none])
     tok = agent.tokenizer
     ids = b.gen_ids[0][b.gen_mask[0].bool()].tolist()
     s = text.rfind('"action":')                    # the LAST one, not the one inside the thought
+    assert text.count('"action":') == 2 and s > text.find('"action":')
     spans = token_spans(tok, ids)
     k = next(i for i, (lo, hi) in enumerate(spans) if lo <= s < hi)   # token holding the quote
     assert torch.equal(b.thought_mask[0, :len(ids)], (torch.arange(len(ids)) < k).float())
@@ -231,7 +242,7 @@ def test_bad_checkpoints_raise(agent, tmp_path, monkeypatch):
         Agent.load("nobody-here/no-such-model")
 
 
-def test_lora(agent):
+def test_lora(agent, tmp_path):
     base = agent.copy_frozen()
     la = Agent.build("tiny", CORPUS, seed=0, lora_rank=4, lora_alpha=8)
     # start from the SFT'd agent's weights: copy them into the LoRA model's frozen bases
@@ -282,6 +293,12 @@ def test_lora(agent):
     assert (lg_t - lg_trained).abs().max() < 1e-4
     assert all(torch.allclose(v, state[k], atol=1e-7) for k, v in teacher.trainable_state().items())
     assert not any(p.requires_grad for p in teacher.model.parameters())
+    # save/load restores the LoRA settings and factors (the saved model itself is the plain base)
+    la.save(tmp_path / "lora")
+    back = Agent.load(tmp_path / "lora")
+    assert back.lora_rank == 4 and back.lora_alpha == 8 and len(lora_modules(back.model)) == len(mods)
+    with torch.no_grad():
+        assert torch.equal(back.score(b, return_logits=True)[2], lg_trained)
 
 
 def test_full_trainable_state_roundtrip(agent):

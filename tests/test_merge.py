@@ -156,3 +156,19 @@ def test_save_load_round_trip_and_corrupt_file(tmp_path):
     for fn in (lambda: MergeHistory.load(bad), lambda: load_state(bad), lambda: h.add([bad])):
         with pytest.raises(ValueError, match="bad.safetensors"):
             fn()
+
+
+def test_ties_matches_a_direct_stacked_implementation():
+    # the textbook form (stack, top-k mask, elect, disjoint mean) against the one-pass accumulators
+    g = torch.Generator().manual_seed(3)
+    xs = torch.randn(5, 40, 30, generator=g)
+    w = torch.tensor([1.0, 3.0, 0.5, 2.0, 1.5])
+    k = int(0.7 * 1200)
+    idx = xs.flatten(1).abs().topk(k, dim=1).indices
+    trimmed = torch.zeros(5, 1200).scatter(1, idx, xs.flatten(1).gather(1, idx)).view_as(xs)
+    sign = torch.where((w[:, None, None] * trimmed).sum(0) >= 0, 1.0, -1.0)
+    kept = torch.where(torch.sign(trimmed) == sign, trimmed, torch.zeros(()))
+    den = (w[:, None, None] * (kept != 0)).sum(0)
+    want = torch.where(den > 0, (w[:, None, None] * kept).sum(0) / den.clamp_min(1e-12), torch.zeros(()))
+    got = ties_merge([{"a": x} for x in xs], w.tolist(), density=0.7)["a"]
+    assert torch.allclose(got, want, atol=1e-6)

@@ -65,3 +65,53 @@ def test_model_dir_that_is_not_a_vlm_exits_2(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     r = run_train("--model", str(tmp_path))
     assert r.returncode == 2 and "not a vision-language checkpoint" in r.stderr
+
+
+SMOKE = ["--task", "gridworld", "--model", "tiny", "--sft-steps", "10", "--num-envs", "4", "--num-steps", "4",
+         "--total-steps", "32", "--ppo-epochs", "2", "--minibatch", "8", "--max-new-tokens", "48",
+         "--eval-episodes", "4"]
+METRIC_KEYS = {"update", "env_steps", "charts/success_rate", "charts/episodic_return", "charts/format_rate",
+               "charts/invalid_rate", "charts/thought_grounding", "charts/thought_entropy", "teacher/kl",
+               "losses/policy", "losses/value", "losses/approx_kl", "losses/clipfrac", "charts/lr",
+               "charts/wall_time", "teacher/time"}
+
+
+@pytest.mark.parametrize("method", ["ppo", "turbo-kl"])
+def test_smoke_two_updates(method, tmp_path):
+    r = run_train(*SMOKE, "--method", method, "--out", str(tmp_path / method))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / method / "metrics.jsonl")]
+    assert [row["update"] for row in rows] == [1, 2]
+    assert METRIC_KEYS <= set(rows[0]) and rows[1]["env_steps"] == 32
+    ev = json.load(open(tmp_path / method / "eval.json"))
+    assert ("teacher" in ev) == (method == "turbo-kl") and ev["agent"]["episodes"] == 4
+    from agent import Agent
+    Agent.load(str(tmp_path / method / "ckpt" / "agent"))  # the checkpoint is a loadable agent
+
+
+def test_plain_save_pretrained_directory_trains(tmp_path):
+    from agent import Agent
+    tiny = Agent.build("tiny", ['{"thoughts": "player at row 1 col 1.", "action": "up"}'] * 4, seed=0)
+    tiny.model.save_pretrained(tmp_path / "qwen")  # what a real Qwen2.5-VL directory holds: model + processor
+    tiny.processor.save_pretrained(tmp_path / "qwen")
+    r = run_train("--task", "gridworld", "--model", str(tmp_path / "qwen"), "--num-envs", "2", "--num-steps", "2",
+                  "--total-steps", "4", "--ppo-epochs", "1", "--max-new-tokens", "16", "--eval-episodes", "0",
+                  "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 1
+
+
+def test_kl_penalty_is_zero_when_teacher_equals_agent():
+    from agent import Agent
+    from env import LockstepEnvs
+    args = train.Args(task="gridworld", model="tiny", num_envs=3, num_steps=2, max_new_tokens=24, bf16=False)
+    torch.manual_seed(0)
+    agent = Agent.build("tiny", train.tokenizer_corpus(0, episodes_per_task=8), seed=0)
+    envs = LockstepEnvs("gridworld", 3, seed=0)
+    stats = {"teacher_time": 0.0, "episodes": []}
+    _, buf, _ = train.rollout(agent, agent.copy_frozen(), envs, args, stats)
+    assert buf["kl"].shape == (2, 3) and torch.equal(buf["kl"], torch.zeros(2, 3))
+    # a teacher that differs gives a positive penalty on the same turns
+    other = Agent.build("tiny", train.tokenizer_corpus(0, episodes_per_task=8), seed=1)
+    _, buf2, _ = train.rollout(agent, other.copy_frozen(), envs, args, stats)
+    assert (buf2["kl"] > 0).all()
