@@ -1,22 +1,43 @@
-"""eval.py: how well an agent plays and how it thinks, on held-out levels; run comparison; replays.
+"""eval.py: how well an agent plays and how it thinks, on held-out levels; run comparison; GIF replays.
 
-What is measured (GTR_TURBO.md section 5 reports success and return; sections 2-4 describe thought
-collapse, which the last four numbers make visible):
-    success rate, mean return, episode length, format-valid rate, invalid-action rate,
-    thought grounding (fraction of stated facts that are true, section 6),
-    thought diversity: distinct-2 and self-BLEU-2 over thoughts (low distinct / high self-BLEU = templated),
-    mean thought-token entropy (entropy collapse), tokens per answer.
+What is measured (GTR_TURBO.md section 5 reports success and return; sections 2-4 describe thought collapse,
+which the thought columns make visible), one row per (model, decoding):
+    success        fraction of episodes solved          return       mean episode return (env rewards only)
+    length         mean turns per episode               format_rate  answers that are one JSON object with all keys
+    invalid_rate   answers naming no legal action       grounding    mean fraction of stated facts that are true
+    distinct2      distinct / all word bigrams over all thoughts (low = templated)
+    self_bleu2     mean BLEU-2 of each thought against the others (high = templated; 1.0 = all identical)
+    thought_entropy  mean per-token entropy over thought tokens, at the sampling temperature (also for greedy)
+    tokens         generated tokens per answer (EOS included)
+Reference rows come from no model: `random` (empty thought, uniformly random legal action) and `expert` (the
+privileged solver answer, env.expert_answer). For them entropy and tokens are nan.
 
-Held-out split: every level (Sokoban/GridWorld layout, Points24 hand) whose crc32 % 10 == 0 is an
-evaluation level and never appears in training (env.py, `split`). Evaluation also uses its own seeds.
+Held-out split (env.py, `in_eval_split`): a level (Sokoban/GridWorld layout, Points24 hand) belongs to the
+evaluation set iff crc32 of its canonical text is 0 mod 10. Training envs (split="train") never deal such a
+level and evaluation envs (split="eval") deal only them, so no evaluated level was ever trained on. Evaluation
+episode seeds are also offset (EVAL_SEED_OFFSET) from a run's training seeds.
 
 CLI:
-    python eval.py runs/X [--episodes N] [--gif K]      agent + teacher + random + expert rows
-    python eval.py compare runs/A runs/B ...           markdown table + learning-curve PNG
+    python eval.py runs/X [--episodes 100] [--gif K]   final agent (+ teacher), sampled at the run's temperature
+                                                        and greedy, + random and expert rows -> a markdown table
+                                                        and runs/X/eval_full.json; K GIFs runs/X/replay_k.gif
+    python eval.py --agent DIR --task sokoban [--out D] any directory Agent.load accepts (a real Qwen2.5-VL too)
+    python eval.py compare runs/A runs/B ... [--out compare.png] [--table FILE.md]
+                                                        runs grouped by method (seeds pooled: mean and std) ->
+                                                        a markdown table and a 2x2 PNG of learning curves
+A missing run directory, a run without checkpoint or an unloadable agent exits with status 2 and one line.
+
+GIF replays: one frame per turn (the state the agent saw, captioned with its thought and action) plus one final
+frame showing the state the episode ended in (captioned with the outcome): frames = turns + 1. Replay k plays
+the k-th episode of the evaluation level stream (the level of evaluation episode k when k < 16).
+
+Left out: statistical tests between methods, videos (GIF only), per-level breakdowns.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import math
 import os
@@ -28,6 +49,7 @@ import numpy as np
 import torch
 
 EVAL_SEED_OFFSET = 1_000_000  # evaluation episode seeds never coincide with a training run's seeds
+GIF_SCALE = 4                 # env image enlarged 4x (nearest neighbour) in replays
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -35,10 +57,16 @@ EVAL_SEED_OFFSET = 1_000_000  # evaluation episode seeds never coincide with a t
 
 
 def extract_thought(text: str) -> str:
-    """The value of "thoughts" in an answer; for broken JSON, the text before the last "action"."""
+    """The value of "thoughts" in an answer (JSON escapes decoded); for broken JSON, the text before the last
+    "action" key, so a malformed answer still counts with what it said."""
+    if not isinstance(text, str):
+        return ""
     m = re.search(r'"thoughts"\s*:\s*"((?:[^"\\]|\\.)*)"', text)
     if m:
-        return m.group(1)
+        try:
+            return json.loads('"' + m.group(1) + '"')
+        except ValueError:  # a lone backslash escape the JSON decoder refuses
+            return m.group(1)
     cut = text.rfind('"action"')
     return text[:cut] if cut >= 0 else text
 
@@ -48,14 +76,25 @@ def ngrams(words, n):
 
 
 def distinct_n(texts, n=2) -> float:
-    """Distinct bigrams / all bigrams over the whole set (Li et al. 2016). 0 if no bigram at all."""
+    """Distinct n-grams / all n-grams over the whole set of texts (Li et al. 2016). 0 if none at all."""
     grams = [g for t in texts for g in ngrams(t.split(), n)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def bleu2(hyp, refs) -> float:
-    """Sentence BLEU-2 of one word list against several: geometric mean of the clipped 1- and 2-gram
-    precisions times the brevity penalty (closest reference length). No smoothing."""
+def _max_counts(counters):
+    """Elementwise max of Counters: BLEU clips a hypothesis n-gram count at its max count in any reference."""
+    out = Counter()
+    for c in counters:
+        for g, k in c.items():
+            if k > out[g]:
+                out[g] = k
+    return out
+
+
+def bleu2(hyp, refs, _ref_counts=None) -> float:
+    """Sentence BLEU-2 of one word list against several: geometric mean of the clipped 1- and 2-gram precisions
+    times the brevity penalty exp(1 - r/c) when c <= r (r = the reference length closest to c, ties to the
+    shorter). No smoothing: a zero precision gives 0."""
     if not hyp or not refs:
         return 0.0
     logs = []
@@ -63,10 +102,7 @@ def bleu2(hyp, refs) -> float:
         h = Counter(ngrams(hyp, n))
         if not h:
             return 0.0
-        max_ref = Counter()
-        for r in refs:
-            for g, c in Counter(ngrams(r, n)).items():
-                max_ref[g] = max(max_ref[g], c)
+        max_ref = _ref_counts[n] if _ref_counts else _max_counts(Counter(ngrams(r, n)) for r in refs)
         clipped = sum(min(c, max_ref[g]) for g, c in h.items())
         if clipped == 0:
             return 0.0
@@ -77,28 +113,41 @@ def bleu2(hyp, refs) -> float:
 
 
 def self_bleu2(texts, max_texts=200) -> float:
-    """Mean BLEU-2 of each thought against all the others (Zhu et al. 2018); 1.0 = all identical."""
-    words = [t.split() for t in texts[:max_texts]]
+    """Mean BLEU-2 of each text against all the others (Zhu et al. 2018); 1.0 = all identical, nan for < 2
+    texts. Over more than `max_texts` texts an evenly spaced subsample is used (the cost is quadratic)."""
+    if len(texts) > max_texts:
+        texts = [texts[i] for i in np.linspace(0, len(texts) - 1, max_texts).round().astype(int)]
+    words = [t.split() for t in texts]
     if len(words) < 2:
         return float("nan")
-    return float(np.mean([bleu2(w, words[:i] + words[i + 1:]) for i, w in enumerate(words)]))
+    counts = {n: [Counter(ngrams(w, n)) for w in words] for n in (1, 2)}  # each text's n-grams counted once
+    scores = []
+    for i, w in enumerate(words):
+        refs = words[:i] + words[i + 1:]
+        ref_counts = {n: _max_counts(c for j, c in enumerate(counts[n]) if j != i) for n in (1, 2)}
+        scores.append(bleu2(w, refs, ref_counts))
+    return float(np.mean(scores))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Playing episodes
+# Actors: (images, prompts, envs, rows) -> (answer texts, thought entropy [len(rows)], tokens [len(rows)])
 
 
 class AgentActor:
-    """Answers with an Agent: sampled at the training temperature, or greedy."""
+    """Answers with an Agent: sampled at `temperature` (with the run's top-k / repetition penalty), or greedy.
+    Greedy still reports the thought entropy of the distribution at `temperature`."""
 
-    def __init__(self, agent, temperature=1.0, greedy=False, max_new_tokens=64):
+    def __init__(self, agent, temperature=1.0, greedy=False, max_new_tokens=64, top_k=0, repetition_penalty=1.0):
         self.agent, self.temperature, self.greedy, self.max_new_tokens = agent, temperature, greedy, max_new_tokens
+        self.top_k, self.repetition_penalty = top_k, repetition_penalty
 
     def __call__(self, images, prompts, envs, rows):
         with torch.no_grad():
             b = self.agent.sample(images, prompts, temperature=self.temperature, do_sample=not self.greedy,
-                                  max_new_tokens=self.max_new_tokens, top_k=0, repetition_penalty=1.0)
-        return b.texts, b.thought_entropy.float().cpu().numpy(), b.gen_mask.sum(-1).cpu().numpy()
+                                  max_new_tokens=self.max_new_tokens, top_k=self.top_k,
+                                  repetition_penalty=self.repetition_penalty)
+        # one device->host copy per turn for the whole batch, not per row
+        return b.texts, b.thought_entropy.float().cpu().numpy(), b.gen_mask.sum(-1).float().cpu().numpy()
 
 
 class RandomActor:
@@ -114,81 +163,522 @@ class RandomActor:
             answer = {k: "" for k in env.answer_keys}
             answer["action"] = env.action_names[self.rng.integers(len(env.action_names))]
             texts.append(json.dumps(answer))
-        return texts, np.zeros(len(rows)), np.zeros(len(rows))
+        nan = np.full(len(rows), np.nan)  # no model: no entropy, no tokens
+        return texts, nan, nan.copy()
 
 
 class ExpertActor:
-    """The privileged solver answer (env.expert_answer)."""
+    """The privileged solver answer (env.expert_answer): an upper reference, grounding 1 by construction."""
 
     def __call__(self, images, prompts, envs, rows):
         texts = [envs.envs[i].expert_answer() for i in rows]
-        return texts, np.zeros(len(rows)), np.zeros(len(rows))
+        nan = np.full(len(rows), np.nan)
+        return texts, nan, nan.copy()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Playing episodes
 
 
 def play(actor, task, episodes, seed, num_envs=16, env_kwargs=None, record=None):
-    """Run exactly `episodes` held-out episodes (env i plays episodes i, i+num_envs, ...; extra episodes of
-    an env that has met its quota are not counted, so short episodes are not over-represented).
-    Returns (episode dicts, turn dicts). `record`: list to append (frame, caption) of env 0's turns."""
+    """Run exactly `episodes` held-out episodes (split="eval"). Env i plays episodes i, i+num_envs, ...; an env
+    that has met its quota idles, so short episodes are not over-represented. Returns (episode dicts, turn dicts).
+
+    `record`: a list to which env 0's turns are appended as dicts {"episode", "frame" (HxWx3 uint8, scaled
+    GIF_SCALE), "caption", "final"}; after each of env 0's episodes one more entry with final=True shows the
+    state the episode ended in (the envs auto-reset, so it is replayed on a copy of env 0)."""
     from env import LockstepEnvs
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
     num_envs = max(1, min(num_envs, episodes))
     envs = LockstepEnvs(task, num_envs, seed=seed + EVAL_SEED_OFFSET, split="eval", **(env_kwargs or {}))
     quota = np.array([len(range(i, episodes, num_envs)) for i in range(num_envs)])
     done_count = np.zeros(num_envs, dtype=int)
     eps, turns = [], []
+    turn_in_episode = 0
     while (done_count < quota).any():
         rows = [i for i in range(num_envs) if done_count[i] < quota[i]]
         images, prompts = envs.observe()
         texts, entropy, ntok = actor([images[i] for i in rows], [prompts[i] for i in rows], envs, rows)
-        all_texts = [""] * num_envs
+        all_texts = [""] * num_envs  # idle envs get an empty answer: their extra turns are never counted
         for j, i in enumerate(rows):
             all_texts[i] = texts[j]
-        if record is not None and done_count[0] < quota[0]:
-            record.append((envs.envs[0].render_image(scale=4), all_texts[0]))
+        recording = record is not None and done_count[0] < quota[0]
+        if recording:
+            env0 = envs.envs[0]
+            before = copy.deepcopy(env0)
+            frame = env0.render_image(scale=GIF_SCALE)
         out = envs.step_texts(all_texts)
+        if recording:
+            turn_in_episode += 1
+            a = int(out["action"][0])
+            name = env0.action_names[a] if a >= 0 else "INVALID (turn skipped)"
+            record.append({"episode": int(done_count[0]), "frame": frame, "final": False,
+                           "caption": f"turn {turn_in_episode}: {extract_thought(all_texts[0]).strip()} "
+                                      f"-> action: {name} (reward {out['reward'][0]:+.1f})"})
         for j, i in enumerate(rows):
             turns.append({"format_ok": bool(out["format_ok"][i]), "action_valid": bool(out["action_valid"][i]),
                           "grounding": float(out["grounding"][i]), "entropy": float(entropy[j]),
                           "tokens": float(ntok[j]), "thought": extract_thought(texts[j])})
         for e in out["episodes"]:
             i = e["env"]
-            if done_count[i] < quota[i]:
-                eps.append(e)
-                done_count[i] += 1
-                if record is not None and i == 0:
-                    record.append((envs.envs[0].render_image(scale=4), f"episode end: return {e['return']:.1f}"))
+            if done_count[i] >= quota[i]:
+                continue
+            eps.append(e)
+            if recording and i == 0:
+                a = int(out["action"][0])
+                before.step(a) if a >= 0 else before.skip_turn()  # the terminal state, lost to auto-reset
+                outcome = "solved" if e["success"] else "not solved"
+                record.append({"episode": int(done_count[0]), "frame": before.render_image(scale=GIF_SCALE),
+                               "final": True, "caption": f"end: {outcome} in {e['length']} turns, "
+                                                         f"return {e['return']:+.1f}"})
+                turn_in_episode = 0
+            done_count[i] += 1
     return eps, turns
 
 
+def _mean(xs) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return float(np.mean(xs)) if xs else float("nan")
+
+
 def summarize(eps, turns) -> dict:
-    g = [t["grounding"] for t in turns if not math.isnan(t["grounding"])]
+    """Episode and turn dicts (from `play`) -> one row of the metrics in the module docstring."""
     thoughts = [t["thought"] for t in turns if t["thought"].strip()]
     return {
         "episodes": len(eps),
-        "success": float(np.mean([e["success"] for e in eps])),
-        "return": float(np.mean([e["return"] for e in eps])),
-        "length": float(np.mean([e["length"] for e in eps])),
-        "format_rate": float(np.mean([t["format_ok"] for t in turns])),
-        "invalid_rate": 1.0 - float(np.mean([t["action_valid"] for t in turns])),
-        "grounding": float(np.mean(g)) if g else float("nan"),
+        "success": float(np.mean([e["success"] for e in eps])) if eps else float("nan"),
+        "return": float(np.mean([e["return"] for e in eps])) if eps else float("nan"),
+        "length": float(np.mean([e["length"] for e in eps])) if eps else float("nan"),
+        "format_rate": float(np.mean([t["format_ok"] for t in turns])) if turns else float("nan"),
+        "invalid_rate": 1.0 - float(np.mean([t["action_valid"] for t in turns])) if turns else float("nan"),
+        "grounding": _mean([t["grounding"] for t in turns]),   # turns that state no checkable fact are nan
         "distinct2": distinct_n(thoughts, 2),
         "self_bleu2": self_bleu2(thoughts),
-        "thought_entropy": float(np.mean([t["entropy"] for t in turns])),
-        "tokens": float(np.mean([t["tokens"] for t in turns])),
+        "thought_entropy": _mean([t["entropy"] for t in turns]),
+        "tokens": _mean([t["tokens"] for t in turns]),
     }
 
 
-def evaluate(agent, task, episodes=100, seed=0, temperature=1.0, greedy=False, max_new_tokens=64, env_kwargs=None):
-    """Held-out evaluation of an Agent -> the summary dict above."""
-    actor = AgentActor(agent, temperature, greedy, max_new_tokens)
-    return summarize(*play(actor, task, episodes, seed, env_kwargs=env_kwargs))
+@contextlib.contextmanager
+def seeded(seed, device):
+    """Sampling seeded for reproducibility without disturbing the caller's RNG streams (train.py's)."""
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(seed + EVAL_SEED_OFFSET)
+        yield
+
+
+def evaluate(agent, task, episodes=100, seed=0, temperature=1.0, greedy=False, max_new_tokens=64, env_kwargs=None,
+             top_k=0, repetition_penalty=1.0, num_envs=16):
+    """Held-out evaluation of an Agent -> the summary dict above. Same seed -> same levels (and samples)."""
+    actor = AgentActor(agent, temperature, greedy, max_new_tokens, top_k, repetition_penalty)
+    with seeded(seed, agent.device):
+        return summarize(*play(actor, task, episodes, seed, num_envs=num_envs, env_kwargs=env_kwargs))
+
+
+def reference_rows(task, episodes=100, seed=0, env_kwargs=None) -> dict:
+    """Rows from no model: the random-action agent and the expert (solver) agent, on the same levels."""
+    return {"random": summarize(*play(RandomActor(seed), task, episodes, seed, env_kwargs=env_kwargs)),
+            "expert": summarize(*play(ExpertActor(), task, episodes, seed, env_kwargs=env_kwargs))}
 
 
 COLUMNS = ("success", "return", "length", "format_rate", "invalid_rate", "grounding", "distinct2", "self_bleu2",
            "thought_entropy", "tokens")
 
 
+def _fmt(x, digits=3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
 def format_table(rows: dict) -> str:
-    """{name: summary} -> a markdown table a user can paste."""
+    """{name: summary} -> a markdown table a user can paste (n/a where a metric does not apply)."""
     head = "| | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
-    return head + "".join(f"| {name} | " + " | ".join(f"{r.get(c, float('nan')):.3f}" for c in COLUMNS) + " |\n"
+    return head + "".join(f"| {name} | " + " | ".join(_fmt(r.get(c, float("nan"))) for c in COLUMNS) + " |\n"
                           for name, r in rows.items())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GIF replays
+
+
+def _font():
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=12)
+    except TypeError:  # Pillow < 10.1: the bitmap font, no size
+        return ImageFont.load_default()
+
+
+def wrap_pixels(text, font, width) -> list[str]:
+    """Greedy word wrap to `width` pixels of `font`; a word longer than a line is cut by characters."""
+    lines = []
+    for para in text.split("\n"):
+        line = ""
+        for word in para.split(" "):
+            cand = word if not line else line + " " + word
+            if font.getlength(cand) <= width:
+                line = cand
+                continue
+            if line:
+                lines.append(line)
+            while font.getlength(word) > width and len(word) > 1:  # hard-cut an over-long token
+                k = max(1, int(len(word) * width / font.getlength(word)))
+                lines.append(word[:k])
+                word = word[k:]
+            line = word
+        lines.append(line)
+    return lines
+
+
+def captioned_frames(entries, min_width=320, max_lines=12) -> list:
+    """Record entries -> PIL images of one size: the frame on top (centred), the wrapped caption below."""
+    from PIL import Image, ImageDraw
+    font = _font()
+    width = max(min_width, max(e["frame"].shape[1] for e in entries))
+    line_h = font.getbbox("Hg")[3] + 3
+    wrapped = []
+    for e in entries:
+        lines = wrap_pixels(e["caption"], font, width - 8)
+        wrapped.append(lines[:max_lines - 1] + ["..."] if len(lines) > max_lines else lines)
+    frame_h = max(e["frame"].shape[0] for e in entries)
+    height = frame_h + 8 + line_h * max(len(w) for w in wrapped)  # every frame the same size (GIF)
+    images = []
+    for e, lines in zip(entries, wrapped):
+        img = Image.new("RGB", (width, height), (255, 255, 255))
+        f = e["frame"]
+        img.paste(Image.fromarray(f), ((width - f.shape[1]) // 2, 0))
+        draw = ImageDraw.Draw(img)
+        for k, line in enumerate(lines):
+            draw.text((4, frame_h + 4 + k * line_h), line, fill=(0, 0, 0), font=font)
+        images.append(img)
+    return images
+
+
+def write_gif(entries, path, ms_per_frame=900) -> int:
+    """One episode's record entries -> an animated GIF that loops; returns the number of frames written.
+    Captions carry the turn number, so no two frames are identical (Pillow would merge identical ones)."""
+    images = captioned_frames(entries)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=ms_per_frame, loop=0)
+    return len(images)
+
+
+def write_replays(actor, task, n, seed, out_dir, env_kwargs=None) -> list[dict]:
+    """Play the first `n` episodes of the held-out stream one at a time and write out_dir/replay_k.gif for each.
+    Returns [{file, length, success, return, frames}]."""
+    record = []
+    eps, _ = play(actor, task, n, seed, num_envs=1, env_kwargs=env_kwargs, record=record)
+    out = []
+    for k, e in enumerate(eps):
+        path = os.path.join(out_dir, f"replay_{k}.gif")
+        frames = write_gif([r for r in record if r["episode"] == k], path)
+        out.append({"file": path, "length": e["length"], "success": e["success"], "return": e["return"],
+                    "level": e["level"], "frames": frames})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Comparing runs
+
+
+ABLATION_FLAGS = ("teacher", "merge", "weighting", "kl_estimator")
+# Defaults of those flags when train.Args does not define them (yet); train.Args wins when it does.
+ABLATION_FALLBACK = {"teacher": "merge", "merge": "ties", "weighting": "sma", "kl_estimator": "clip"}
+CURVES = (("charts/success_rate", "success rate"), ("charts/thought_grounding", "thought grounding"),
+          ("charts/thought_entropy", "thought-token entropy"), ("teacher/kl", "teacher KL (turbo methods)"))
+
+
+def ablation_defaults() -> dict:
+    try:
+        import dataclasses
+        import train
+        fields = {f.name: f.default for f in dataclasses.fields(train.Args)}
+    except Exception:  # train.py absent or broken: the fallback table still labels runs
+        fields = {}
+    return {k: fields.get(k, ABLATION_FALLBACK[k]) for k in ABLATION_FLAGS}
+
+
+def read_run(run_dir) -> dict:
+    """args.json + metrics.jsonl (+ eval.json if present). Raises FileNotFoundError/ValueError with the path."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    paths = {k: os.path.join(run_dir, k) for k in ("args.json", "metrics.jsonl", "eval.json")}
+    for k in ("args.json", "metrics.jsonl"):
+        if not os.path.isfile(paths[k]):
+            raise FileNotFoundError(f"{run_dir}: no {k}, not a run directory written by train.py")
+    try:
+        with open(paths["args.json"]) as f:
+            args = json.load(f)
+        with open(paths["metrics.jsonl"]) as f:
+            metrics = [json.loads(line) for line in f if line.strip()]
+        ev = None
+        if os.path.isfile(paths["eval.json"]):
+            with open(paths["eval.json"]) as f:
+                ev = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{run_dir}: unreadable run files ({e})") from None
+    if not metrics:
+        raise ValueError(f"{run_dir}: metrics.jsonl is empty (no update finished yet)")
+    return {"dir": run_dir, "args": args, "metrics": metrics, "eval": ev}
+
+
+def run_label(args, defaults, with_task=False) -> str:
+    """method, plus "(flag=value, ...)" for ablation flags off their default (methods with a teacher only)."""
+    label = str(args.get("method", "?"))
+    if label != "ppo":
+        off = [f"{k}={args[k]}" for k in ABLATION_FLAGS if k in args and args[k] != defaults[k]]
+        if off:
+            label += " (" + ", ".join(off) + ")"
+    return f"{args.get('task', '?')}/{label}" if with_task else label
+
+
+def run_summary(run) -> dict:
+    """One run's numbers for the comparison table: held-out agent row from eval.json if present, else the
+    mean over the last 5 updates of the training metrics."""
+    m = run["metrics"]
+    last5 = lambda key: _mean([float(r.get(key, float("nan"))) for r in m[-5:]])
+    ev = (run["eval"] or {}).get("agent")
+    if ev is not None:
+        src = {"success": ev["success"], "return": ev["return"], "grounding": ev["grounding"],
+               "thought_entropy": ev["thought_entropy"], "source": "held-out"}
+    else:
+        src = {"success": last5("charts/success_rate"), "return": last5("charts/episodic_return"),
+               "grounding": last5("charts/thought_grounding"), "thought_entropy": last5("charts/thought_entropy"),
+               "source": "train, last 5"}
+    wall = float(m[-1].get("charts/wall_time", float("nan")))
+    teacher = float(m[-1].get("teacher/time", float("nan")))
+    src["wall_time"] = wall
+    src["teacher_share"] = teacher / wall if wall > 0 else float("nan")
+    src["env_steps"] = m[-1].get("env_steps")
+    return src
+
+
+def group_runs(runs) -> dict:
+    """{label: [runs]} in first-seen order; the task joins the label when the runs span several tasks."""
+    defaults = ablation_defaults()
+    with_task = len({r["args"].get("task") for r in runs}) > 1
+    groups = {}
+    for r in runs:
+        groups.setdefault(run_label(r["args"], defaults, with_task), []).append(r)
+    return groups
+
+
+def _pm(xs, digits=3) -> str:
+    """mean ± sample std over seeds (no ± for a single seed); nan seeds are left out."""
+    xs = [x for x in xs if not (x is None or math.isnan(x))]
+    if not xs:
+        return "n/a"
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f}"
+    return f"{np.mean(xs):.{digits}f} ± {np.std(xs, ddof=1):.{digits}f}"
+
+
+def compare_table(groups) -> str:
+    head = ("| method | seeds | success | source | return | grounding | thought entropy | wall-clock (s) "
+            "| teacher time share |\n|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for label, runs in groups.items():
+        s = [run_summary(r) for r in runs]
+        seeds = ",".join(str(r["args"].get("seed", "?")) for r in runs)
+        sources = sorted({x["source"] for x in s})
+        lines.append(f"| {label} | {seeds} | {_pm([x['success'] for x in s])} | {' + '.join(sources)} "
+                     f"| {_pm([x['return'] for x in s], 2)} | {_pm([x['grounding'] for x in s])} "
+                     f"| {_pm([x['thought_entropy'] for x in s])} | {_pm([x['wall_time'] for x in s], 0)} "
+                     f"| {_pm([x['teacher_share'] for x in s], 3)} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def curve(run, key):
+    """(env_steps [K], values [K]) of one metric, nan updates dropped."""
+    pts = [(r["env_steps"], float(r.get(key, float("nan")))) for r in run["metrics"]]
+    pts = [(s, v) for s, v in pts if not math.isnan(v)]
+    return np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
+
+
+def plot_curves(groups, path):
+    """2x2 panels (CURVES) against env steps: per group the seed mean, shaded between seed min and max. Runs
+    of a group are interpolated onto the env-step grid of its shortest run (the steps all of them reached)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    colors = plt.get_cmap("tab10").colors
+    for ax, (key, title) in zip(axes.flat, CURVES):
+        for g, (label, runs) in enumerate(groups.items()):
+            curves = [c for c in (curve(r, key) for r in runs) if len(c[0])]
+            if not curves:
+                continue  # e.g. teacher KL of ppo: no teacher, no line
+            grid = min((c[0] for c in curves), key=lambda s: s[-1])
+            ys = np.stack([np.interp(grid, s, v) for s, v in curves])   # [seeds, K]
+            color = colors[g % len(colors)]
+            ax.plot(grid, ys.mean(0), color=color, label=f"{label} (n={len(curves)})", marker="." if len(grid) < 20 else None)
+            if len(curves) > 1:
+                ax.fill_between(grid, ys.min(0), ys.max(0), color=color, alpha=0.2, linewidth=0)
+        ax.set_title(title)
+        ax.set_xlabel("env steps")
+        ax.grid(alpha=0.3)
+    legend = {}  # label -> handle, from every panel: a group may have no points in the first one
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    handles, labels = list(legend.values()), list(legend)
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def compare(run_dirs, png="compare.png", table_path=None) -> str:
+    """Read runs, group by method, write the PNG (and the table if asked); returns the markdown table."""
+    groups = group_runs([read_run(d) for d in run_dirs])
+    table = compare_table(groups)
+    plot_curves(groups, png)
+    if table_path:
+        with open(table_path, "w") as f:
+            f.write(table)
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+
+class InputError(Exception):
+    """Bad user input: reported in one line, exit status 2."""
+
+
+def find_run_agents(run_dir):
+    """(agent dir, teacher dir or None) of a run's last complete checkpoint (ckpt/, or ckpt.old/ after a crash
+    during the checkpoint swap)."""
+    if not os.path.isdir(run_dir):
+        raise InputError(f"{run_dir}: no such run directory")
+    for d in ("ckpt", "ckpt.old"):
+        agent = os.path.join(run_dir, d, "agent")
+        if os.path.isdir(agent):
+            teacher = os.path.join(run_dir, d, "teacher")
+            return agent, (teacher if os.path.isdir(teacher) else None)
+    raise InputError(f"{run_dir}: no checkpoint (ckpt/agent) in it; has the run finished an update?")
+
+
+def load_agent(path, device, dtype):
+    from agent import Agent, CheckpointError
+    try:
+        return Agent.load(path, device=device, dtype=dtype)
+    except (CheckpointError, OSError, ValueError) as e:
+        raise InputError(str(e).splitlines()[0]) from None
+
+
+def eval_cli(ns):
+    """Evaluate a run (agent + teacher) or a bare agent directory: table, eval_full.json, optional GIFs."""
+    settings = {"task": None, "seed": 0, "temperature": 1.0, "max_new_tokens": 64, "top_k": 0,
+                "repetition_penalty": 1.0}
+    if ns.run and ns.agent:
+        raise InputError("give a run directory or --agent DIR, not both")
+    if ns.run:
+        agent_dir, teacher_dir = find_run_agents(ns.run)
+        args_path = os.path.join(ns.run, "args.json")
+        if os.path.isfile(args_path):
+            with open(args_path) as f:
+                saved = json.load(f)
+            settings.update({k: saved[k] for k in settings if k in saved})
+        out_dir = ns.out or ns.run
+    elif ns.agent:
+        if not os.path.isdir(ns.agent):
+            raise InputError(f"{ns.agent}: no such agent directory")
+        agent_dir, teacher_dir, out_dir = ns.agent, None, ns.out or "."
+    else:
+        raise InputError("give a run directory (python eval.py runs/X) or --agent DIR --task TASK")
+    for k in ("task", "seed", "temperature", "max_new_tokens", "top_k", "repetition_penalty"):
+        if getattr(ns, k) is not None:  # flags override the run's saved settings
+            settings[k] = getattr(ns, k)
+    from env import TASKS
+    if settings["task"] not in TASKS:
+        raise InputError(f"--task must be one of {', '.join(sorted(TASKS))}, got {settings['task']!r}")
+    if ns.episodes < 1 or ns.gif < 0 or not settings["temperature"] > 0:
+        raise InputError("--episodes must be >= 1, --gif >= 0 and --temperature > 0")
+    os.makedirs(out_dir, exist_ok=True)
+    task, seed, T = settings["task"], int(settings["seed"]), float(settings["temperature"])
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[ns.dtype]
+    models = {"agent": load_agent(agent_dir, ns.device, dtype)}
+    if teacher_dir and not ns.no_teacher:
+        models["teacher"] = load_agent(teacher_dir, ns.device, dtype)
+
+    rows = {}
+    kw = dict(max_new_tokens=int(settings["max_new_tokens"]), top_k=int(settings["top_k"]),
+              repetition_penalty=float(settings["repetition_penalty"]), num_envs=ns.num_envs)
+    for name, model in models.items():
+        for greedy in (False, True):
+            label = f"{name} ({'greedy' if greedy else f'T={T:g}'})"
+            rows[label] = evaluate(model, task, ns.episodes, seed=seed, temperature=T, greedy=greedy, **kw)
+            print(f"{label}: success {rows[label]['success']:.3f}", file=sys.stderr)
+    rows.update(reference_rows(task, ns.episodes, seed))
+    table = format_table(rows)
+    print(f"{task}, {ns.episodes} held-out episodes (split=eval), seed {seed}\n\n{table}")
+
+    replays = []
+    if ns.gif:
+        actor = AgentActor(models["agent"], T, False, kw["max_new_tokens"], kw["top_k"], kw["repetition_penalty"])
+        with seeded(seed, ns.device):
+            replays = write_replays(actor, task, ns.gif, seed, out_dir)
+        for r in replays:
+            print(f"wrote {r['file']}: {r['length']} turns + final frame, success {r['success']}")
+    result = {"meta": {"task": task, "episodes": ns.episodes, "seed": seed, "split": "eval (crc32 % 10 == 0)",
+                       "agent": agent_dir, "teacher": teacher_dir if "teacher" in models else None, **settings},
+              "rows": rows, "replays": replays}
+    path = os.path.join(out_dir, "eval_full.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}", file=sys.stderr)
+    return result
+
+
+def eval_parser():
+    p = argparse.ArgumentParser(prog="eval.py", description="Held-out evaluation of a run or an agent directory "
+                                "(python eval.py compare ... compares runs).")
+    p.add_argument("run", nargs="?", help="run directory written by train.py (runs/X)")
+    p.add_argument("--agent", help="evaluate a bare agent directory instead (anything Agent.load accepts)")
+    p.add_argument("--task", help="task (default: the run's; required with --agent)")
+    p.add_argument("--episodes", type=int, default=100, help="held-out episodes per row")
+    p.add_argument("--seed", type=int, help="evaluation seed (default: the run's seed, 0 with --agent)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: the run's, 1.0 with --agent)")
+    p.add_argument("--max-new-tokens", type=int, help="answer length cap (default: the run's, 64 with --agent)")
+    p.add_argument("--top-k", type=int, help="top-k at sampling, 0 = off (default: the run's)")
+    p.add_argument("--repetition-penalty", type=float, help="(default: the run's, 1.0 with --agent)")
+    p.add_argument("--gif", type=int, default=0, help="write this many GIF replays replay_k.gif")
+    p.add_argument("--out", help="where eval_full.json and GIFs go (default: the run dir; cwd with --agent)")
+    p.add_argument("--no-teacher", action="store_true", help="skip the teacher rows")
+    p.add_argument("--num-envs", type=int, default=16, help="episodes played in parallel (batch size)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights dtype")
+    return p
+
+
+def compare_parser():
+    p = argparse.ArgumentParser(prog="eval.py compare", description="Compare runs: table + learning curves.")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", default="compare.png", help="PNG of the learning curves")
+    p.add_argument("--table", help="also write the markdown table to this file")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv[:1] == ["compare"]:
+            ns = compare_parser().parse_args(argv[1:])
+            try:
+                print(compare(ns.runs, ns.out, ns.table))
+            except (FileNotFoundError, ValueError) as e:
+                raise InputError(str(e)) from None
+            print(f"wrote {ns.out}" + (f" and {ns.table}" if ns.table else ""), file=sys.stderr)
+        else:
+            torch.set_grad_enabled(False)
+            eval_cli(eval_parser().parse_args(argv))
+    except InputError as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

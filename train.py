@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-METHODS = ("ppo", "turbo-kl")
+METHODS = ("ppo", "gtr", "turbo-sft", "turbo-kl")
 TASKS = ("sokoban", "gridworld", "points24")
 
 
@@ -43,10 +43,11 @@ def arg(default, help):
 class Args:
     # --- what to train
     task: str = arg("sokoban", "environment: sokoban | gridworld | points24")
-    method: str = arg("turbo-kl", "ppo (RL4VLM baseline) | turbo-kl (GTR-Turbo, KL variant)")
+    method: str = arg("turbo-kl", "ppo (RL4VLM) | gtr (privileged corrector, SFT on thoughts) | turbo-sft | turbo-kl (GTR-Turbo)")
     model: str = arg("small", "tiny (~1M params, tests) | small (~5M, CPU default) | PATH to a Qwen2.5-VL directory | hub id")
     init: str = arg("", "start RL from this agent directory (skips the SFT warm-up)")
     device: str = arg("cpu", "cpu | cuda | cuda:N")
+    threads: int = arg(0, "torch CPU threads (0 = torch's default, all cores)")
     bf16: bool = arg(True, "bfloat16 autocast for forward passes (weights and Adam stay fp32)")
     seed: int = arg(1, "seed of everything: weights, sampling, levels")
     out: str = arg("", "run directory (default runs/<task>-<method>-<model>-s<seed>)")
@@ -73,10 +74,15 @@ class Args:
     gamma: float = arg(0.9, "discount (paper 0.9)")
     gae_lambda: float = arg(0.95, "GAE lambda (paper 0.95)")
     thought_coef: float = arg(0.5, "lambda weighting thought-token log-probs in the sequence log-prob (paper 0.5 Points24, 0.2 ALFWorld)")
-    format_reward: str = arg("", "'valid,invalid' reward added to each turn's return; default ppo 0,0; turbo-kl 3,-2 (paper)")
+    format_reward: str = arg("", "'valid,invalid' reward added to each turn's return; default ppo 0,0; gtr 5,0; turbo 3,-2 (paper)")
     invalid: str = arg("penalty", "invalid answer: 'penalty' (state unchanged, turn counted) | 'random' (reference code: random legal action)")
     invalid_penalty: float = arg(-1.0, "env reward of an invalid turn under --invalid penalty")
     # --- GTR-Turbo teacher (section 4)
+    teacher: str = arg("merged", "turbo methods: merged (TIES over the agent's checkpoint history) | static (the SFT model, ablation)")
+    guide: str = arg("thought", "tokens the teacher guides: thought | thought+action (ablation, section 4.4)")
+    kl_estimator: str = arg("clip", "clip (paper) | k1 | abs | k3 | exact (full-vocabulary reverse KL) | forward (ablations)")
+    sft_coef: float = arg(1.0, "gtr / turbo-sft: weight of the CE on one DAgger sample per PPO sample (paper 1)")
+    teacher_retries: int = arg(3, "turbo-sft: resample an invalid teacher answer up to N times, temperature x1.1 each")
     kl_coef: float = arg(1.0, "beta, the reverse-KL penalty coefficient (paper 1)")
     kl_clip: float = arg(10.0, "per-token clip of log pi_agent - log pi_teacher to [0, kl_clip] (paper 10)")
     kl_invalid: float = arg(100.0, "KL penalty of a turn whose format is invalid (paper 100)")
@@ -87,6 +93,7 @@ class Args:
     merge_every: int = arg(1, "rebuild the teacher every N updates (paper: 1, up to 10 works)")
     # --- evaluation and output
     resume: str = arg("", "continue the run in this directory from its last complete checkpoint, with its saved args")
+    max_skips: int = arg(10, "stop after this many optimizer steps in a row skipped for a non-finite loss or gradient")
     eval_episodes: int = arg(100, "held-out episodes for the final evaluation of agent and teacher (0 = skip)")
     log_episodes: int = arg(64, "success/return in metrics are over this many most recent training episodes")
 
@@ -106,12 +113,16 @@ class Args:
             raise ValueError(f"--density must be in (0, 1], got {self.density}")
         if self.invalid not in ("penalty", "random"):
             raise ValueError(f"--invalid must be penalty or random, got {self.invalid!r}")
+        for name, allowed in (("teacher", ("merged", "static")), ("guide", ("thought", "thought+action")),
+                              ("kl_estimator", ("clip", "k1", "abs", "k3", "exact", "forward"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.merge not in ("ties", "linear") or self.weighting not in ("sma", "ema"):
             raise ValueError(f"--merge must be ties|linear and --weighting sma|ema, got {self.merge!r}, {self.weighting!r}")
         if self.sft_steps < 0:
             self.sft_steps = {"sokoban": 400, "gridworld": 150, "points24": 1200}[self.task]
         if not self.format_reward:
-            self.format_reward = "0,0" if self.method == "ppo" else "3,-2"
+            self.format_reward = {"ppo": "0,0", "gtr": "5,0"}.get(self.method, "3,-2")
         try:
             valid, invalid = (float(x) for x in self.format_reward.split(","))
         except ValueError:
@@ -325,25 +336,106 @@ def make_agent(args):
 # The loop
 
 
-def rollout(agent, teacher, envs, args, stats):
-    """Play args.num_steps turns in every env. Returns the per-turn batches and [T, N] tensors."""
-    from distill import reverse_kl_penalty
+def guide_mask(batch, args):
+    """The tokens the teacher guides: thoughts only (section 4.4), or thought + action for the ablation."""
+    return batch.gen_mask if args.guide == "thought+action" else batch.thought_mask
+
+
+def teacher_kl(agent, teacher, batch, args):
+    """Turbo-kl (section 4.2): the frozen teacher scores the agent's own sampled tokens, image in context,
+    -> per-turn penalty [B]. One teacher forward; the agent's log-probs come from sampling time."""
+    from distill import exact_reverse_kl, forward_kl, reverse_kl_penalty
+    mask = guide_mask(batch, args)
+    if args.kl_estimator in ("exact", "forward"):  # full-vocabulary ablations need both distributions
+        _, _, agent_logits = agent.score(batch, return_logits=True)
+        _, _, teacher_logits = teacher.score(batch, return_logits=True)
+        kl = exact_reverse_kl if args.kl_estimator == "exact" else forward_kl
+        return kl(agent_logits, teacher_logits, mask, temperature=batch.temperature)
+    teacher_logp, _, _ = teacher.score(batch)
+    return reverse_kl_penalty(batch.logp, teacher_logp, mask, estimator=args.kl_estimator, lo=0.0, hi=args.kl_clip)
+
+
+def write_action(answer: str, action: str) -> str:
+    """The SFT target keeps the guide's thought but the action the agent executed (sections 3, 4.3);
+    those action tokens are masked out of the loss anyway."""
+    obj = json.loads(answer)
+    obj["action"] = action
+    return json.dumps(obj)
+
+
+def gtr_labels(experts, optimal, out, envs):
+    """GTR's corrector in GPT-4o's role, privileged: a turn whose thought is not fully grounded, or whose
+    action is not one of the solver's optimal moves, gets the expert's thought with the agent's own action;
+    a correct turn gets no label (None)."""
+    labels = []
+    for i, env in enumerate(envs.envs):
+        a = int(out["action"][i])
+        grounded = out["grounding"][i] == 1.0  # nan (no checkable fact) counts as not grounded
+        if grounded and a in optimal[i]:
+            labels.append(None)
+        else:
+            labels.append(write_action(experts[i], env.action_names[a]) if a >= 0 else experts[i])
+    return labels
+
+
+def turbo_sft_labels(guide, out, envs):
+    """Every valid teacher answer becomes a target, with the action the agent executed written in (where
+    the agent's own answer was invalid nothing was executed, and the teacher's action stays; masked anyway)."""
+    return [g if g is None or out["action"][i] < 0 else write_action(g, env.action_names[out["action"][i]])
+            for i, (g, env) in enumerate(zip(guide, envs.envs))]
+
+
+def teacher_answers(teacher, images, prompts, envs, args):
+    """Turbo-sft (section 4.3): the teacher answers the same image and prompt itself (not conditioned on the
+    agent's thought); an invalid answer is resampled at temperature x1.1, up to args.teacher_retries times."""
+    from env import parse_answer
+    answers, todo, temperature = [None] * len(prompts), list(range(len(prompts))), args.temperature
+    for _ in range(1 + args.teacher_retries):
+        b = teacher.sample([images[i] for i in todo], [prompts[i] for i in todo], temperature=temperature,
+                           top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                           max_new_tokens=args.max_new_tokens)
+        still = []
+        for text, i in zip(b.texts, todo):
+            env = envs.envs[i]
+            action, ok = parse_answer(text, env.action_names, env.answer_keys)
+            if ok and action is not None:
+                answers[i] = text
+            else:
+                still.append(i)
+        todo, temperature = still, temperature * 1.1
+        if not todo:
+            break
+    return answers
+
+
+def rollout(agent, teacher, envs, args, stats, dagger=None):
+    """Play args.num_steps turns in every env. Returns the per-turn batches and [T, N] tensors.
+    gtr / turbo-sft append (image, prompt, target answer) to the DAgger buffer `dagger`."""
     T, N = args.num_steps, args.num_envs
     keys = ("rewards", "dones", "values", "format_ok", "action_valid", "kl", "grounding", "entropy")
     buf = {k: torch.zeros(T, N) for k in keys}
     batches = []
     for t in range(T):
         images, prompts = envs.observe()
+        if args.method == "gtr":  # what the corrector knows about the state the agent is about to act in
+            experts, optimal = envs.expert_texts(), envs.optimal_actions()
         with torch.no_grad(), autocast(args):
             batch = agent.sample(images, prompts, temperature=args.temperature, top_k=args.top_k,
                                  repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens)
-            if teacher is not None:
-                t0 = time.time()
-                teacher_logp, _, _ = teacher.score(batch)  # the teacher scores the agent's own tokens, image in context
-                kl = reverse_kl_penalty(batch.logp, teacher_logp, batch.thought_mask, estimator="clip", lo=0.0, hi=args.kl_clip)
-                stats["teacher_time"] += time.time() - t0
-                buf["kl"][t] = kl.float().cpu()
+            t0 = time.time()
+            if args.method == "turbo-kl":
+                buf["kl"][t] = teacher_kl(agent, teacher, batch, args).float().cpu()
+            elif args.method == "turbo-sft":
+                guide = teacher_answers(teacher, images, prompts, envs, args)
+            stats["teacher_time"] += time.time() - t0
         out = envs.step_texts(batch.texts)
+        if args.method == "gtr":
+            labels = gtr_labels(experts, optimal, out, envs)
+        elif args.method == "turbo-sft":
+            labels = turbo_sft_labels(guide, out, envs)
+        if args.method in ("gtr", "turbo-sft"):
+            dagger.extend((images[i], prompts[i], y) for i, y in enumerate(labels) if y is not None)
+            stats["labels"] += sum(y is not None for y in labels)
         batches.append(batch.to("cpu"))
         buf["rewards"][t] = torch.as_tensor(out["reward"], dtype=torch.float32)
         buf["dones"][t] = torch.as_tensor(out["done"], dtype=torch.float32)
@@ -373,9 +465,19 @@ def compute_returns(buf, last_value, args):
     return returns, advantages
 
 
-def ppo_update(agent, opt, params, data, args, stats):
-    """args.ppo_epochs passes over the buffer; returns the trainable state after each epoch (section 4 step 3)."""
-    from agent import Batch
+def dagger_loss(agent, dagger, n, args):
+    """CE on the guided tokens of n samples drawn uniformly from the whole DAgger buffer (sections 3, 4.3)."""
+    from distill import sft_loss
+    idx = torch.randint(len(dagger), (n,)).tolist()
+    images, prompts, answers = zip(*(dagger[i] for i in idx))
+    b = agent.encode(list(images), list(prompts), list(answers), fill=False)
+    _, _, logits = agent.score(b, temperature=1.0, return_logits=True)  # [n, G, V]
+    return sft_loss(logits, b.gen_ids, guide_mask(b, args))
+
+
+def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, keep_states=False):
+    """args.ppo_epochs passes over the buffer (+ the SFT loss for gtr / turbo-sft). Returns the trainable
+    state after each epoch when keep_states (section 4, step 3: the checkpoints the merge folds in)."""
     n = data["batch"].values.shape[0]
     states, logs = [], []
     for epoch in range(args.ppo_epochs):
@@ -385,29 +487,34 @@ def ppo_update(agent, opt, params, data, args, stats):
             mb = data["batch"].select(idx).to(agent.device)
             with autocast(args):
                 logp, values, _ = agent.score(mb)
+                sft = dagger_loss(agent, dagger, len(idx), args) if dagger else torch.zeros((), device=agent.device)
             logp, values = logp.float(), values.float()
             new_seq = sequence_logp(logp, mb.thought_mask.float(), mb.action_mask.float(), args.thought_coef)
             old_seq = sequence_logp(mb.logp.float(), mb.thought_mask.float(), mb.action_mask.float(), args.thought_coef)
             pg, vl, approx_kl, clipfrac = ppo_loss(new_seq, old_seq, data["advantages"][idx].to(agent.device),
                                                   values, data["values"][idx].to(agent.device),
                                                   data["returns"][idx].to(agent.device), args.clip)
-            loss = pg + args.vf_coef * vl
+            loss = pg + args.vf_coef * vl + args.sft_coef * sft.float()
             opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                stats["skipped_steps"] += 1  # a NaN never reaches the weights
-                continue
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                stats["skipped_steps"] += 1
+            finite = bool(torch.isfinite(loss))  # one sync per minibatch, not per token
+            if finite:
+                loss.backward()
+                finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)))
+            if not finite:  # skip the step: a NaN or inf never reaches the weights
                 opt.zero_grad(set_to_none=True)
+                stats["skipped_steps"] += 1
+                stats["skips_in_row"] += 1
+                if stats["skips_in_row"] >= args.max_skips:
+                    raise FloatingPointError(f"update {update}: {stats['skips_in_row']} optimizer steps in a row had a "
+                                             "non-finite loss or gradient; stopping (weights are the last finite ones)")
                 continue
+            stats["skips_in_row"] = 0
             opt.step()
-            logs.append(torch.stack([pg.detach(), vl.detach(), approx_kl, clipfrac]))
-        if args.method == "turbo-kl":
+            logs.append(torch.stack([pg.detach(), vl.detach(), approx_kl, clipfrac, sft.detach().float()]))
+        if keep_states:
             states.append(agent.trainable_state())
-    means = torch.stack(logs).mean(0).tolist() if logs else [float("nan")] * 4
-    return states, dict(zip(("losses/policy", "losses/value", "losses/approx_kl", "losses/clipfrac"), means))
+    means = torch.stack(logs).mean(0).tolist() if logs else [float("nan")] * 5
+    return states, dict(zip(("losses/policy", "losses/value", "losses/approx_kl", "losses/clipfrac", "losses/sft"), means))
 
 
 def summarize(update, args, buf, stats, losses, lr):
@@ -425,6 +532,7 @@ def summarize(update, args, buf, stats, losses, lr):
         "charts/thought_grounding": g.mean().item() if g.numel() else float("nan"),
         "charts/thought_entropy": buf["entropy"].mean().item(),
         "teacher/kl": buf["kl"][fmt > 0].mean().item() if args.method == "turbo-kl" and fmt.sum() > 0 else float("nan"),
+        "teacher/labels": stats["labels"],
         **losses,
         "charts/lr": lr,
         "charts/wall_time": stats["wall_time"],
@@ -434,19 +542,24 @@ def summarize(update, args, buf, stats, losses, lr):
     return row
 
 
-def save_checkpoint(args, update, agent, teacher, opt, envs, history, stats):
+def save_checkpoint(args, update, agent, teacher, opt, envs, history, stats, dagger):
     """Everything a killed run needs to continue bit-identically, written as one directory swap:
     ckpt.tmp/ is filled, then replaces ckpt/; a crash at any point leaves a complete ckpt/ or ckpt.old/."""
     final, tmp, old = (os.path.join(args.out, d) for d in ("ckpt", "ckpt.tmp", "ckpt.old"))
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    agent.save(os.path.join(tmp, "agent"))
-    if teacher is not None:
-        teacher.save(os.path.join(tmp, "teacher"))
-    state = {"update": update, "optimizer": opt.state_dict(), "envs": envs.state_dict(), "stats": stats,
+    try:
+        os.makedirs(tmp)
+        agent.save(os.path.join(tmp, "agent"))
+        if teacher is not None:
+            teacher.save(os.path.join(tmp, "teacher"))
+        state = {"update": update, "optimizer": opt.state_dict(), "envs": envs.state_dict(), "stats": stats, "dagger": dagger,
              "history": history.state_dict() if history is not None else None,
-             "rng": (random.getstate(), np.random.get_state(), torch.get_rng_state())}
-    torch.save(state, os.path.join(tmp, "state.pt"))
+                 "rng": (random.getstate(), np.random.get_state(), torch.get_rng_state())}
+        torch.save(state, os.path.join(tmp, "state.pt"))
+    except OSError as e:  # disk full, permissions: the previous ckpt/ is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"saving checkpoint of update {update} to {tmp} failed ({e.strerror or e}); "
+                               f"the previous checkpoint in {final} is intact") from e
     if os.path.isdir(final):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -463,10 +576,14 @@ def find_checkpoint(run_dir):
 
 
 def load_state(path):
+    from agent import CheckpointError
     try:
-        return torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=False)
     except Exception as e:  # truncated or foreign file: name it
-        raise RuntimeError(f"checkpoint file {path} is corrupt or not a train state ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"checkpoint file {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or "update" not in state:
+        raise CheckpointError(f"checkpoint file {path} is not a train state of this project")
+    return state
 
 
 def main(args: Args):
@@ -474,10 +591,11 @@ def main(args: Args):
     from env import LockstepEnvs
     from merge import MergeHistory
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     if not args.resume:
-        atomic_write_text(os.path.join(args.out, "args.json"),
-                          json.dumps({k: v for k, v in dataclasses.asdict(args).items()}, indent=2))
+        atomic_write_text(os.path.join(args.out, "args.json"), json.dumps(dataclasses.asdict(args), indent=2))
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     ckpt = find_checkpoint(args.out) if args.resume else None
     agent = Agent.load(os.path.join(ckpt, "agent"), device=args.device) if ckpt else make_agent(args)
@@ -486,15 +604,18 @@ def main(args: Args):
                         invalid_penalty=args.invalid_penalty)
 
     teacher, history = None, None
-    if args.method == "turbo-kl":
+    if args.method in ("turbo-sft", "turbo-kl"):
+        # before any RL the teacher is the SFT model itself; it is frozen, never trained
         teacher = Agent.load(os.path.join(ckpt, "teacher"), device=args.device).copy_frozen() if ckpt \
-            else agent.copy_frozen()  # before any RL the teacher is the SFT model itself
-        history = MergeHistory(agent.trainable_state(), method=args.merge, mode=args.weighting,
-                               alpha=args.ema_alpha, density=args.density)
+            else agent.copy_frozen()
+        if args.teacher == "merged":
+            history = MergeHistory(agent.trainable_state(), method=args.merge, mode=args.weighting,
+                                   alpha=args.ema_alpha, density=args.density)
+    dagger = [] if args.method in ("gtr", "turbo-sft") else None  # (image, prompt, target), kept from the start
 
     params = [p for p in agent.model.parameters() if p.requires_grad] + list(agent.value_head.parameters())
     opt = torch.optim.Adam(params, lr=args.lr, eps=1e-5)
-    stats = {"teacher_time": 0.0, "skipped_steps": 0, "episodes": [], "wall_time": 0.0}
+    stats = {"teacher_time": 0.0, "skipped_steps": 0, "skips_in_row": 0, "labels": 0, "episodes": [], "wall_time": 0.0}
     start = 1
     if ckpt:
         state = load_state(os.path.join(ckpt, "state.pt"))
@@ -502,7 +623,7 @@ def main(args: Args):
         envs.load_state_dict(state["envs"])
         if history is not None:
             history.load_state_dict(state["history"])
-        stats = state["stats"]
+        stats, dagger = state["stats"], state["dagger"]
         random.setstate(state["rng"][0]); np.random.set_state(state["rng"][1]); torch.set_rng_state(state["rng"][2])
         start = state["update"] + 1
         with open(metrics_path) as f:  # lines written after the checkpoint are redone
@@ -521,17 +642,17 @@ def main(args: Args):
         lr = cosine_lr(update - 1, args.num_updates, args.lr)
         for g in opt.param_groups:
             g["lr"] = lr
-        batches, buf, last_value = rollout(agent, teacher, envs, args, stats)
+        batches, buf, last_value = rollout(agent, teacher, envs, args, stats, dagger)
         returns, advantages = compute_returns(buf, last_value, args)
         data = {"batch": Batch.cat(batches), "returns": returns.reshape(-1), "advantages": advantages.reshape(-1),
                 "values": buf["values"].reshape(-1)}
-        states, losses = ppo_update(agent, opt, params, data, args, stats)
-        if history is not None:
+        states, losses = ppo_update(agent, opt, params, data, args, stats, update, dagger, keep_states=history is not None)
+        if history is not None:  # section 4 steps 3-4: fold this update's checkpoints in, refresh the teacher
+            t0 = time.time()
             history.add(states)
             if update % args.merge_every == 0:
-                t0 = time.time()
                 teacher.load_trainable_state(history.teacher_state())
-                stats["teacher_time"] += time.time() - t0
+            stats["teacher_time"] += time.time() - t0
         stats["wall_time"] = time.time() - t_start
         row = summarize(update, args, buf, stats, losses, lr)
         with open(metrics_path, "a") as f:
@@ -539,7 +660,7 @@ def main(args: Args):
         bar.set_postfix(success=f"{row['charts/success_rate']:.2f}", kl=f"{row['teacher/kl']:.3f}",
                         sps=f"{row['env_steps'] / row['charts/wall_time']:.1f}")
         stats["episodes"] = stats["episodes"][-args.log_episodes:]
-        save_checkpoint(args, update, agent, teacher, opt, envs, history, stats)
+        save_checkpoint(args, update, agent, teacher, opt, envs, history, stats, dagger)
     final_evaluation(agent, teacher, args)
 
 
@@ -578,4 +699,10 @@ def final_evaluation(agent, teacher, args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except Exception as e:  # the known failures end with one line naming the file or update, no traceback
+        from agent import CheckpointError
+        if not isinstance(e, (CheckpointError, FloatingPointError, OSError)) or os.environ.get("GTR_DEBUG"):
+            raise
+        sys.exit(f"error: {e}")

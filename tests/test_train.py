@@ -2,9 +2,12 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,10 +45,13 @@ def test_ratio_is_exp_of_lambda_weighted_logp_difference():
     assert math.isclose(vl.item(), 0.5, rel_tol=1e-6)
 
 
-def run_train(*argv, timeout=600):
+def run_train(*argv, cwd=None, timeout=600, wait=True):
+    """train.py in a subprocess, the way a user runs it (its SFT cache lands under cwd/runs/)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *argv]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd or ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -76,15 +82,17 @@ METRIC_KEYS = {"update", "env_steps", "charts/success_rate", "charts/episodic_re
                "charts/wall_time", "teacher/time"}
 
 
-@pytest.mark.parametrize("method", ["ppo", "turbo-kl"])
+@pytest.mark.parametrize("method", ["ppo", "gtr", "turbo-sft", "turbo-kl"])
 def test_smoke_two_updates(method, tmp_path):
-    r = run_train(*SMOKE, "--method", method, "--out", str(tmp_path / method))
+    r = run_train(*SMOKE, "--method", method, "--out", str(tmp_path / method), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / method / "metrics.jsonl")]
     assert [row["update"] for row in rows] == [1, 2]
     assert METRIC_KEYS <= set(rows[0]) and rows[1]["env_steps"] == 32
     ev = json.load(open(tmp_path / method / "eval.json"))
-    assert ("teacher" in ev) == (method == "turbo-kl") and ev["agent"]["episodes"] == 4
+    assert ("teacher" in ev) == method.startswith("turbo") and ev["agent"]["episodes"] == 4
+    if method == "gtr":  # an untrained tiny agent is always wrong: every turn gets a corrector label
+        assert rows[-1]["teacher/labels"] == 32 and rows[-1]["losses/sft"] > 0
     from agent import Agent
     Agent.load(str(tmp_path / method / "ckpt" / "agent"))  # the checkpoint is a loadable agent
 
@@ -96,7 +104,7 @@ def test_plain_save_pretrained_directory_trains(tmp_path):
     tiny.processor.save_pretrained(tmp_path / "qwen")
     r = run_train("--task", "gridworld", "--model", str(tmp_path / "qwen"), "--num-envs", "2", "--num-steps", "2",
                   "--total-steps", "4", "--ppo-epochs", "1", "--max-new-tokens", "16", "--eval-episodes", "0",
-                  "--out", str(tmp_path / "run"))
+                  "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 1
 
@@ -115,3 +123,157 @@ def test_kl_penalty_is_zero_when_teacher_equals_agent():
     other = Agent.build("tiny", train.tokenizer_corpus(0, episodes_per_task=8), seed=1)
     _, buf2, _ = train.rollout(agent, other.copy_frozen(), envs, args, stats)
     assert (buf2["kl"] > 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GTR corrector and turbo-sft targets on hand-made turns
+
+
+def tiny_agent():
+    from agent import Agent
+    return Agent.build("tiny", train.tokenizer_corpus(0, episodes_per_task=8), seed=0)
+
+
+def test_gtr_corrector_labels_only_wrong_turns_and_masks_action_tokens():
+    from env import LockstepEnvs
+    envs = LockstepEnvs("gridworld", 3, seed=3)
+    images, prompts = envs.observe()
+    experts, optimal = envs.expert_texts(), envs.optimal_actions()
+    names = envs.envs[0].action_names
+    right = [next(iter(o)) for o in optimal]
+    wrong = [next(a for a in range(4) if a not in o) for o in optimal]
+    # turn 0: grounded thought, optimal action -> no label; turn 1: a wrong fact; turn 2: a non-optimal move
+    out = {"grounding": np.array([1.0, 0.5, 1.0]), "action": np.array([right[0], right[1], wrong[2]])}
+    labels = train.gtr_labels(experts, optimal, out, envs)
+    assert labels[0] is None
+    for i in (1, 2):
+        label, expert = json.loads(labels[i]), json.loads(experts[i])
+        assert label["thoughts"] == expert["thoughts"] and label["action"] == names[out["action"][i]]
+    # the action tokens carry no loss: the SFT loss is the same whatever action is written in
+    agent = tiny_agent()
+    args = train.Args(task="gridworld", model="tiny", bf16=False)
+    flipped = json.dumps({**json.loads(labels[1]), "action": names[(out["action"][1] + 1) % 4]})
+    losses = []
+    for y in (labels[1], flipped):
+        torch.manual_seed(0)
+        losses.append(train.dagger_loss(agent, [(images[1], prompts[1], y)], 1, args).item())
+    assert losses[0] == losses[1] and losses[0] > 0
+    # ... and it is exactly the CE over the thought tokens the agent's own masks mark
+    b = agent.encode([images[1]], [prompts[1]], [labels[1]], temperature=1.0)
+    thought = b.thought_mask.bool()
+    text = agent.tokenizer.decode(b.gen_ids[0][thought[0]])
+    assert text.rstrip().endswith(",") and "action" not in text
+    assert math.isclose(losses[0], -(b.logp[thought]).mean().item(), rel_tol=1e-5)
+
+
+def test_turbo_sft_targets_hold_teacher_thoughts_with_the_agents_action():
+    from env import LockstepEnvs
+    envs = LockstepEnvs("gridworld", 3, seed=4)
+    images, prompts = envs.observe()
+
+    class ScriptedTeacher:  # first answer invalid, then a valid one: exercises the retry at T x 1.1
+        def __init__(self):
+            self.temperatures = []
+
+        def sample(self, images, prompts, temperature, **kw):
+            self.temperatures.append(temperature)
+            ok = json.dumps({"thoughts": "teacher thought", "action": "left"})
+            return type("B", (), {"texts": ["not json"] * len(prompts) if len(self.temperatures) == 1 else [ok] * len(prompts)})
+
+    teacher = ScriptedTeacher()
+    args = train.Args(task="gridworld", model="tiny", temperature=1.0)
+    guide = train.teacher_answers(teacher, images, prompts, envs, args)
+    assert teacher.temperatures == [1.0, 1.1] and all(g is not None for g in guide)
+    out = {"action": np.array([0, -1, 3])}  # agent moved up, gave an invalid answer, moved right
+    labels = [json.loads(y) for y in train.turbo_sft_labels(guide, out, envs)]
+    assert [y["thoughts"] for y in labels] == ["teacher thought"] * 3
+    assert [y["action"] for y in labels] == ["up", "left", "right"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Faults and resume
+
+
+def test_nan_loss_is_skipped_and_never_reaches_the_weights():
+    from agent import Batch
+    from env import LockstepEnvs
+    agent = tiny_agent()
+    args = train.Args(task="gridworld", model="tiny", method="ppo", num_envs=2, num_steps=2, max_new_tokens=16, bf16=False,
+                      ppo_epochs=2, minibatch=2, max_skips=100)
+    stats = {"teacher_time": 0.0, "episodes": [], "skipped_steps": 0, "skips_in_row": 0, "labels": 0}
+    batches, buf, last = train.rollout(agent, None, LockstepEnvs("gridworld", 2, seed=0), args, stats)
+    returns, adv = train.compute_returns(buf, last, args)
+    adv[0, 0] = float("nan")  # one poisoned turn: every minibatch that holds it must be skipped
+    data = {"batch": Batch.cat(batches), "returns": returns.reshape(-1), "advantages": adv.reshape(-1),
+            "values": buf["values"].reshape(-1)}
+    params = [p for p in agent.model.parameters() if p.requires_grad] + list(agent.value_head.parameters())
+    opt = torch.optim.Adam(params, lr=1e-3)
+    args.ppo_epochs, args.minibatch = 1, 4  # one minibatch holding all 4 turns, the NaN among them
+    before = [p.detach().clone() for p in params]
+    train.ppo_update(agent, opt, params, data, args, stats, update=7)
+    assert stats["skipped_steps"] == 1 and all(torch.equal(a, p) for a, p in zip(before, params))
+    args.max_skips = 2
+    with pytest.raises(FloatingPointError, match="update 7: 2 optimizer steps in a row"):
+        train.ppo_update(agent, opt, params, data, args, stats, update=7)
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
+
+
+def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
+    from env import LockstepEnvs
+
+    class FakeAgent:
+        def __init__(self, fail):
+            self.fail = fail
+
+        def save(self, path):
+            if self.fail:
+                raise OSError(28, "No space left on device")
+            os.makedirs(path)
+            open(os.path.join(path, "weights"), "w").write("update 1")
+
+    args = train.Args(task="gridworld", model="tiny", out=str(tmp_path))
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.Adam([w])
+    envs = LockstepEnvs("gridworld", 1, seed=0)
+    train.save_checkpoint(args, 1, FakeAgent(False), None, opt, envs, None, {}, None)
+    with pytest.raises(OSError, match="previous checkpoint .* is intact"):
+        train.save_checkpoint(args, 2, FakeAgent(True), None, opt, envs, None, {}, None)
+    assert open(tmp_path / "ckpt" / "agent" / "weights").read() == "update 1"
+    assert train.load_state(str(tmp_path / "ckpt" / "state.pt"))["update"] == 1
+    assert not (tmp_path / "ckpt.tmp").exists()
+
+
+RESUME = ["--task", "gridworld", "--model", "tiny", "--sft-steps", "10", "--num-envs", "4", "--num-steps", "4",
+          "--total-steps", "64", "--ppo-epochs", "2", "--minibatch", "8", "--max-new-tokens", "48",
+          "--eval-episodes", "0", "--method", "turbo-kl"]
+TIME_KEYS = {"charts/wall_time", "teacher/time"}
+
+
+def metrics_without_time(path):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIME_KEYS} for line in open(path)]
+
+
+def test_kill_and_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path):
+    full = run_train(*RESUME, "--out", str(tmp_path / "full"), cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = tmp_path / "killed"
+    p = run_train(*RESUME, "--out", str(killed), cwd=tmp_path, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # SIGKILL as soon as update 2 is logged: mid-save or mid-update 3
+        if (killed / "metrics.jsonl").exists() and len(open(killed / "metrics.jsonl").readlines()) >= 2:
+            p.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert p.wait() == -signal.SIGKILL
+    assert len(open(killed / "metrics.jsonl").readlines()) < 4  # it really was cut short
+    resumed = run_train("--resume", str(killed), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = metrics_without_time(tmp_path / "full" / "metrics.jsonl"), metrics_without_time(killed / "metrics.jsonl")
+    assert [r["update"] for r in b] == [1, 2, 3, 4]
+    assert a == b
+    # a truncated checkpoint file is named, with what is wrong, and no traceback
+    state = killed / "ckpt" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    bad = run_train("--resume", str(killed), cwd=tmp_path)
+    assert bad.returncode == 1 and str(state) in bad.stderr and "corrupt or truncated" in bad.stderr
+    assert "Traceback" not in bad.stderr
