@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-METHODS = ("ppo", "gtr", "turbo-sft", "turbo-kl")
+METHODS = ("ppo", "gtr", "turbo-sft", "turbo-kl", "sft")
 TASKS = ("sokoban", "gridworld", "points24")
 
 
@@ -43,7 +43,8 @@ def arg(default, help):
 class Args:
     # --- what to train
     task: str = arg("sokoban", "environment: sokoban | gridworld | points24")
-    method: str = arg("turbo-kl", "ppo (RL4VLM) | gtr (privileged corrector, SFT on thoughts) | turbo-sft | turbo-kl (GTR-Turbo)")
+    method: str = arg("turbo-kl", "ppo (RL4VLM) | gtr (privileged corrector, SFT on thoughts) | turbo-sft | turbo-kl (GTR-Turbo) "
+                                  "| sft (baseline: keep training on fresh solver demos, no RL)")
     model: str = arg("small", "tiny (~1M params, tests) | small (~5M, CPU default) | PATH to a Qwen2.5-VL directory | hub id")
     init: str = arg("", "start RL from this agent directory (skips the SFT warm-up)")
     device: str = arg("cpu", "cpu | cuda | cuda:N")
@@ -54,6 +55,8 @@ class Args:
     # --- budgets
     total_steps: int = arg(5120, "env turns over all envs (paper: 30k on Points24, 20k ALFWorld)")
     num_envs: int = arg(16, "envs run in lockstep")
+    budget_by: str = arg("steps", "steps: stop after --total-steps env turns | time: stop after --budget-seconds of training")
+    budget_seconds: float = arg(0.0, "wall-clock budget of the training loop (SFT warm-up and evaluations excluded) for --budget-by time")
     num_steps: int = arg(16, "turns per env per update; env turns per update = num_envs * num_steps (paper: 1024)")
     # --- SFT warm-up (tiny/small models without --init)
     sft_steps: int = arg(-1, "warm-up SFT steps; -1 = the task's calibrated default (sokoban 400, gridworld 150, points24 1200)")
@@ -111,6 +114,10 @@ class Args:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.density > 1:
             raise ValueError(f"--density must be in (0, 1], got {self.density}")
+        if self.budget_by not in ("steps", "time"):
+            raise ValueError(f"--budget-by must be steps or time, got {self.budget_by!r}")
+        if self.budget_by == "time" and not self.budget_seconds > 0:
+            raise ValueError("--budget-by time needs a positive --budget-seconds")
         if self.invalid not in ("penalty", "random"):
             raise ValueError(f"--invalid must be penalty or random, got {self.invalid!r}")
         for name, allowed in (("teacher", ("merged", "static")), ("guide", ("thought", "thought+action")),
@@ -275,11 +282,11 @@ def tokenizer_corpus(seed: int, episodes_per_task: int = 60) -> list[str]:
     return corpus
 
 
-def demo_envs(args, seed):
+def demo_envs(args, seed, batch=None):
     """Envs driven by the solver: each step yields one fresh (image, prompt, expert answer) per env."""
     from env import LockstepEnvs
     kw = {"solvable_only": True} if args.task == "points24" else {}
-    return LockstepEnvs(args.task, args.sft_batch, seed=seed, split="train", **kw)
+    return LockstepEnvs(args.task, batch or args.sft_batch, seed=seed, split="train", **kw)
 
 
 def sft_step_loss(agent, images, prompts, answers, args):
@@ -514,7 +521,29 @@ def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, kee
         if keep_states:
             states.append(agent.trainable_state())
     means = torch.stack(logs).mean(0).tolist() if logs else [float("nan")] * 5
-    return states, dict(zip(("losses/policy", "losses/value", "losses/approx_kl", "losses/clipfrac", "losses/sft"), means))
+    return states, dict(zip(LOSS_KEYS, means))
+
+
+LOSS_KEYS = ("losses/policy", "losses/value", "losses/approx_kl", "losses/clipfrac", "losses/sft")
+
+
+def sft_update(agent, opt, params, demos, args, stats):
+    """The SFT-alone baseline's "update": as many optimizer steps as PPO takes per update
+    (epochs x minibatches), each on a fresh batch of solver demonstrations from new training levels."""
+    n_steps = args.ppo_epochs * math.ceil(args.num_envs * args.num_steps / args.minibatch)
+    losses = []
+    for _ in range(n_steps):
+        images, prompts = demos.observe()
+        answers = demos.expert_texts()
+        with autocast(args):
+            loss = sft_step_loss(agent, images, prompts, answers, args)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        demos.step_texts(answers)
+        losses.append(loss.detach())
+    return {"losses/sft": torch.stack(losses).mean().item()}  # no policy or value loss: NaN in the log
 
 
 def summarize(update, args, buf, stats, losses, lr):
@@ -533,7 +562,7 @@ def summarize(update, args, buf, stats, losses, lr):
         "charts/thought_entropy": buf["entropy"].mean().item(),
         "teacher/kl": buf["kl"][fmt > 0].mean().item() if args.method == "turbo-kl" and fmt.sum() > 0 else float("nan"),
         "teacher/labels": stats["labels"],
-        **losses,
+        **{k: losses.get(k, float("nan")) for k in LOSS_KEYS},
         "charts/lr": lr,
         "charts/wall_time": stats["wall_time"],
         "teacher/time": stats["teacher_time"],
@@ -542,7 +571,7 @@ def summarize(update, args, buf, stats, losses, lr):
     return row
 
 
-def save_checkpoint(args, update, agent, teacher, opt, envs, history, stats, dagger):
+def save_checkpoint(args, update, agent, teacher, opt, envs, history, stats, dagger, demos=None):
     """Everything a killed run needs to continue bit-identically, written as one directory swap:
     ckpt.tmp/ is filled, then replaces ckpt/; a crash at any point leaves a complete ckpt/ or ckpt.old/."""
     final, tmp, old = (os.path.join(args.out, d) for d in ("ckpt", "ckpt.tmp", "ckpt.old"))
@@ -553,6 +582,7 @@ def save_checkpoint(args, update, agent, teacher, opt, envs, history, stats, dag
         if teacher is not None:
             teacher.save(os.path.join(tmp, "teacher"))
         state = {"update": update, "optimizer": opt.state_dict(), "envs": envs.state_dict(), "stats": stats, "dagger": dagger,
+                 "demos": demos.state_dict() if demos is not None else None,
              "history": history.state_dict() if history is not None else None,
                  "rng": (random.getstate(), np.random.get_state(), torch.get_rng_state())}
         torch.save(state, os.path.join(tmp, "state.pt"))
@@ -614,13 +644,21 @@ def main(args: Args):
     dagger = [] if args.method in ("gtr", "turbo-sft") else None  # (image, prompt, target), kept from the start
 
     params = [p for p in agent.model.parameters() if p.requires_grad] + list(agent.value_head.parameters())
-    opt = torch.optim.Adam(params, lr=args.lr, eps=1e-5)
+    demos, base_lr = None, args.lr
+    if args.method == "sft":  # the baseline continues the warm-up's recipe on levels it has not seen
+        params = [p for p in agent.model.parameters() if p.requires_grad]
+        demos, base_lr = demo_envs(args, seed=args.seed + 104729, batch=args.minibatch), args.sft_lr
+        opt = torch.optim.AdamW(params, lr=base_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    else:
+        opt = torch.optim.Adam(params, lr=base_lr, eps=1e-5)
     stats = {"teacher_time": 0.0, "skipped_steps": 0, "skips_in_row": 0, "labels": 0, "episodes": [], "wall_time": 0.0}
     start = 1
     if ckpt:
         state = load_state(os.path.join(ckpt, "state.pt"))
         opt.load_state_dict(state["optimizer"])
         envs.load_state_dict(state["envs"])
+        if demos is not None:
+            demos.load_state_dict(state["demos"])
         if history is not None:
             history.load_state_dict(state["history"])
         stats, dagger = state["stats"], state["dagger"]
@@ -636,17 +674,25 @@ def main(args: Args):
         seed_everything(args.seed)  # training draws the same numbers with or without the start evaluation
 
     t_start = time.time() - stats["wall_time"]
-    bar = tqdm(range(start, args.num_updates + 1), desc=f"{args.method} {args.task}", dynamic_ncols=True,
-               initial=start - 1, total=args.num_updates)
-    for update in bar:
-        lr = cosine_lr(update - 1, args.num_updates, args.lr)
+    by_time = args.budget_by == "time"
+    bar = tqdm(desc=f"{args.method} {args.task}", dynamic_ncols=True, initial=start - 1,
+               total=None if by_time else args.num_updates)
+    update = start
+    while (stats["wall_time"] < args.budget_seconds) if by_time else (update <= args.num_updates):
+        # cosine decay over the budget: by update count, or by the share of the time budget spent
+        lr = base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, stats["wall_time"] / args.budget_seconds))) if by_time \
+            else cosine_lr(update - 1, args.num_updates, base_lr)
         for g in opt.param_groups:
             g["lr"] = lr
         batches, buf, last_value = rollout(agent, teacher, envs, args, stats, dagger)
-        returns, advantages = compute_returns(buf, last_value, args)
-        data = {"batch": Batch.cat(batches), "returns": returns.reshape(-1), "advantages": advantages.reshape(-1),
-                "values": buf["values"].reshape(-1)}
-        states, losses = ppo_update(agent, opt, params, data, args, stats, update, dagger, keep_states=history is not None)
+        if args.method == "sft":  # the rollout only measures; the weights learn from the solver
+            states, losses = [], sft_update(agent, opt, params, demos, args, stats)
+        else:
+            returns, advantages = compute_returns(buf, last_value, args)
+            data = {"batch": Batch.cat(batches), "returns": returns.reshape(-1),
+                    "advantages": advantages.reshape(-1), "values": buf["values"].reshape(-1)}
+            states, losses = ppo_update(agent, opt, params, data, args, stats, update, dagger,
+                                        keep_states=history is not None)
         if history is not None:  # section 4 steps 3-4: fold this update's checkpoints in, refresh the teacher
             t0 = time.time()
             history.add(states)
@@ -660,7 +706,10 @@ def main(args: Args):
         bar.set_postfix(success=f"{row['charts/success_rate']:.2f}", kl=f"{row['teacher/kl']:.3f}",
                         sps=f"{row['env_steps'] / row['charts/wall_time']:.1f}")
         stats["episodes"] = stats["episodes"][-args.log_episodes:]
-        save_checkpoint(args, update, agent, teacher, opt, envs, history, stats, dagger)
+        save_checkpoint(args, update, agent, teacher, opt, envs, history, stats, dagger, demos)
+        bar.update(1)
+        update += 1
+    bar.close()
     final_evaluation(agent, teacher, args)
 
 

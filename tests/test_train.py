@@ -82,13 +82,17 @@ METRIC_KEYS = {"update", "env_steps", "charts/success_rate", "charts/episodic_re
                "charts/wall_time", "teacher/time"}
 
 
-@pytest.mark.parametrize("method", ["ppo", "gtr", "turbo-sft", "turbo-kl"])
+EXTRA_KEYS = {"charts/episodic_length", "teacher/labels", "losses/sft", "charts/skipped_steps"}
+
+
+@pytest.mark.parametrize("method", ["ppo", "gtr", "turbo-sft", "turbo-kl", "sft"])
 def test_smoke_two_updates(method, tmp_path):
     r = run_train(*SMOKE, "--method", method, "--out", str(tmp_path / method), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / method / "metrics.jsonl")]
     assert [row["update"] for row in rows] == [1, 2]
     assert METRIC_KEYS <= set(rows[0]) and rows[1]["env_steps"] == 32
+    assert set(rows[0]) == METRIC_KEYS | EXTRA_KEYS  # every method logs the same keys, so compare can plot them
     ev = json.load(open(tmp_path / method / "eval.json"))
     assert ("teacher" in ev) == method.startswith("turbo") and ev["agent"]["episodes"] == 4
     if method == "gtr":  # an untrained tiny agent is always wrong: every turn gets a corrector label
@@ -277,3 +281,13 @@ def test_kill_and_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path
     bad = run_train("--resume", str(killed), cwd=tmp_path)
     assert bad.returncode == 1 and str(state) in bad.stderr and "corrupt or truncated" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_sft_baseline_stops_on_its_time_budget(tmp_path):
+    r = run_train(*SMOKE, "--method", "sft", "--budget-by", "time", "--budget-seconds", "2", "--eval-episodes", "0",
+                  "--out", str(tmp_path / "sft"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "sft" / "metrics.jsonl")]
+    # it stops at the first update that ends past the budget, whatever --total-steps says
+    assert rows[-1]["charts/wall_time"] >= 2 and all(row["charts/wall_time"] < 2 for row in rows[:-1])
+    assert rows[-1]["losses/sft"] > 0 and math.isnan(rows[-1]["losses/policy"])
