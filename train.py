@@ -11,13 +11,22 @@
 Methods: `ppo` (RL4VLM, no teacher) and `turbo-kl` (GTR-Turbo, the default). Everything the paper sets is a
 flag; where our CPU default differs from the paper's value, the help says so.
 
+Scale-out: `torchrun --nproc_per_node K train.py ...` splits the num_envs envs over K ranks (num_envs / K
+each, own level stream and sampling seed per rank), averages gradients with one all-reduce per optimizer step,
+normalises advantages with the global mean and std, and reduces every logged metric over all ranks; only
+rank 0 writes args.json, metrics.jsonl, checkpoints (each rank adds its own env/RNG state file) and evaluates.
+A plain `python train.py` never touches torch.distributed.
+
 Left out on purpose: value-function pretraining, LoRA on the tiny model (full fine-tuning), vision-tower
-freezing, DeepSpeed. `python train.py --help` lists every flag.
+freezing, DeepSpeed, DDP (one explicit all-reduce is all the loop needs). `python train.py --help` lists
+every flag.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import hashlib
 import json
 import math
 import os
@@ -29,6 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 METHODS = ("ppo", "gtr", "turbo-sft", "turbo-kl", "sft")
@@ -47,6 +57,9 @@ class Args:
                                   "| sft (baseline: keep training on fresh solver demos, no RL)")
     model: str = arg("small", "tiny (~1M params, tests) | small (~5M, CPU default) | PATH to a Qwen2.5-VL directory | hub id")
     init: str = arg("", "start RL from this agent directory (skips the SFT warm-up)")
+    lora_rank: int = arg(0, "PATH/hub models: LoRA rank on every linear layer of LM and vision tower, 0 = full fine-tuning "
+                            "(paper 128); the frozen base is then held in bf16 under --bf16")
+    lora_alpha: float = arg(0.0, "LoRA alpha, 0 = 2 x rank (paper 256)")
     device: str = arg("cpu", "cpu | cuda | cuda:N")
     threads: int = arg(0, "torch CPU threads (0 = torch's default, all cores)")
     bf16: bool = arg(True, "bfloat16 autocast for forward passes (weights and Adam stay fp32)")
@@ -112,6 +125,10 @@ class Args:
         for name in ("lr", "sft_lr", "temperature", "clip", "density"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise ValueError(f"--lora-rank and --lora-alpha must be >= 0, got {self.lora_rank}, {self.lora_alpha}")
+        if self.lora_rank > 0 and self.model in ("tiny", "small") and not self.init:
+            raise ValueError("--lora-rank is for PATH or hub models; tiny and small train all their weights")
         if self.density > 1:
             raise ValueError(f"--density must be in (0, 1], got {self.density}")
         if self.budget_by not in ("steps", "time"):
@@ -167,6 +184,10 @@ def parse_args(argv=None) -> Args:
         args = Args(**vars(ns))
     except ValueError as e:
         p.error(str(e))
+    k = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun; every rank takes an equal share
+    for name in ("num_envs", "minibatch"):
+        if getattr(args, name) % k:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be divisible by the {k} torchrun processes")
     check_model_arg(args.model, p.error)
     if args.init:
         check_model_arg(args.init, p.error, local_only=True)
@@ -319,16 +340,27 @@ def sft_warmup(agent, args, steps: int, desc="SFT warm-up"):
     return agent
 
 
+def load_agent(path, args):
+    """A checkpoint directory or hub id, with --lora-rank/--lora-alpha (a saved agent's own LoRA settings win).
+    With LoRA the frozen base is loaded in bf16 under --bf16 (half the memory); LoRA factors, value head and
+    Adam stay fp32. Without LoRA every weight is trained, so all stay fp32."""
+    from agent import Agent
+    dtype = torch.bfloat16 if args.lora_rank > 0 and args.bf16 else torch.float32
+    return Agent.load(path, device=args.device, dtype=dtype, lora_rank=args.lora_rank,
+                      lora_alpha=args.lora_alpha or None)
+
+
 def make_agent(args):
     """tiny/small: built in code, SFT-warmed on solver demos, cached; otherwise loaded from a checkpoint."""
     from agent import Agent
     if args.init:
-        return Agent.load(args.init, device=args.device)
+        return load_agent(args.init, args)
     if args.model not in ("tiny", "small"):
-        return Agent.load(args.model, device=args.device)
+        return load_agent(args.model, args)
     cache = os.path.join("runs", "sft-cache", f"{args.task}-{args.model}-s{args.seed}-n{args.sft_steps}")
     if os.path.isfile(os.path.join(cache, "agent.json")):
-        print(f"SFT warm-up: reusing cached agent {cache}")
+        if is_main():
+            print(f"SFT warm-up: reusing cached agent {cache}")
         return Agent.load(cache, device=args.device)
     seed_everything(args.seed)
     agent = Agent.build(args.model, tokenizer_corpus(args.seed), seed=args.seed, device=args.device)
@@ -341,6 +373,130 @@ def make_agent(args):
 
 # ----------------------------------------------------------------------------------------------------------
 # The loop
+#
+# Several processes (torchrun): each helper below is the identity in a plain single-process run, so that
+# run computes exactly what it did before these helpers existed.
+
+RANK_STRIDE = 100_003  # rank r plays the level stream of seed + r * RANK_STRIDE (rank 0: the 1-process stream)
+
+
+def world() -> tuple[int, int]:
+    """(rank, number of processes); (0, 1) unless torchrun started us and init_distributed ran."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def init_distributed(args):
+    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT. CUDA: one GPU per rank (cuda:LOCAL_RANK),
+    nccl for CUDA tensors (gradients) and gloo for CPU ones (rollout buffers, episode dicts); CPU: gloo."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    cuda = str(args.device).startswith("cuda")
+    if cuda:
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    # long timeout: the other ranks wait while rank 0 runs the SFT warm-up or the start evaluation
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+
+
+def barrier():
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of x over ranks (a new tensor; x itself is untouched)."""
+    n = world()[1]
+    if n == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / n
+
+
+def all_reduce_float(x: float, op=dist.ReduceOp.SUM) -> float:
+    if world()[1] == 1:
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+def all_reduce_grads(params, finite: bool) -> bool:
+    """Average the gradients over ranks (one all-reduce of one flat buffer), so every rank then clips and
+    steps identically and the weights stay equal. `finite`: this rank's loss was finite (it ran backward);
+    returns whether every rank's was, so that all ranks skip a bad step together."""
+    n = world()[1]
+    if n == 1:
+        return finite
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]  # no backward: zeros
+    flag = torch.tensor([1.0 if finite else 0.0], device=grads[0].device)
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [flag])  # [sum(numel) + 1]
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):  # in place: the only extra memory is `flat`
+        p.grad = g.copy_(flat[offset:offset + g.numel()].view_as(g)).div_(n)
+        offset += g.numel()
+    return bool(flat[-1] == n)
+
+
+def global_mean_std(x: torch.Tensor):
+    """Mean and (unbiased) std of x's entries over all ranks, as if one process held them all."""
+    if world()[1] == 1:
+        return x.mean(), x.std()
+    s = torch.stack([x.sum(), torch.tensor(float(x.numel()))]).double()
+    dist.all_reduce(s)
+    mean = s[0] / s[1]
+    sq = ((x.double() - mean) ** 2).sum()  # second pass: no cancellation of sum(x^2) - n mean^2
+    dist.all_reduce(sq)
+    return mean.to(x.dtype), (sq / (s[1] - 1)).sqrt().to(x.dtype)
+
+
+def gather_envs(buf: dict) -> dict:
+    """Rollout tensors [T, N/K] per rank -> [T, N], rank r's envs in columns r*N/K.. (the 1-process order)."""
+    n = world()[1]
+    if n == 1:
+        return buf
+    stacked = torch.stack(list(buf.values()))  # [keys, T, N/K]
+    parts = [torch.empty_like(stacked) for _ in range(n)]
+    dist.all_gather(parts, stacked)
+    return dict(zip(buf, torch.cat(parts, 2)))
+
+
+def gather_objects(items: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank."""
+    n = world()[1]
+    if n == 1:
+        return items
+    out = [None] * n
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+def write_rank_checksum(update, agent, teacher):
+    """Test hook: with the env var GTR_RANK_CHECKSUMS=DIR every rank appends the SHA-256 of its agent
+    (trainable weights + value head) and teacher weights after each update to DIR/rank<r>.jsonl, so a test
+    can check that the ranks stay bit-identical. Nothing is written without the variable."""
+    out = os.environ.get("GTR_RANK_CHECKSUMS")
+    if not out:
+        return
+    row = {"update": update, "rank": world()[0]}
+    for name, model in (("agent", agent), ("teacher", teacher)):
+        if model is None:
+            continue
+        sha = hashlib.sha256()
+        tensors = list(model.trainable_state().values()) + list(model.value_head.state_dict().values())
+        for t in tensors:
+            sha.update(t.detach().float().cpu().numpy().tobytes())
+        row[name] = sha.hexdigest()
+    with open(os.path.join(out, f"rank{world()[0]}.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
 
 
 def guide_mask(batch, args):
@@ -416,9 +572,10 @@ def teacher_answers(teacher, images, prompts, envs, args):
 
 
 def rollout(agent, teacher, envs, args, stats, dagger=None):
-    """Play args.num_steps turns in every env. Returns the per-turn batches and [T, N] tensors.
-    gtr / turbo-sft append (image, prompt, target answer) to the DAgger buffer `dagger`."""
-    T, N = args.num_steps, args.num_envs
+    """Play args.num_steps turns in every env of this rank. Returns the per-turn batches and [T, N] tensors
+    (N = len(envs): num_envs / K under torchrun). Finished episodes go to stats["episodes"] from every rank.
+    gtr / turbo-sft append (image, prompt, target answer) to this rank's DAgger buffer `dagger`."""
+    T, N = args.num_steps, len(envs)
     keys = ("rewards", "dones", "values", "format_ok", "action_valid", "kl", "grounding", "entropy")
     buf = {k: torch.zeros(T, N) for k in keys}
     batches = []
@@ -451,7 +608,7 @@ def rollout(agent, teacher, envs, args, stats, dagger=None):
         buf["action_valid"][t] = torch.as_tensor(out["action_valid"], dtype=torch.float32)
         buf["grounding"][t] = torch.as_tensor(out["grounding"], dtype=torch.float32)
         buf["entropy"][t] = batch.thought_entropy.float().cpu()
-        stats["episodes"].extend(out["episodes"])
+        stats["episodes"].extend(gather_objects(out["episodes"]))  # same list, same order on every rank
     images, prompts = envs.observe()
     with torch.no_grad(), autocast(args):  # V(s_T) for the bootstrap; the value reads only the prompt
         last = agent.encode(images, prompts, [""] * N).values.float().cpu()
@@ -468,8 +625,17 @@ def compute_returns(buf, last_value, args):
         penalty = torch.where(fmt > 0, buf["kl"], torch.full_like(buf["kl"], args.kl_invalid))
         returns = returns - args.kl_coef * penalty
     advantages = returns - buf["values"]
-    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    mean, std = global_mean_std(advantages)  # over all ranks' turns: the same scale as one process
+    advantages = (advantages - mean) / (std + 1e-8)
     return returns, advantages
+
+
+def ppo_data(batches, buf, last_value, args):
+    """The PPO buffer: rollout turns flattened turn-major (row t * N + i), with returns and advantages."""
+    from agent import Batch
+    returns, advantages = compute_returns(buf, last_value, args)
+    return {"batch": Batch.cat(batches), "returns": returns.reshape(-1), "advantages": advantages.reshape(-1),
+            "values": buf["values"].reshape(-1)}
 
 
 def dagger_loss(agent, dagger, n, args):
@@ -484,13 +650,16 @@ def dagger_loss(agent, dagger, n, args):
 
 def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, keep_states=False):
     """args.ppo_epochs passes over the buffer (+ the SFT loss for gtr / turbo-sft). Returns the trainable
-    state after each epoch when keep_states (section 4, step 3: the checkpoints the merge folds in)."""
+    state after each epoch when keep_states (section 4, step 3: the checkpoints the merge folds in).
+    Under torchrun each rank takes minibatch / K turns of its own buffer per step and the gradients are
+    averaged: every step sees args.minibatch turns in all, and there are as many steps as in one process."""
     n = data["batch"].values.shape[0]
+    size = args.minibatch // world()[1]
     states, logs = [], []
     for epoch in range(args.ppo_epochs):
         perm = torch.randperm(n)
-        for start in range(0, n, args.minibatch):
-            idx = perm[start:start + args.minibatch]
+        for start in range(0, n, size):
+            idx = perm[start:start + size]
             mb = data["batch"].select(idx).to(agent.device)
             with autocast(args):
                 logp, values, _ = agent.score(mb)
@@ -506,6 +675,8 @@ def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, kee
             finite = bool(torch.isfinite(loss))  # one sync per minibatch, not per token
             if finite:
                 loss.backward()
+            finite = all_reduce_grads(params, finite)  # averaged before the clip, so all ranks clip alike
+            if finite:
                 finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)))
             if not finite:  # skip the step: a NaN or inf never reaches the weights
                 opt.zero_grad(set_to_none=True)
@@ -520,7 +691,7 @@ def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, kee
             logs.append(torch.stack([pg.detach(), vl.detach(), approx_kl, clipfrac, sft.detach().float()]))
         if keep_states:
             states.append(agent.trainable_state())
-    means = torch.stack(logs).mean(0).tolist() if logs else [float("nan")] * 5
+    means = all_reduce_mean(torch.stack(logs).mean(0)).tolist() if logs else [float("nan")] * 5
     return states, dict(zip(LOSS_KEYS, means))
 
 
@@ -529,7 +700,8 @@ LOSS_KEYS = ("losses/policy", "losses/value", "losses/approx_kl", "losses/clipfr
 
 def sft_update(agent, opt, params, demos, args, stats):
     """The SFT-alone baseline's "update": as many optimizer steps as PPO takes per update
-    (epochs x minibatches), each on a fresh batch of solver demonstrations from new training levels."""
+    (epochs x minibatches), each on a fresh batch of solver demonstrations from new training levels
+    (under torchrun each rank's demos are minibatch / K of them, from its own levels)."""
     n_steps = args.ppo_epochs * math.ceil(args.num_envs * args.num_steps / args.minibatch)
     losses = []
     for _ in range(n_steps):
@@ -539,14 +711,17 @@ def sft_update(agent, opt, params, demos, args, stats):
             loss = sft_step_loss(agent, images, prompts, answers, args)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        all_reduce_grads(params, True)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         demos.step_texts(answers)
         losses.append(loss.detach())
-    return {"losses/sft": torch.stack(losses).mean().item()}  # no policy or value loss: NaN in the log
+    return {"losses/sft": all_reduce_mean(torch.stack(losses).mean()).item()}  # no policy or value loss: NaN in the log
 
 
 def summarize(update, args, buf, stats, losses, lr):
+    """One metrics row. buf: the [T, N] rollout tensors of all ranks (gather_envs); episodes are already
+    every rank's; call it on every rank (the label count is summed over ranks)."""
     fmt = buf["format_ok"]
     g = buf["grounding"][~torch.isnan(buf["grounding"])]
     eps = stats["episodes"][-args.log_episodes:]
@@ -561,7 +736,7 @@ def summarize(update, args, buf, stats, losses, lr):
         "charts/thought_grounding": g.mean().item() if g.numel() else float("nan"),
         "charts/thought_entropy": buf["entropy"].mean().item(),
         "teacher/kl": buf["kl"][fmt > 0].mean().item() if args.method == "turbo-kl" and fmt.sum() > 0 else float("nan"),
-        "teacher/labels": stats["labels"],
+        "teacher/labels": int(all_reduce_float(stats["labels"])),
         **{k: losses.get(k, float("nan")) for k in LOSS_KEYS},
         "charts/lr": lr,
         "charts/wall_time": stats["wall_time"],
@@ -573,23 +748,35 @@ def summarize(update, args, buf, stats, losses, lr):
 
 def save_checkpoint(args, update, agent, teacher, opt, envs, history, stats, dagger, demos=None):
     """Everything a killed run needs to continue bit-identically, written as one directory swap:
-    ckpt.tmp/ is filled, then replaces ckpt/; a crash at any point leaves a complete ckpt/ or ckpt.old/."""
+    ckpt.tmp/ is filled, then replaces ckpt/; a crash at any point leaves a complete ckpt/ or ckpt.old/.
+    state.pt holds the shared parts (optimizer, merge history) and rank 0's own; under torchrun rank r > 0
+    adds state_rank<r>.pt with its own envs, RNG streams, stats and DAgger buffer. Call it on every rank."""
     final, tmp, old = (os.path.join(args.out, d) for d in ("ckpt", "ckpt.tmp", "ckpt.old"))
-    shutil.rmtree(tmp, ignore_errors=True)
+    rank, n = world()
+    own = {"update": update, "envs": envs.state_dict(), "stats": stats, "dagger": dagger,
+           "demos": demos.state_dict() if demos is not None else None,
+           "rng": (random.getstate(), np.random.get_state(), torch.get_rng_state())}
     try:
-        os.makedirs(tmp)
-        agent.save(os.path.join(tmp, "agent"))
-        if teacher is not None:
-            teacher.save(os.path.join(tmp, "teacher"))
-        state = {"update": update, "optimizer": opt.state_dict(), "envs": envs.state_dict(), "stats": stats, "dagger": dagger,
-                 "demos": demos.state_dict() if demos is not None else None,
-             "history": history.state_dict() if history is not None else None,
-                 "rng": (random.getstate(), np.random.get_state(), torch.get_rng_state())}
-        torch.save(state, os.path.join(tmp, "state.pt"))
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()  # ckpt.tmp/ exists before any rank writes into it
+        if rank == 0:
+            agent.save(os.path.join(tmp, "agent"))  # weights are equal on every rank: one copy
+            if teacher is not None:
+                teacher.save(os.path.join(tmp, "teacher"))
+            state = {**own, "optimizer": opt.state_dict(), "world_size": n,
+                     "history": history.state_dict() if history is not None else None}
+            torch.save(state, os.path.join(tmp, "state.pt"))
+        else:
+            torch.save(own, os.path.join(tmp, f"state_rank{rank}.pt"))
+        barrier()  # every rank's file is complete before the swap
     except OSError as e:  # disk full, permissions: the previous ckpt/ is untouched
         shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(e.errno, f"saving checkpoint of update {update} to {tmp} failed ({e.strerror or e}); "
                                f"the previous checkpoint in {final} is intact") from e
+    if rank > 0:
+        return
     if os.path.isdir(final):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -617,37 +804,51 @@ def load_state(path):
 
 
 def main(args: Args):
-    from agent import Agent, Batch
+    from agent import CheckpointError
     from env import LockstepEnvs
     from merge import MergeHistory
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    init_distributed(args)
+    rank, n_ranks = world()
+    main_rank = rank == 0  # the one that writes files, prints, evaluates and shows the bar
     os.makedirs(args.out, exist_ok=True)
-    if not args.resume:
-        atomic_write_text(os.path.join(args.out, "args.json"), json.dumps(dataclasses.asdict(args), indent=2))
+    if not args.resume and main_rank:
+        atomic_write_text(os.path.join(args.out, "args.json"),
+                          json.dumps({**dataclasses.asdict(args), "world_size": n_ranks}, indent=2))
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     ckpt = find_checkpoint(args.out) if args.resume else None
-    agent = Agent.load(os.path.join(ckpt, "agent"), device=args.device) if ckpt else make_agent(args)
-    seed_everything(args.seed)
-    envs = LockstepEnvs(args.task, args.num_envs, seed=args.seed, split="train", invalid=args.invalid,
-                        invalid_penalty=args.invalid_penalty)
+    if ckpt:
+        agent = load_agent(os.path.join(ckpt, "agent"), args)
+    else:  # rank 0 runs the SFT warm-up and writes its cache; the other ranks then load that cache
+        if not main_rank:
+            barrier()
+        agent = make_agent(args)
+        if main_rank:
+            barrier()
+    params = [p for p in agent.model.parameters() if p.requires_grad] + list(agent.value_head.parameters())
+    if n_ranks > 1:  # rank 0's weights everywhere (a fresh value head or LoRA init draws random numbers)
+        for p in params:
+            dist.broadcast(p.data, 0)
+    seed_everything(args.seed + rank)
+    envs = LockstepEnvs(args.task, args.num_envs // n_ranks, seed=args.seed + RANK_STRIDE * rank, split="train",
+                        invalid=args.invalid, invalid_penalty=args.invalid_penalty)
 
     teacher, history = None, None
     if args.method in ("turbo-sft", "turbo-kl"):
         # before any RL the teacher is the SFT model itself; it is frozen, never trained
-        teacher = Agent.load(os.path.join(ckpt, "teacher"), device=args.device).copy_frozen() if ckpt \
-            else agent.copy_frozen()
-        if args.teacher == "merged":
+        teacher = load_agent(os.path.join(ckpt, "teacher"), args).copy_frozen() if ckpt else agent.copy_frozen()
+        if args.teacher == "merged":  # every rank merges the same states: the teachers stay identical
             history = MergeHistory(agent.trainable_state(), method=args.merge, mode=args.weighting,
                                    alpha=args.ema_alpha, density=args.density)
     dagger = [] if args.method in ("gtr", "turbo-sft") else None  # (image, prompt, target), kept from the start
 
-    params = [p for p in agent.model.parameters() if p.requires_grad] + list(agent.value_head.parameters())
     demos, base_lr = None, args.lr
     if args.method == "sft":  # the baseline continues the warm-up's recipe on levels it has not seen
         params = [p for p in agent.model.parameters() if p.requires_grad]
-        demos, base_lr = demo_envs(args, seed=args.seed + 104729, batch=args.minibatch), args.sft_lr
+        demos = demo_envs(args, seed=args.seed + 104729 + RANK_STRIDE * rank, batch=args.minibatch // n_ranks)
+        base_lr = args.sft_lr
         opt = torch.optim.AdamW(params, lr=base_lr, betas=(0.9, 0.95), weight_decay=0.0)
     else:
         opt = torch.optim.Adam(params, lr=base_lr, eps=1e-5)
@@ -655,28 +856,36 @@ def main(args: Args):
     start = 1
     if ckpt:
         state = load_state(os.path.join(ckpt, "state.pt"))
+        if state.get("world_size", 1) != n_ranks:
+            raise CheckpointError(f"{ckpt} was written by {state.get('world_size', 1)} processes; resume it with "
+                                  f"as many (torchrun --nproc_per_node), not {n_ranks}")
+        own = state if main_rank else load_state(os.path.join(ckpt, f"state_rank{rank}.pt"))
+        if own["update"] != state["update"]:
+            raise CheckpointError(f"{ckpt}: state_rank{rank}.pt is of update {own['update']}, state.pt of {state['update']}")
         opt.load_state_dict(state["optimizer"])
-        envs.load_state_dict(state["envs"])
-        if demos is not None:
-            demos.load_state_dict(state["demos"])
         if history is not None:
             history.load_state_dict(state["history"])
-        stats, dagger = state["stats"], state["dagger"]
-        random.setstate(state["rng"][0]); np.random.set_state(state["rng"][1]); torch.set_rng_state(state["rng"][2])
+        envs.load_state_dict(own["envs"])
+        if demos is not None:
+            demos.load_state_dict(own["demos"])
+        stats, dagger = own["stats"], own["dagger"]
+        random.setstate(own["rng"][0]); np.random.set_state(own["rng"][1]); torch.set_rng_state(own["rng"][2])
         start = state["update"] + 1
-        with open(metrics_path) as f:  # lines written after the checkpoint are redone
-            kept = [line for line in f if line.strip() and json.loads(line)["update"] < start]
-        atomic_write_text(metrics_path, "".join(kept))
-        print(f"resumed {args.out} after update {start - 1}")
+        if main_rank:
+            with open(metrics_path) as f:  # lines written after the checkpoint are redone
+                kept = [line for line in f if line.strip() and json.loads(line)["update"] < start]
+            atomic_write_text(metrics_path, "".join(kept))
+            print(f"resumed {args.out} after update {start - 1}")
     else:
-        open(metrics_path, "w").close()
-        start_evaluation(agent, args)
-        seed_everything(args.seed)  # training draws the same numbers with or without the start evaluation
+        if main_rank:
+            open(metrics_path, "w").close()
+            start_evaluation(agent, args)
+        seed_everything(args.seed + rank)  # training draws the same numbers with or without the start evaluation
 
     t_start = time.time() - stats["wall_time"]
     by_time = args.budget_by == "time"
     bar = tqdm(desc=f"{args.method} {args.task}", dynamic_ncols=True, initial=start - 1,
-               total=None if by_time else args.num_updates)
+               total=None if by_time else args.num_updates, disable=not main_rank)
     update = start
     while (stats["wall_time"] < args.budget_seconds) if by_time else (update <= args.num_updates):
         # cosine decay over the budget: by update count, or by the share of the time budget spent
@@ -688,21 +897,21 @@ def main(args: Args):
         if args.method == "sft":  # the rollout only measures; the weights learn from the solver
             states, losses = [], sft_update(agent, opt, params, demos, args, stats)
         else:
-            returns, advantages = compute_returns(buf, last_value, args)
-            data = {"batch": Batch.cat(batches), "returns": returns.reshape(-1),
-                    "advantages": advantages.reshape(-1), "values": buf["values"].reshape(-1)}
-            states, losses = ppo_update(agent, opt, params, data, args, stats, update, dagger,
-                                        keep_states=history is not None)
+            states, losses = ppo_update(agent, opt, params, ppo_data(batches, buf, last_value, args), args, stats,
+                                        update, dagger, keep_states=history is not None)
         if history is not None:  # section 4 steps 3-4: fold this update's checkpoints in, refresh the teacher
             t0 = time.time()
             history.add(states)
             if update % args.merge_every == 0:
                 teacher.load_trainable_state(history.teacher_state())
             stats["teacher_time"] += time.time() - t0
-        stats["wall_time"] = time.time() - t_start
-        row = summarize(update, args, buf, stats, losses, lr)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        # the slowest rank's clock: every rank must agree on the lr and on when the time budget ends
+        stats["wall_time"] = all_reduce_float(time.time() - t_start, dist.ReduceOp.MAX)
+        row = summarize(update, args, gather_envs(buf), stats, losses, lr)
+        write_rank_checksum(update, agent, teacher)
+        if main_rank:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         bar.set_postfix(success=f"{row['charts/success_rate']:.2f}", kl=f"{row['teacher/kl']:.3f}",
                         sps=f"{row['env_steps'] / row['charts/wall_time']:.1f}")
         stats["episodes"] = stats["episodes"][-args.log_episodes:]
@@ -710,7 +919,10 @@ def main(args: Args):
         bar.update(1)
         update += 1
     bar.close()
-    final_evaluation(agent, teacher, args)
+    if main_rank:
+        final_evaluation(agent, teacher, args)
+    if n_ranks > 1:
+        dist.destroy_process_group()
 
 
 def held_out(model, args):

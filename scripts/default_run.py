@@ -1,0 +1,52 @@
+"""Benchmark of the product's main command: `python train.py --task sokoban`, timed end to end.
+
+    python scripts/default_run.py [--fresh] [-- extra train.py flags]
+
+Runs the command exactly as README gives it (plus any extra flags), from the repository root, and prints
+one table: wall-clock of the whole command, of the SFT warm-up and of the RL loop, and held-out success
+of the SFT start, the final agent and its merged teacher (from the run's eval.json). --fresh deletes the
+cached SFT model first, so the warm-up is timed too (what a first-time user sees).
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--fresh", action="store_true", help="delete runs/sft-cache/sokoban-* first")
+    p.add_argument("extra", nargs="*", help="extra train.py flags (after --)")
+    a = p.parse_args()
+    if a.fresh:
+        for d in glob.glob(os.path.join(ROOT, "runs", "sft-cache", "sokoban-*")):
+            shutil.rmtree(d)
+    cmd = [sys.executable, "train.py", "--task", "sokoban", *a.extra]
+    print("$", " ".join(cmd[1:]), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    total = time.time() - t0
+    out = next((a.extra[i + 1] for i, x in enumerate(a.extra[:-1]) if x == "--out"), None)
+    if out is None:
+        with open(os.path.join(ROOT, "runs", "sokoban-turbo-kl-small-s1", "args.json")) as f:
+            out = json.load(f)["out"]
+    run = os.path.join(ROOT, out)
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    ev = json.load(open(os.path.join(run, "eval.json")))
+    rl = rows[-1]["charts/wall_time"]
+    print("\n| item | value |\n|---|---|")
+    print(f"| whole command | {total / 60:.1f} min |")
+    print(f"| RL loop ({rows[-1]['update']} updates, {rows[-1]['env_steps']} env turns) | {rl / 60:.1f} min |")
+    print(f"| SFT warm-up + evaluations + start-up | {(total - rl) / 60:.1f} min |")
+    for name, r in ev.items():
+        print(f"| held-out success, {name} ({r['episodes']} episodes) | {r['success']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

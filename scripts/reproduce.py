@@ -1,0 +1,64 @@
+"""Reproduce the paper's comparison at laptop scale (GTR_TURBO.md section 5), then compare the runs.
+
+    python scripts/reproduce.py            # sokoban + points24, 3 seeds, 6 rows: a few hours on 2 cores
+    python scripts/reproduce.py --quick    # sokoban, 1 seed, short budgets: minutes
+    python scripts/reproduce.py --dry-run  # print the commands only
+
+Rows (equal env-step budgets for the RL methods): ppo, gtr, turbo-sft, turbo-kl, turbo-kl --teacher static,
+and sft alone for the same wall-clock as that seed's turbo-kl RL loop (--budget-by time). Every run reuses
+the same cached SFT warm-up per (task, seed), so all rows start from the same model. Runs already finished
+(eval.json present) are skipped, so an interrupted reproduction continues where it stopped. Ends with
+`eval.py compare` per task: docs/results_<task>.md and docs/curves_<task>.png.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS = [("ppo", []), ("gtr", []), ("turbo-sft", []), ("turbo-kl", []), ("turbo-kl-static", ["--teacher", "static"])]
+
+
+def run(cmd, dry):
+    print("$", " ".join(cmd), flush=True)
+    if not dry:
+        subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="sokoban only, 1 seed, 1024 env turns, 30 eval episodes")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--tasks", default="", help="comma-separated tasks (default sokoban,points24; --quick: sokoban)")
+    p.add_argument("--seeds", type=int, default=0, help="seeds per row (default 3; --quick: 1)")
+    p.add_argument("--root", default="runs/reproduce", help="where the runs go")
+    p.add_argument("--train-args", default="", help="extra train.py flags for every run, e.g. '--threads 1'")
+    a = p.parse_args()
+    tasks = a.tasks.split(",") if a.tasks else (["sokoban"] if a.quick else ["sokoban", "points24"])
+    seeds = range(1, 1 + (a.seeds or (1 if a.quick else 3)))
+    budget = ["--total-steps", "1024", "--eval-episodes", "30"] if a.quick else ["--total-steps", "5120"]
+    budget += a.train_args.split()
+    for task in tasks:
+        dirs = []
+        for seed in seeds:
+            for name, extra in ROWS:
+                out = os.path.join(a.root, f"{task}-{name}-s{seed}")
+                dirs.append(out)
+                if not os.path.isfile(os.path.join(ROOT, out, "eval.json")):
+                    method = name.replace("-static", "")
+                    run(["train.py", "--task", task, "--method", method, "--seed", str(seed), "--out", out,
+                         *budget, *extra], a.dry_run)
+            out = os.path.join(a.root, f"{task}-sft-s{seed}")
+            dirs.append(out)
+            if not os.path.isfile(os.path.join(ROOT, out, "eval.json")):
+                ref = os.path.join(ROOT, a.root, f"{task}-turbo-kl-s{seed}", "metrics.jsonl")
+                seconds = json.loads(open(ref).readlines()[-1])["charts/wall_time"] if os.path.isfile(ref) else 0
+                run(["train.py", "--task", task, "--method", "sft", "--seed", str(seed), "--out", out, *budget,
+                     "--budget-by", "time", "--budget-seconds", f"{seconds or 1:.0f}"], a.dry_run)
+        run(["eval.py", "compare", *dirs, "--out", f"docs/curves_{task}.png", "--table", f"docs/results_{task}.md"],
+            a.dry_run)
+
+
+if __name__ == "__main__":
+    main()
