@@ -380,21 +380,11 @@ def write_replays(actor, task, n, seed, out_dir, env_kwargs=None) -> list[dict]:
 # Comparing runs
 
 
-ABLATION_FLAGS = ("teacher", "merge", "weighting", "kl_estimator")
-# Defaults of those flags when train.Args does not define them (yet); train.Args wins when it does.
-ABLATION_FALLBACK = {"teacher": "merge", "merge": "ties", "weighting": "sma", "kl_estimator": "clip"}
+# The ablation switches of train.py (section 4) and their defaults; a run off a default gets it in its label.
+ABLATIONS = {"teacher": "merged", "guide": "thought", "kl_estimator": "clip", "merge": "ties", "weighting": "sma",
+             "merge_every": 1}
 CURVES = (("charts/success_rate", "success rate"), ("charts/thought_grounding", "thought grounding"),
           ("charts/thought_entropy", "thought-token entropy"), ("teacher/kl", "teacher KL (turbo methods)"))
-
-
-def ablation_defaults() -> dict:
-    try:
-        import dataclasses
-        import train
-        fields = {f.name: f.default for f in dataclasses.fields(train.Args)}
-    except Exception:  # train.py absent or broken: the fallback table still labels runs
-        fields = {}
-    return {k: fields.get(k, ABLATION_FALLBACK[k]) for k in ABLATION_FLAGS}
 
 
 def read_run(run_dir) -> dict:
@@ -421,11 +411,11 @@ def read_run(run_dir) -> dict:
     return {"dir": run_dir, "args": args, "metrics": metrics, "eval": ev}
 
 
-def run_label(args, defaults, with_task=False) -> str:
+def run_label(args, with_task=False) -> str:
     """method, plus "(flag=value, ...)" for ablation flags off their default (methods with a teacher only)."""
     label = str(args.get("method", "?"))
-    if label != "ppo":
-        off = [f"{k}={args[k]}" for k in ABLATION_FLAGS if k in args and args[k] != defaults[k]]
+    if label in ("turbo-kl", "turbo-sft"):
+        off = [f"{k}={args[k]}" for k, v in ABLATIONS.items() if k in args and args[k] != v]
         if off:
             label += " (" + ", ".join(off) + ")"
     return f"{args.get('task', '?')}/{label}" if with_task else label
@@ -454,11 +444,10 @@ def run_summary(run) -> dict:
 
 def group_runs(runs) -> dict:
     """{label: [runs]} in first-seen order; the task joins the label when the runs span several tasks."""
-    defaults = ablation_defaults()
     with_task = len({r["args"].get("task") for r in runs}) > 1
     groups = {}
     for r in runs:
-        groups.setdefault(run_label(r["args"], defaults, with_task), []).append(r)
+        groups.setdefault(run_label(r["args"], with_task), []).append(r)
     return groups
 
 
@@ -532,6 +521,9 @@ def compare(run_dirs, png="compare.png", table_path=None) -> str:
     """Read runs, group by method, write the PNG (and the table if asked); returns the markdown table."""
     groups = group_runs([read_run(d) for d in run_dirs])
     table = compare_table(groups)
+    for path in (png, table_path):  # e.g. --out docs/curves.png into a folder that does not exist yet
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
     plot_curves(groups, png)
     if table_path:
         with open(table_path, "w") as f:

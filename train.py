@@ -4,12 +4,16 @@
     for each update:
         rollout: N envs in lockstep, the agent writes thought + action each turn     (section 1)
         teacher guidance: clipped reverse-KL of the agent's own thought tokens       (section 4.2, turbo-kl)
+                          or thought labels into a DAgger buffer                  (sections 3, 4.3: gtr, turbo-sft)
         GAE on env rewards, + format reward, - beta * KL penalty on the turn's return (section 2, 4.2)
         PPO epochs: sequence-level ratio from lambda * thought logp + action logp     (section 2)
+                    + CE on thought tokens of one DAgger sample per PPO sample     (gtr, turbo-sft)
         checkpoint after each epoch -> fold into the TIES merge history -> teacher    (section 4, 4.1)
+        atomic checkpoint of everything, so --resume continues a killed run exactly
 
-Methods: `ppo` (RL4VLM, no teacher) and `turbo-kl` (GTR-Turbo, the default). Everything the paper sets is a
-flag; where our CPU default differs from the paper's value, the help says so.
+Methods: `ppo` (RL4VLM, no teacher), `gtr` (privileged corrector in GPT-4o's role), `turbo-sft`, `turbo-kl`
+(GTR-Turbo, the default), and `sft` (the honest baseline: more SFT on fresh solver demos, no RL). Everything
+the paper sets is a flag; where our CPU default differs from the paper's value, the help says so.
 
 Scale-out: `torchrun --nproc_per_node K train.py ...` splits the num_envs envs over K ranks (num_envs / K
 each, own level stream and sampling seed per rank), averages gradients with one all-reduce per optimizer step,

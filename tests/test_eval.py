@@ -128,10 +128,10 @@ def test_compare_writes_table_and_learning_curve_png(runs, tmp_path):
     assert img.shape[0] > 100 and img.shape[1] > 100
     assert img.reshape(-1, 3).std(0).max() > 10 and len(np.unique(img.reshape(-1, 3), axis=0)) > 20  # not blank
     # ablation labels: a non-default flag of a teacher method shows; ppo never gets one
-    defaults = E.ablation_defaults()
-    assert E.run_label({"method": "turbo-kl", "merge": "linear", "weighting": "sma"}, defaults) == \
+    assert E.run_label({"method": "turbo-kl", "merge": "linear", "weighting": "sma", "teacher": "merged"}) == \
         "turbo-kl (merge=linear)"
-    assert E.run_label({"method": "ppo", "merge": "linear"}, defaults) == "ppo"
+    assert E.run_label({"method": "turbo-kl", "teacher": "static"}) == "turbo-kl (teacher=static)"
+    assert E.run_label({"method": "gtr", "merge": "linear", "teacher": "merged"}) == "gtr"
 
 
 def test_eval_run_writes_full_json_and_gif_with_one_frame_per_turn(runs):
