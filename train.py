@@ -866,9 +866,17 @@ def main(args: Args):
         own = state if main_rank else load_state(os.path.join(ckpt, f"state_rank{rank}.pt"))
         if own["update"] != state["update"]:
             raise CheckpointError(f"{ckpt}: state_rank{rank}.pt is of update {own['update']}, state.pt of {state['update']}")
-        opt.load_state_dict(state["optimizer"])
-        if history is not None:
-            history.load_state_dict(state["history"])
+        try:  # the optimizer moments and the merge history must fit the agent in ckpt/agent
+            opt.load_state_dict(state["optimizer"])
+            for p in params:
+                for moment in opt.state.get(p, {}).values():
+                    if torch.is_tensor(moment) and moment.dim() and moment.shape != p.shape:
+                        raise ValueError(f"optimizer state of shape {tuple(moment.shape)} for a weight of shape {tuple(p.shape)}")
+            if history is not None:
+                history.load_state_dict(state["history"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint file {os.path.join(ckpt, 'state.pt')} does not match the agent in "
+                                  f"{os.path.join(ckpt, 'agent')} (a different model?): {e}") from None
         envs.load_state_dict(own["envs"])
         if demos is not None:
             demos.load_state_dict(own["demos"])

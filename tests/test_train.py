@@ -281,6 +281,15 @@ def test_kill_and_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path
     bad = run_train("--resume", str(killed), cwd=tmp_path)
     assert bad.returncode == 1 and str(state) in bad.stderr and "corrupt or truncated" in bad.stderr
     assert "Traceback" not in bad.stderr
+    # a checkpoint whose agent is another model (here: another vocabulary) is named, not half-loaded
+    from agent import Agent
+    state.write_bytes((tmp_path / "full" / "ckpt" / "state.pt").read_bytes())
+    other = Agent.build("tiny", ['{"thoughts": "a", "action": "up"}'] * 2, seed=0)
+    other.save(str(killed / "ckpt" / "agent"))
+    other.save(str(killed / "ckpt" / "teacher"))
+    bad = run_train("--resume", str(killed), cwd=tmp_path)
+    assert bad.returncode == 1 and "does not match the agent" in bad.stderr and str(state) in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_sft_baseline_stops_on_its_time_budget(tmp_path):
@@ -291,3 +300,4 @@ def test_sft_baseline_stops_on_its_time_budget(tmp_path):
     # it stops at the first update that ends past the budget, whatever --total-steps says
     assert rows[-1]["charts/wall_time"] >= 2 and all(row["charts/wall_time"] < 2 for row in rows[:-1])
     assert rows[-1]["losses/sft"] > 0 and math.isnan(rows[-1]["losses/policy"])
+
