@@ -322,6 +322,23 @@ def sft_step_loss(agent, images, prompts, answers, args):
     return -(logp * mask).sum() / mask.sum()
 
 
+def sft_step(agent, opt, params, demos, args, sync: bool):
+    """One optimizer step on the next batch of solver demonstrations; then the demo envs move on.
+    sync: average gradients over torchrun ranks (every rank must take the step)."""
+    images, prompts = demos.observe()
+    answers = demos.expert_texts()
+    with autocast(args):
+        loss = sft_step_loss(agent, images, prompts, answers, args)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if sync:
+        all_reduce_grads(params, True)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    demos.step_texts(answers)
+    return loss.detach()
+
+
 def sft_warmup(agent, args, steps: int, desc="SFT warm-up"):
     envs = demo_envs(args, seed=args.seed + 7919)
     params = [p for p in agent.model.parameters() if p.requires_grad]
@@ -330,15 +347,7 @@ def sft_warmup(agent, args, steps: int, desc="SFT warm-up"):
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, args.sft_lr, warmup=30)
-        images, prompts = envs.observe()
-        answers = envs.expert_texts()
-        with autocast(args):
-            loss = sft_step_loss(agent, images, prompts, answers, args)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        envs.step_texts(answers)
+        loss = sft_step(agent, opt, params, envs, args, sync=False)  # rank 0 alone warms up
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     return agent
@@ -709,17 +718,7 @@ def sft_update(agent, opt, params, demos, args, stats):
     n_steps = args.ppo_epochs * math.ceil(args.num_envs * args.num_steps / args.minibatch)
     losses = []
     for _ in range(n_steps):
-        images, prompts = demos.observe()
-        answers = demos.expert_texts()
-        with autocast(args):
-            loss = sft_step_loss(agent, images, prompts, answers, args)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        all_reduce_grads(params, True)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        demos.step_texts(answers)
-        losses.append(loss.detach())
+        losses.append(sft_step(agent, opt, params, demos, args, sync=True))
     return {"losses/sft": all_reduce_mean(torch.stack(losses).mean()).item()}  # no policy or value loss: NaN in the log
 
 
