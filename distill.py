@@ -18,7 +18,6 @@ Left out: the rollout-time plumbing (which tokens are thoughts, the invalid-form
 lives in agent.py / train.py.
 """
 import torch
-import torch.nn.functional as F
 
 ESTIMATORS = ("clip", "k1", "abs", "k3")
 

@@ -41,12 +41,13 @@ import copy
 import json
 import math
 import os
-import re
 import sys
 from collections import Counter
 
 import numpy as np
 import torch
+
+from env import extract_thought as env_extract_thought
 
 EVAL_SEED_OFFSET = 1_000_000  # evaluation episode seeds never coincide with a training run's seeds
 GIF_SCALE = 4                 # env image enlarged 4x (nearest neighbour) in replays
@@ -57,16 +58,13 @@ GIF_SCALE = 4                 # env image enlarged 4x (nearest neighbour) in rep
 
 
 def extract_thought(text: str) -> str:
-    """The value of "thoughts" in an answer (JSON escapes decoded); for broken JSON, the text before the last
-    "action" key, so a malformed answer still counts with what it said."""
+    """The value of "thoughts" in an answer (env.extract_thought: JSON escapes decoded); for broken JSON, the
+    text before the last "action" key, so a malformed answer still counts with what it said."""
     if not isinstance(text, str):
         return ""
-    m = re.search(r'"thoughts"\s*:\s*"((?:[^"\\]|\\.)*)"', text)
-    if m:
-        try:
-            return json.loads('"' + m.group(1) + '"')
-        except ValueError:  # a lone backslash escape the JSON decoder refuses
-            return m.group(1)
+    thought = env_extract_thought(text)
+    if thought is not None:
+        return thought
     cut = text.rfind('"action"')
     return text[:cut] if cut >= 0 else text
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from agent import Agent, Batch, CheckpointError, LoRALinear, lora_modules
+from agent import Agent, Batch, CheckpointError, lora_modules
 
 ANSWERS = ['{"thoughts": "player at row 2 col 4. box at row 2 col 2. so move left.", "action": "left"}',
            '{"thoughts": "player at row 1 col 1. box at row 3 col 1. so move down.", "action": "down"}',

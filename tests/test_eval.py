@@ -9,7 +9,6 @@ from collections import deque
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
