@@ -90,6 +90,10 @@ class Args:
     minibatch: int = arg(32, "PPO minibatch size in turns")
     clip: float = arg(0.1, "PPO ratio clip, also the value clip (paper 0.1)")
     vf_coef: float = arg(0.5, "value-loss coefficient (paper 0.5)")
+    vf_lr: float = arg(1e-5, "learning rate of the value head's own Adam group, cosine-decayed like --lr (paper: the "
+                             "same lr as the policy)")
+    vf_clip: float = arg(0.1, "clip range of the clipped value loss in return units, 0 = unclipped (paper 0.1: on "
+                              "returns of size ~10 it lets V move only 0.1 per update)")
     max_grad_norm: float = arg(1.0, "gradient-norm clip (paper 0.01 with LoRA on 7B)")
     gamma: float = arg(0.9, "discount (paper 0.9)")
     gae_lambda: float = arg(0.95, "GAE lambda (paper 0.95)")
@@ -126,9 +130,11 @@ class Args:
                      "max_new_tokens", "merge_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("lr", "sft_lr", "temperature", "clip", "density"):
+        for name in ("lr", "sft_lr", "vf_lr", "temperature", "clip", "density"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.vf_clip < 0:
+            raise ValueError(f"--vf-clip must be >= 0 (0 = unclipped), got {self.vf_clip}")
         if self.lora_rank < 0 or self.lora_alpha < 0:
             raise ValueError(f"--lora-rank and --lora-alpha must be >= 0, got {self.lora_rank}, {self.lora_alpha}")
         if self.lora_rank > 0 and self.model in ("tiny", "small") and not self.init:
@@ -192,6 +198,12 @@ def parse_args(argv=None) -> Args:
     for name in ("num_envs", "minibatch"):
         if getattr(args, name) % k:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be divisible by the {k} torchrun processes")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch build ({torch.__version__}) sees no CUDA device")
     check_model_arg(args.model, p.error)
     if args.init:
         check_model_arg(args.init, p.error, local_only=True)
@@ -266,13 +278,17 @@ def sequence_logp(logp, thought_mask, action_mask, thought_coef: float):
     return thought_coef * (logp * thought_mask).sum(-1) + (logp * action_mask).sum(-1)
 
 
-def ppo_loss(new_seq, old_seq, advantages, new_values, old_values, returns, clip: float):
-    """Clipped PPO objective with one ratio per turn, and the clipped value loss. All inputs [B]."""
+def ppo_loss(new_seq, old_seq, advantages, new_values, old_values, returns, clip: float, vf_clip: float = 0.0):
+    """Clipped PPO objective with one ratio per turn, and the value loss, clipped around the rollout's values
+    when vf_clip > 0. All inputs [B]."""
     log_ratio = new_seq - old_seq
     ratio = log_ratio.exp()
     pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)).mean()
-    v_clipped = old_values + (new_values - old_values).clamp(-clip, clip)
-    v_loss = 0.5 * torch.max((new_values - returns) ** 2, (v_clipped - returns) ** 2).mean()
+    v_loss = (new_values - returns) ** 2
+    if vf_clip > 0:
+        v_clipped = old_values + (new_values - old_values).clamp(-vf_clip, vf_clip)
+        v_loss = torch.max(v_loss, (v_clipped - returns) ** 2)
+    v_loss = 0.5 * v_loss.mean()
     with torch.no_grad():
         approx_kl = ((ratio - 1) - log_ratio).mean()
         clipfrac = ((ratio - 1).abs() > clip).float().mean()
@@ -682,7 +698,7 @@ def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, kee
             old_seq = sequence_logp(mb.logp.float(), mb.thought_mask.float(), mb.action_mask.float(), args.thought_coef)
             pg, vl, approx_kl, clipfrac = ppo_loss(new_seq, old_seq, data["advantages"][idx].to(agent.device),
                                                   values, data["values"][idx].to(agent.device),
-                                                  data["returns"][idx].to(agent.device), args.clip)
+                                                  data["returns"][idx].to(agent.device), args.clip, args.vf_clip)
             loss = pg + args.vf_coef * vl + args.sft_coef * sft.float()
             opt.zero_grad(set_to_none=True)
             finite = bool(torch.isfinite(loss))  # one sync per minibatch, not per token
@@ -705,7 +721,9 @@ def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, kee
         if keep_states:
             states.append(agent.trainable_state())
     means = all_reduce_mean(torch.stack(logs).mean(0)).tolist() if logs else [float("nan")] * 5
-    return states, dict(zip(LOSS_KEYS, means))
+    # how much of the returns' variance the rollout-time values explained: ~0 means A is little more than G
+    ev = 1 - (data["returns"] - data["values"]).var() / data["returns"].var().clamp_min(1e-8)
+    return states, {**dict(zip(LOSS_KEYS, means)), "losses/explained_variance": all_reduce_mean(ev).item()}
 
 
 LOSS_KEYS = ("losses/policy", "losses/value", "losses/approx_kl", "losses/clipfrac", "losses/sft")
@@ -740,7 +758,7 @@ def summarize(update, args, buf, stats, losses, lr):
         "charts/thought_entropy": buf["entropy"].mean().item(),
         "teacher/kl": buf["kl"][fmt > 0].mean().item() if args.method == "turbo-kl" and fmt.sum() > 0 else float("nan"),
         "teacher/labels": int(all_reduce_float(stats["labels"])),
-        **{k: losses.get(k, float("nan")) for k in LOSS_KEYS},
+        **{k: losses.get(k, float("nan")) for k in LOSS_KEYS + ("losses/explained_variance",)},
         "charts/lr": lr,
         "charts/wall_time": stats["wall_time"],
         "teacher/time": stats["teacher_time"],
@@ -830,7 +848,8 @@ def main(args: Args):
         agent = make_agent(args)
         if main_rank:
             barrier()
-    params = [p for p in agent.model.parameters() if p.requires_grad] + list(agent.value_head.parameters())
+    body, head = [p for p in agent.model.parameters() if p.requires_grad], list(agent.value_head.parameters())
+    params = body + head
     if n_ranks > 1:  # rank 0's weights everywhere (a fresh value head or LoRA init draws random numbers)
         for p in params:
             dist.broadcast(p.data, 0)
@@ -847,14 +866,15 @@ def main(args: Args):
                                    alpha=args.ema_alpha, density=args.density)
     dagger = [] if args.method in ("gtr", "turbo-sft") else None  # (image, prompt, target), kept from the start
 
-    demos, base_lr = None, args.lr
+    demos = None
     if args.method == "sft":  # the baseline continues the warm-up's recipe on levels it has not seen
-        params = [p for p in agent.model.parameters() if p.requires_grad]
+        params = body
         demos = demo_envs(args, seed=args.seed + 104729 + RANK_STRIDE * rank, batch=args.minibatch // n_ranks)
-        base_lr = args.sft_lr
-        opt = torch.optim.AdamW(params, lr=base_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    else:
-        opt = torch.optim.Adam(params, lr=base_lr, eps=1e-5)
+        opt = torch.optim.AdamW([{"params": params, "base_lr": args.sft_lr}], lr=args.sft_lr, betas=(0.9, 0.95),
+                                weight_decay=0.0)
+    else:  # the value head has its own group: a fresh head must learn fast, the policy must move slowly
+        opt = torch.optim.Adam([{"params": body, "base_lr": args.lr},
+                                {"params": head, "base_lr": args.vf_lr}], lr=args.lr, eps=1e-5)
     stats = {"teacher_time": 0.0, "skipped_steps": 0, "skips_in_row": 0, "labels": 0, "episodes": [], "wall_time": 0.0}
     start = 1
     if ckpt:
@@ -900,10 +920,10 @@ def main(args: Args):
     update = start
     while (stats["wall_time"] < args.budget_seconds) if by_time else (update <= args.num_updates):
         # cosine decay over the budget: by update count, or by the share of the time budget spent
-        lr = base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, stats["wall_time"] / args.budget_seconds))) if by_time \
-            else cosine_lr(update - 1, args.num_updates, base_lr)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * min(1.0, stats["wall_time"] / args.budget_seconds))) \
+                if by_time else cosine_lr(update - 1, args.num_updates, g["base_lr"])
+        lr = opt.param_groups[0]["lr"]
         batches, buf, last_value = rollout(agent, teacher, envs, args, stats, dagger)
         if args.method == "sft":  # the rollout only measures; the weights learn from the solver
             states, losses = [], sft_update(agent, opt, params, demos, args, stats)

@@ -1,11 +1,11 @@
 """Reproduce the paper's comparison at laptop scale (GTR_TURBO.md section 5), then compare the runs.
 
-    python scripts/reproduce.py            # sokoban + points24, 3 seeds, 6 rows: a few hours on 2 cores
+    python scripts/reproduce.py            # sokoban + points24, 3 seeds, 7 rows: a few hours on 2 cores
     python scripts/reproduce.py --quick    # sokoban, 1 seed, short budgets: minutes
     python scripts/reproduce.py --dry-run  # print the commands only
 
 Rows (equal env-step budgets for the RL methods): ppo, gtr, turbo-sft, turbo-kl, turbo-kl --teacher static,
-and sft alone for the same wall-clock as that seed's turbo-kl RL loop (--budget-by time). Every run reuses
+turbo-kl --merge linear, and sft alone for the same wall-clock as that seed's turbo-kl RL loop (--budget-by time). Every run reuses
 the same cached SFT warm-up per (task, seed), so all rows start from the same model. Runs already finished
 (eval.json present) are skipped, so an interrupted reproduction continues where it stopped. Ends with
 `eval.py compare` per task: docs/results_<task>.md and docs/curves_<task>.png.
@@ -17,7 +17,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = [("ppo", []), ("gtr", []), ("turbo-sft", []), ("turbo-kl", []), ("turbo-kl-static", ["--teacher", "static"])]
+ROWS = [("ppo", "ppo", []), ("gtr", "gtr", []), ("turbo-sft", "turbo-sft", []), ("turbo-kl", "turbo-kl", []),
+        ("turbo-kl-static", "turbo-kl", ["--teacher", "static"]),   # ablation: the SFT model as the teacher
+        ("turbo-kl-linear", "turbo-kl", ["--merge", "linear"])]      # claim (e): TIES against a plain average
 
 
 def run(cmd, dry):
@@ -42,11 +44,10 @@ def main():
     for task in tasks:
         dirs = []
         for seed in seeds:
-            for name, extra in ROWS:
+            for name, method, extra in ROWS:
                 out = os.path.join(a.root, f"{task}-{name}-s{seed}")
                 dirs.append(out)
                 if not os.path.isfile(os.path.join(ROOT, out, "eval.json")):
-                    method = name.replace("-static", "")
                     run(["train.py", "--task", task, "--method", method, "--seed", str(seed), "--out", out,
                          *budget, *extra], a.dry_run)
             out = os.path.join(a.root, f"{task}-sft-s{seed}")

@@ -39,10 +39,21 @@ def test_ratio_is_exp_of_lambda_weighted_logp_difference():
     assert math.isclose((new_seq - old_seq).exp().item(), math.exp(0.7), rel_tol=1e-6)
     # advantage +1, ratio 2.01 is clipped at 1.1: policy loss -1.1
     pg, vl, _, clipfrac = train.ppo_loss(new_seq, old_seq, torch.tensor([1.0]), torch.tensor([0.0]),
-                                        torch.tensor([0.0]), torch.tensor([1.0]), clip=0.1)
+                                        torch.tensor([0.0]), torch.tensor([1.0]), clip=0.1, vf_clip=0.1)
     assert math.isclose(pg.item(), -1.1, rel_tol=1e-6) and clipfrac.item() == 1.0
     # value moved 0 -> 0 with return 1: 0.5 * 1^2
     assert math.isclose(vl.item(), 0.5, rel_tol=1e-6)
+
+
+def test_value_clip_range():
+    """Old value 0, new value 3, return 10. Clipped at 0.1: max((3-10)^2, (0.1-10)^2) = 98.01, so the loss is
+    0.5 * 98.01 and its gradient in the new value is 0 (V may move only 0.1 per rollout). Unclipped (0): 0.5 * 49,
+    gradient 3 - 10 = -7."""
+    z, new = torch.tensor([0.0]), torch.tensor([3.0], requires_grad=True)
+    for vf_clip, loss, grad in ((0.1, 0.5 * 98.01, 0.0), (0.0, 24.5, -7.0)):
+        _, vl, _, _ = train.ppo_loss(z, z, z, new, z, torch.tensor([10.0]), clip=0.1, vf_clip=vf_clip)
+        (g,) = torch.autograd.grad(vl, new)
+        assert math.isclose(vl.item(), loss, rel_tol=1e-6) and math.isclose(g.item(), grad, abs_tol=1e-6)
 
 
 def run_train(*argv, cwd=None, timeout=600, wait=True):
@@ -60,7 +71,8 @@ def run_train(*argv, cwd=None, timeout=600, wait=True):
     (["--total-steps", "0"], "--total-steps"),
     (["--num-envs", "-3"], "--num-envs"),
     (["--model", "/nonexistent/qwen"], "does not exist"),
-])
+    (["--device", "gpu0"], "--device must be"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "sees no CUDA device")]))
 def test_bad_cli_values_exit_2_with_a_message(argv, needle):
     r = run_train(*argv)
     assert r.returncode == 2
@@ -82,7 +94,8 @@ METRIC_KEYS = {"update", "env_steps", "charts/success_rate", "charts/episodic_re
                "charts/wall_time", "teacher/time"}
 
 
-EXTRA_KEYS = {"charts/episodic_length", "teacher/labels", "losses/sft", "charts/skipped_steps"}
+EXTRA_KEYS = {"charts/episodic_length", "teacher/labels", "losses/sft", "losses/explained_variance",
+              "charts/skipped_steps"}
 
 
 @pytest.mark.parametrize("method", ["ppo", "gtr", "turbo-sft", "turbo-kl", "sft"])

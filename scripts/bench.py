@@ -1,0 +1,148 @@
+"""The system benchmark of issue 8, one table: what a training update costs, part by part.
+
+Every number is timed through the project's own code on real environments (Sokoban 6x6, 96x96 images):
+  rollout      LockstepEnvs.observe -> Agent.sample -> step_texts, per turn of B envs in lockstep:
+               env turns/s and generated tokens/s, for the tiny and small agents at B = 1, 16, 64
+  ppo          one PPO optimizer step on a minibatch of 32 sampled turns (score with grad, backward,
+               Adam): scored (generated) tokens/s
+  teacher      the per-update guidance work of each method at the default shape (16 envs x 16 turns,
+               4 epochs x 8 minibatches): gtr = solver labels (expert_texts + optimal_actions) each turn
+               + a DAgger CE forward/backward each step; turbo-sft = the teacher samples its own answers
+               each turn + the same CE; turbo-kl = one teacher forward over the agent's tokens each turn
+               + folding 4 epoch states into the TIES history and rebuilding the teacher.
+               Share = teacher work / (rollout + PPO + teacher work); ppo has none.
+  merge        MergeHistory (TIES, SMA) time and peak memory against the number of checkpoints, each
+               count in a fresh process (scripts/bench_merge.py does the measuring).
+A random-init agent stops at once, so generation is forced to `--new-tokens` tokens (a trained agent writes
+~45). Median of `--repeats` after one warm-up. Usage: python scripts/bench.py [--threads 2] [--quick]
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import bench_merge  # noqa: E402
+from bench_agent import timed as median_time  # noqa: E402  (one warm-up, then the median of repeats)
+
+
+def bf16():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def sample(agent, images, prompts, n):
+    with torch.no_grad(), bf16():
+        return agent.sample(images, prompts, temperature=1.0, top_k=0, repetition_penalty=1.0,
+                            min_new_tokens=n, max_new_tokens=n)
+
+
+def rollout_turn(agent, envs, n):
+    images, prompts = envs.observe()
+    batch = sample(agent, images, prompts, n)
+    envs.step_texts(batch.texts)
+    return batch
+
+
+def ppo_step(agent, opt, mb):
+    with bf16():
+        logp, values, _ = agent.score(mb)
+    loss = -(logp.float().sum(-1) * 0.01).mean() + values.float().pow(2).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def dagger_step(agent, images, prompts, answers):
+    """The extra CE of gtr / turbo-sft in one PPO step: one forward/backward on 32 labelled samples."""
+    with bf16():
+        b = agent.encode(images, prompts, answers, fill=False)
+        logp, _, _ = agent.score(b, temperature=1.0)
+    (-(logp.float() * b.gen_mask).sum() / b.gen_mask.sum()).backward()
+    agent.model.zero_grad(set_to_none=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="tiny,small")
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--new-tokens", type=int, default=45)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)")
+    p.add_argument("--merge-counts", default="1,4,16,64")
+    p.add_argument("--quick", action="store_true", help="tiny only, batches 1,16, merge counts 1,4 (a smoke run)")
+    args = p.parse_args()
+    if args.quick:
+        args.sizes, args.batches, args.merge_counts, args.repeats = "tiny", "1,16", "1,4", 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bench_merge.THREADS = args.threads
+    # merge first, in children of a still-small process: a child's ru_maxrss starts at its parent's size at fork
+    merge_rows = bench_merge.run_child("--child", "running", "--size", "5M", "--counts", args.merge_counts)
+    from agent import Agent
+    from env import LockstepEnvs
+    from merge import MergeHistory
+    from train import tokenizer_corpus
+    n, T, epochs, mbs = args.new_tokens, 16, 4, 8  # the default update: 16 turns, 4 epochs x 8 minibatches
+    corpus = tokenizer_corpus(0, episodes_per_task=12)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 autocast, {n} generated tokens "
+          f"per answer, median of {args.repeats}")
+    print("| part | model | setting | time | throughput |")
+    print("|---|---|---|---|---|")
+    for size in args.sizes.split(","):
+        torch.manual_seed(0)
+        agent = Agent.build(size, corpus, seed=0)
+        label = f"{size} ({agent.num_params() / 1e6:.1f}M)"
+        for B in map(int, args.batches.split(",")):
+            envs = LockstepEnvs("sokoban", B, seed=0, split="train")
+            t = median_time(lambda: rollout_turn(agent, envs, n), args.repeats)
+            print(f"| rollout | {label} | batch {B} | {t * 1000:.0f} ms / turn | {B / t:,.1f} env turns/s, "
+                  f"{B * n / t:,.0f} gen tok/s |", flush=True)
+
+        # the default update's shape: 16 envs, minibatch 32
+        envs = LockstepEnvs("sokoban", 16, seed=1, split="train")
+        t_turn = median_time(lambda: rollout_turn(agent, envs, n), args.repeats)
+        images, prompts = envs.observe()
+        mb = sample(agent, images + images, prompts + prompts, n)  # 32 turns
+        opt = torch.optim.Adam(list(agent.model.parameters()) + list(agent.value_head.parameters()), lr=1e-7)
+        t_ppo = median_time(lambda: ppo_step(agent, opt, mb), args.repeats)
+        print(f"| ppo step | {label} | minibatch 32 | {t_ppo * 1000:.0f} ms / step | "
+              f"{int(mb.gen_mask.sum()) / t_ppo:,.0f} scored tok/s |", flush=True)
+
+        teacher = agent.copy_frozen()
+        batch16 = sample(agent, images, prompts, n)
+        experts = envs.expert_texts()
+
+        def kl_turn():
+            with torch.no_grad(), bf16():
+                teacher.score(batch16)
+
+        def merge_update():
+            h = MergeHistory(agent.trainable_state(), method="ties", density=0.8)
+            h.add([agent.trainable_state() for _ in range(epochs)])
+            teacher.load_trainable_state(h.teacher_state())
+
+        per_turn = {"gtr": median_time(lambda: (envs.expert_texts(), envs.optimal_actions()), args.repeats),
+                    "turbo-sft": median_time(lambda: sample(teacher, images, prompts, n), args.repeats),
+                    "turbo-kl": median_time(kl_turn, args.repeats)}
+        t_ce = median_time(lambda: dagger_step(agent, images + images, prompts + prompts, experts + experts),
+                           args.repeats)
+        t_merge = median_time(merge_update, args.repeats)
+        base = T * t_turn + epochs * mbs * t_ppo
+        for method, t in per_turn.items():
+            extra = T * t + (epochs * mbs * t_ce if method != "turbo-kl" else t_merge)
+            what = "labels + CE" if method == "gtr" else "teacher answers + CE" if method == "turbo-sft" \
+                else "teacher forward + merge"
+            print(f"| teacher | {label} | {method}: {what} | {extra:.1f} s of {base + extra:.1f} s / update | "
+                  f"{100 * extra / (base + extra):.0f}% of the update |", flush=True)
+        print(f"| teacher | {label} | ppo: none | 0 s of {base:.1f} s / update | 0% |", flush=True)
+
+    for r in merge_rows:
+        print(f"| merge | 5M synthetic fp32 | {r['n']} checkpoint{'s' * (r['n'] > 1)} | {r['seconds']:.2f} s | "
+              f"peak {r['peak_mb']:.0f} MB ({r['peak_mb'] / r['model_mb']:.1f} x the model) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
