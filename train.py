@@ -71,7 +71,7 @@ class Args:
     out: str = arg("", "run directory (default runs/<task>-<method>-<model>-s<seed>)")
     # --- budgets
     total_steps: int = arg(5120, "env turns over all envs (paper: 30k on Points24, 20k ALFWorld)")
-    num_envs: int = arg(16, "envs run in lockstep")
+    num_envs: int = arg(32, "envs run in lockstep (32: batched generation is ~1.4x the turns/s of 16 on 2 cores)")
     budget_by: str = arg("steps", "steps: stop after --total-steps env turns | time: stop after --budget-seconds of training")
     budget_seconds: float = arg(0.0, "wall-clock budget of the training loop (SFT warm-up and evaluations excluded) for --budget-by time")
     num_steps: int = arg(16, "turns per env per update; env turns per update = num_envs * num_steps (paper: 1024)")
@@ -86,7 +86,8 @@ class Args:
     max_new_tokens: int = arg(64, "answer length cap (paper 256)")
     # --- PPO (section 2)
     lr: float = arg(1e-5, "Adam learning rate, cosine decay to 0 (paper 1e-5 on a LoRA 7B)")
-    ppo_epochs: int = arg(4, "PPO epochs per update (paper 4)")
+    ppo_epochs: int = arg(1, "PPO epochs per update (paper 4; 1 here: on 2 cores it triples the env turns per second, "
+                             "and 4 epochs learned no more per turn in our Sokoban runs, see README)")
     minibatch: int = arg(32, "PPO minibatch size in turns")
     clip: float = arg(0.1, "PPO ratio clip, also the value clip (paper 0.1)")
     vf_coef: float = arg(0.5, "value-loss coefficient (paper 0.5)")

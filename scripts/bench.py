@@ -3,13 +3,14 @@
 Every number is timed through the project's own code on real environments (Sokoban 6x6, 96x96 images):
   rollout      LockstepEnvs.observe -> Agent.sample -> step_texts, per turn of B envs in lockstep:
                env turns/s and generated tokens/s, for the tiny and small agents at B = 1, 16, 64
-  ppo          one PPO optimizer step on a minibatch of 32 sampled turns (score with grad, backward,
-               Adam): scored (generated) tokens/s
-  teacher      the per-update guidance work of each method at the default shape (16 envs x 16 turns,
-               4 epochs x 8 minibatches): gtr = solver labels (expert_texts + optimal_actions) each turn
-               + a DAgger CE forward/backward each step; turbo-sft = the teacher samples its own answers
-               each turn + the same CE; turbo-kl = one teacher forward over the agent's tokens each turn
-               + folding 4 epoch states into the TIES history and rebuilding the teacher.
+  ppo          one PPO optimizer step on a minibatch of train.py's --minibatch sampled turns (score with
+               grad, backward, Adam): scored (generated) tokens/s
+  teacher      the per-update guidance work of each method at train.py's default shape (num_envs envs x
+               num_steps turns, ppo_epochs x the minibatches of --minibatch turns): gtr = solver labels
+               (expert_texts + optimal_actions) each turn + a DAgger CE forward/backward each step;
+               turbo-sft = the teacher samples its own answers each turn + the same CE; turbo-kl = one
+               teacher forward over the agent's tokens each turn + folding the update's epoch states into
+               the TIES history and rebuilding the teacher.
                Share = teacher work / (rollout + PPO + teacher work); ppo has none.
   merge        MergeHistory (TIES, SMA) time and peak memory against the number of checkpoints, each
                count in a fresh process (scripts/bench_merge.py does the measuring).
@@ -84,8 +85,10 @@ def main():
     from agent import Agent
     from env import LockstepEnvs
     from merge import MergeHistory
-    from train import tokenizer_corpus
-    n, T, epochs, mbs = args.new_tokens, 16, 4, 8  # the default update: 16 turns, 4 epochs x 8 minibatches
+    from train import Args, tokenizer_corpus
+    d = Args()  # the default update's shape, as train.py runs it
+    n, N, T, epochs, M = args.new_tokens, d.num_envs, d.num_steps, d.ppo_epochs, d.minibatch
+    mbs = -(-N * T // M)  # minibatches per epoch
     corpus = tokenizer_corpus(0, episodes_per_task=12)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 autocast, {n} generated tokens "
           f"per answer, median of {args.repeats}")
@@ -101,23 +104,24 @@ def main():
             print(f"| rollout | {label} | batch {B} | {t * 1000:.0f} ms / turn | {B / t:,.1f} env turns/s, "
                   f"{B * n / t:,.0f} gen tok/s |", flush=True)
 
-        # the default update's shape: 16 envs, minibatch 32
-        envs = LockstepEnvs("sokoban", 16, seed=1, split="train")
+        envs = LockstepEnvs("sokoban", N, seed=1, split="train")
         t_turn = median_time(lambda: rollout_turn(agent, envs, n), args.repeats)
         images, prompts = envs.observe()
-        mb = sample(agent, images + images, prompts + prompts, n)  # 32 turns
+        reps = -(-M // N)  # a minibatch of M turns from the N current observations
+        mb_images, mb_prompts = (images * reps)[:M], (prompts * reps)[:M]
+        mb = sample(agent, mb_images, mb_prompts, n)
         opt = torch.optim.Adam(list(agent.model.parameters()) + list(agent.value_head.parameters()), lr=1e-7)
         t_ppo = median_time(lambda: ppo_step(agent, opt, mb), args.repeats)
-        print(f"| ppo step | {label} | minibatch 32 | {t_ppo * 1000:.0f} ms / step | "
+        print(f"| ppo step | {label} | minibatch {M} | {t_ppo * 1000:.0f} ms / step | "
               f"{int(mb.gen_mask.sum()) / t_ppo:,.0f} scored tok/s |", flush=True)
 
         teacher = agent.copy_frozen()
-        batch16 = sample(agent, images, prompts, n)
-        experts = envs.expert_texts()
+        batch_n = sample(agent, images, prompts, n)
+        experts = (envs.expert_texts() * reps)[:M]
 
         def kl_turn():
             with torch.no_grad(), bf16():
-                teacher.score(batch16)
+                teacher.score(batch_n)
 
         def merge_update():
             h = MergeHistory(agent.trainable_state(), method="ties", density=0.8)
@@ -127,15 +131,15 @@ def main():
         per_turn = {"gtr": median_time(lambda: (envs.expert_texts(), envs.optimal_actions()), args.repeats),
                     "turbo-sft": median_time(lambda: sample(teacher, images, prompts, n), args.repeats),
                     "turbo-kl": median_time(kl_turn, args.repeats)}
-        t_ce = median_time(lambda: dagger_step(agent, images + images, prompts + prompts, experts + experts),
-                           args.repeats)
+        t_ce = median_time(lambda: dagger_step(agent, mb_images, mb_prompts, experts), args.repeats)
         t_merge = median_time(merge_update, args.repeats)
         base = T * t_turn + epochs * mbs * t_ppo
         for method, t in per_turn.items():
             extra = T * t + (epochs * mbs * t_ce if method != "turbo-kl" else t_merge)
             what = "labels + CE" if method == "gtr" else "teacher answers + CE" if method == "turbo-sft" \
                 else "teacher forward + merge"
-            print(f"| teacher | {label} | {method}: {what} | {extra:.1f} s of {base + extra:.1f} s / update | "
+            print(f"| teacher | {label} | {method}: {what} | {extra:.1f} s of {base + extra:.1f} s / update "
+                  f"({N} envs x {T} turns, {epochs} x {mbs} steps) | "
                   f"{100 * extra / (base + extra):.0f}% of the update |", flush=True)
         print(f"| teacher | {label} | ppo: none | 0 s of {base:.1f} s / update | 0% |", flush=True)
 

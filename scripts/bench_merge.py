@@ -10,9 +10,9 @@ running: one MergeHistory (SMA, TIES, density 0.8), one checkpoint per add(), bu
 exact:   exact_ties_merge over n checkpoint files in a temp dir, streamed tensor by tensor.
 
 Peak memory is measured honestly: every configuration runs in a fresh Python subprocess, and the number
-reported is ru_maxrss (the kernel's peak resident set size, which sees torch's allocations) minus
-ru_maxrss right after the imports. For running, one process adds up to the largest n and reports at each
-n on the way (ru_maxrss is a running peak, so this equals separate runs). Usage:
+reported is the kernel's peak resident set size of that process (VmHWM, which sees torch's allocations and
+starts afresh at exec) minus the same peak right after the imports. For running, one process adds up to the
+largest n and reports at each n on the way (the peak is a running one, so this equals separate runs). Usage:
     python scripts/bench_merge.py                 # both sizes, n = 1, 4, 16, 64 (about 10-15 min on 2 cores)
     python scripts/bench_merge.py --sizes 5M --counts 1,4
 """
@@ -63,7 +63,13 @@ THREADS = 0
 
 
 def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """Peak resident memory of this process in MB. Linux: VmHWM, which starts afresh at exec; ru_maxrss
+    would carry over the parent's peak through fork + exec and hide a child's smaller one."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # KiB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def child(args):

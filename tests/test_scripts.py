@@ -1,4 +1,5 @@
-"""The reproduction script's plan (issue 8): `--dry-run` prints every command it would run, runs nothing."""
+"""The scripts of issue 8: the reproduction plan (`--dry-run` runs nothing) and the signal probe (a smoke run)."""
+import json
 import os
 import subprocess
 import sys
@@ -22,3 +23,17 @@ def test_reproduce_quick_plan(tmp_path):
     assert flag(sft, "--budget-by") == "time"  # the SFT baseline gets turbo-kl's wall-clock instead
     assert len({flag(c, "--out") for c in train}) == 7 and not os.path.exists(tmp_path / "runs")
     assert cmds[-1][:2] == ["eval.py", "compare"] and len(cmds) == 8
+
+
+def test_signal_probe_prints_one_line_per_update(tmp_path):
+    """Oracle advantages on a tiny GridWorld agent: the probe runs train.py's own loop and reports rates."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "signal_probe.py"), "--adv", "oracle",
+                          "--updates", "2", "--probe-states", "8", "--", "--task", "gridworld", "--model", "tiny",
+                          "--sft-steps", "5", "--num-envs", "4", "--num-steps", "4", "--minibatch", "8",
+                          "--max-new-tokens", "24"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["update"] for r in rows] == [0, 1, 2] and rows[-1]["env_steps"] == 32
+    assert all(0.0 <= r["optimal_move_rate"] <= 1.0 for r in rows)  # 16 samples each: a share, k / 16
+    assert all(abs(r["optimal_move_rate"] * 16 - round(r["optimal_move_rate"] * 16)) < 1e-9 for r in rows)
