@@ -421,7 +421,8 @@ def run_label(args, with_task=False) -> str:
 
 def run_summary(run) -> dict:
     """One run's numbers for the comparison table: held-out agent row from eval.json if present, else the
-    mean over the last 5 updates of the training metrics."""
+    mean over the last 5 updates of the training metrics; the SFT start's and the teacher's held-out success
+    from the same eval.json (NaN where the run has none)."""
     m = run["metrics"]
     last5 = lambda key: _mean([float(r.get(key, float("nan"))) for r in m[-5:]])
     ev = (run["eval"] or {}).get("agent")
@@ -432,6 +433,8 @@ def run_summary(run) -> dict:
         src = {"success": last5("charts/success_rate"), "return": last5("charts/episodic_return"),
                "grounding": last5("charts/thought_grounding"), "thought_entropy": last5("charts/thought_entropy"),
                "source": "train, last 5"}
+    held = lambda row: float((run["eval"] or {}).get(row, {}).get("success", float("nan")))  # noqa: E731
+    src["start"], src["teacher"] = held("start (SFT)"), held("teacher")  # same held-out levels as the agent
     wall = float(m[-1].get("charts/wall_time", float("nan")))
     teacher = float(m[-1].get("teacher/time", float("nan")))
     src["wall_time"] = wall
@@ -460,14 +463,15 @@ def _pm(xs, digits=3) -> str:
 
 
 def compare_table(groups) -> str:
-    head = ("| method | seeds | success | source | return | grounding | thought entropy | wall-clock (s) "
-            "| teacher time share |\n|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| method | seeds | SFT start | success | source | teacher success | return | grounding "
+            "| thought entropy | wall-clock (s) | teacher time share |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for label, runs in groups.items():
         s = [run_summary(r) for r in runs]
         seeds = ",".join(str(r["args"].get("seed", "?")) for r in runs)
         sources = sorted({x["source"] for x in s})
-        lines.append(f"| {label} | {seeds} | {_pm([x['success'] for x in s])} | {' + '.join(sources)} "
+        lines.append(f"| {label} | {seeds} | {_pm([x['start'] for x in s])} | {_pm([x['success'] for x in s])} "
+                     f"| {' + '.join(sources)} | {_pm([x['teacher'] for x in s])} "
                      f"| {_pm([x['return'] for x in s], 2)} | {_pm([x['grounding'] for x in s])} "
                      f"| {_pm([x['thought_entropy'] for x in s])} | {_pm([x['wall_time'] for x in s], 0)} "
                      f"| {_pm([x['teacher_share'] for x in s], 3)} |")

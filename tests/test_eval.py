@@ -122,6 +122,12 @@ def test_compare_writes_table_and_learning_curve_png(runs, tmp_path):
     table = md.read_text()
     body = [line for line in table.splitlines() if line.startswith("| ppo") or line.startswith("| turbo-kl")]
     assert len(body) == 2 and "held-out" in table  # both runs wrote eval.json, so held-out success is used
+    # columns: method | seeds | SFT start | success | source | teacher success | ...: read back from eval.json
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in body}
+    for method in ("ppo", "turbo-kl"):
+        ev = json.loads((runs[method] / "eval.json").read_text())
+        assert cells[method][1] == f"{ev['start (SFT)']['success']:.3f}" and cells[method][2] == f"{ev['agent']['success']:.3f}"
+    assert cells["ppo"][4] == "n/a" and cells["turbo-kl"][4] == f"{json.loads((runs['turbo-kl'] / 'eval.json').read_text())['teacher']['success']:.3f}"
     assert table.strip() in r.stdout
     img = np.asarray(Image.open(png).convert("RGB"))
     assert img.shape[0] > 100 and img.shape[1] > 100
