@@ -7,8 +7,14 @@
 Rows (equal env-step budgets for the RL methods): ppo, gtr, turbo-sft, turbo-kl, turbo-kl --teacher static,
 turbo-kl --merge linear, and sft alone for the same wall-clock as that seed's turbo-kl RL loop (--budget-by time). Every run reuses
 the same cached SFT warm-up per (task, seed), so all rows start from the same model. Runs already finished
-(eval.json present) are skipped, so an interrupted reproduction continues where it stopped. Ends with
-`eval.py compare` per task: docs/results_<task>.md and docs/curves_<task>.png.
+(eval.json present) are skipped and a run killed midway is resumed from its last checkpoint (train.py --resume),
+so an interrupted reproduction continues where it stopped. Ends with `eval.py compare` per task:
+docs/results_<task>.md and docs/curves_<task>.png.
+
+On 2 cores, two reproductions side by side with one thread each finish sooner than one with two threads
+(generation scales poorly past one thread):
+    python scripts/reproduce.py --tasks sokoban --seed-list 1 --train-args '--threads 1' &
+    python scripts/reproduce.py --tasks sokoban --seed-list 2 --train-args '--threads 1'
 """
 import argparse
 import json
@@ -28,17 +34,27 @@ def run(cmd, dry):
         subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
 
 
+def train(out, cmd, dry):
+    """Run `cmd` unless `out` is finished; resume it if a killed run left a checkpoint there."""
+    if os.path.isfile(os.path.join(ROOT, out, "eval.json")):
+        return
+    if os.path.isfile(os.path.join(ROOT, out, "ckpt", "state.pt")):
+        cmd = ["train.py", "--resume", out]  # the saved args.json holds the rest
+    run(cmd, dry)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="sokoban only, 1 seed, 1024 env turns, 30 eval episodes")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--tasks", default="", help="comma-separated tasks (default sokoban,points24; --quick: sokoban)")
     p.add_argument("--seeds", type=int, default=0, help="seeds per row (default 3; --quick: 1)")
+    p.add_argument("--seed-list", default="", help="comma-separated seeds to run, e.g. '2,3' (overrides --seeds)")
     p.add_argument("--root", default="runs/reproduce", help="where the runs go")
     p.add_argument("--train-args", default="", help="extra train.py flags for every run, e.g. '--threads 1'")
     a = p.parse_args()
     tasks = a.tasks.split(",") if a.tasks else (["sokoban"] if a.quick else ["sokoban", "points24"])
-    seeds = range(1, 1 + (a.seeds or (1 if a.quick else 3)))
+    seeds = [int(s) for s in a.seed_list.split(",")] if a.seed_list else range(1, 1 + (a.seeds or (1 if a.quick else 3)))
     budget = ["--total-steps", "1024", "--eval-episodes", "30"] if a.quick else ["--total-steps", "5120"]
     budget += a.train_args.split()
     for task in tasks:
@@ -47,16 +63,14 @@ def main():
             for name, method, extra in ROWS:
                 out = os.path.join(a.root, f"{task}-{name}-s{seed}")
                 dirs.append(out)
-                if not os.path.isfile(os.path.join(ROOT, out, "eval.json")):
-                    run(["train.py", "--task", task, "--method", method, "--seed", str(seed), "--out", out,
-                         *budget, *extra], a.dry_run)
+                train(out, ["train.py", "--task", task, "--method", method, "--seed", str(seed), "--out", out,
+                            *budget, *extra], a.dry_run)
             out = os.path.join(a.root, f"{task}-sft-s{seed}")
             dirs.append(out)
-            if not os.path.isfile(os.path.join(ROOT, out, "eval.json")):
-                ref = os.path.join(ROOT, a.root, f"{task}-turbo-kl-s{seed}", "metrics.jsonl")
-                seconds = json.loads(open(ref).readlines()[-1])["charts/wall_time"] if os.path.isfile(ref) else 0
-                run(["train.py", "--task", task, "--method", "sft", "--seed", str(seed), "--out", out, *budget,
-                     "--budget-by", "time", "--budget-seconds", f"{seconds or 1:.0f}"], a.dry_run)
+            ref = os.path.join(ROOT, a.root, f"{task}-turbo-kl-s{seed}", "metrics.jsonl")
+            seconds = json.loads(open(ref).readlines()[-1])["charts/wall_time"] if os.path.isfile(ref) else 0
+            train(out, ["train.py", "--task", task, "--method", "sft", "--seed", str(seed), "--out", out, *budget,
+                        "--budget-by", "time", "--budget-seconds", f"{seconds or 1:.0f}"], a.dry_run)
         run(["eval.py", "compare", *dirs, "--out", f"docs/curves_{task}.png", "--table", f"docs/results_{task}.md"],
             a.dry_run)
 

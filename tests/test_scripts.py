@@ -37,3 +37,20 @@ def test_signal_probe_prints_one_line_per_update(tmp_path):
     assert [r["update"] for r in rows] == [0, 1, 2] and rows[-1]["env_steps"] == 32
     assert all(0.0 <= r["optimal_move_rate"] <= 1.0 for r in rows)  # 16 samples each: a share, k / 16
     assert all(abs(r["optimal_move_rate"] * 16 - round(r["optimal_move_rate"] * 16)) < 1e-9 for r in rows)
+
+
+def test_reproduce_skips_finished_and_resumes_killed_runs(tmp_path):
+    """A finished run (eval.json) is not redone; a killed one (a checkpoint, no eval.json) is resumed."""
+    root = tmp_path / "runs"
+    (root / "sokoban-ppo-s2").mkdir(parents=True)
+    (root / "sokoban-ppo-s2" / "eval.json").write_text("{}")
+    (root / "sokoban-gtr-s2" / "ckpt").mkdir(parents=True)
+    (root / "sokoban-gtr-s2" / "ckpt" / "state.pt").write_bytes(b"")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "reproduce.py"), "--tasks", "sokoban",
+                          "--seed-list", "2", "--dry-run", "--root", str(root)],
+                         capture_output=True, text=True, timeout=60, check=True)
+    train = [line[2:].split() for line in out.stdout.splitlines() if line.startswith("$ train.py")]
+    outs = [c[c.index("--out") + 1] if "--out" in c else None for c in train]
+    assert train[0] == ["train.py", "--resume", str(root / "sokoban-gtr-s2")]  # ppo skipped, gtr resumed
+    assert len(train) == 6 and all(o.endswith("-s2") for o in outs[1:])  # the other five rows, seed 2 only
+    assert not any("sokoban-ppo-s2" in " ".join(c) for c in train)
