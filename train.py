@@ -243,6 +243,12 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
+def new_stats() -> dict:
+    """The loop's running bookkeeping (saved in every checkpoint): seconds in the teacher, NaN-skipped steps,
+    DAgger labels made, finished episodes (trimmed to --log-episodes), training-loop seconds."""
+    return {"teacher_time": 0.0, "skipped_steps": 0, "skips_in_row": 0, "labels": 0, "episodes": [], "wall_time": 0.0}
+
+
 def autocast(args):
     device_type = "cuda" if str(args.device).startswith("cuda") else "cpu"
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=args.bf16)
@@ -876,7 +882,7 @@ def main(args: Args):
     else:  # the value head has its own group: a fresh head must learn fast, the policy must move slowly
         opt = torch.optim.Adam([{"params": body, "base_lr": args.lr},
                                 {"params": head, "base_lr": args.vf_lr}], lr=args.lr, eps=1e-5)
-    stats = {"teacher_time": 0.0, "skipped_steps": 0, "skips_in_row": 0, "labels": 0, "episodes": [], "wall_time": 0.0}
+    stats = new_stats()
     start = 1
     if ckpt:
         state = load_state(os.path.join(ckpt, "state.pt"))

@@ -75,7 +75,7 @@ def main():
     envs.step_texts = labelled_step
     params = agent.parameters()
     opt = torch.optim.Adam(params, lr=args.lr, eps=1e-5)
-    stats = {"teacher_time": 0.0, "skipped_steps": 0, "skips_in_row": 0, "labels": 0, "episodes": []}
+    stats = train.new_stats()
     print(json.dumps({"adv": a.adv, "update": 0, "optimal_move_rate": optimal_move_rate(
         agent, probe, p_images, p_prompts, p_optimal, args, seed=0)}), flush=True)
     for update in range(1, a.updates + 1):
