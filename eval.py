@@ -15,7 +15,10 @@ privileged solver answer, env.expert_answer). For them entropy and tokens are na
 Held-out split (env.py, `in_eval_split`): a level (Sokoban/GridWorld layout, Points24 hand) belongs to the
 evaluation set iff crc32 of its canonical text is 0 mod 10. Training envs (split="train") never deal such a
 level and evaluation envs (split="eval") deal only them, so no evaluated level was ever trained on. Evaluation
-episode seeds are also offset (EVAL_SEED_OFFSET) from a run's training seeds.
+episode seeds are also offset (EVAL_SEED_OFFSET) from a run's training seeds. `--eval-split train` (and
+train.py's) plays fresh episodes from the training distribution instead: the paper's protocol for Points24,
+where a level is a hand of four cards and only 715 hands exist, so a held-out hand tests arithmetic a ~5M
+model does not learn (README), while the paper scores random deals.
 
 CLI:
     python eval.py runs/X [--episodes 100] [--gif K]   final agent (+ teacher), sampled at the run's temperature
@@ -50,6 +53,7 @@ import torch
 from env import extract_thought as env_extract_thought
 
 EVAL_SEED_OFFSET = 1_000_000  # evaluation episode seeds never coincide with a training run's seeds
+SPLITS = ("eval", "train")
 GIF_SCALE = 4                 # env image enlarged 4x (nearest neighbour) in replays
 
 
@@ -178,8 +182,9 @@ class ExpertActor:
 # Playing episodes
 
 
-def play(actor, task, episodes, seed, num_envs=16, env_kwargs=None, record=None):
-    """Run exactly `episodes` held-out episodes (split="eval"). Env i plays episodes i, i+num_envs, ...; an env
+def play(actor, task, episodes, seed, num_envs=16, env_kwargs=None, record=None, split="eval"):
+    """Run exactly `episodes` episodes, held-out ones by default (split="eval"; "train" deals from the training
+    distribution, the paper's protocol for Points24, whose hands a 5M model can only memorise). Env i plays episodes i, i+num_envs, ...; an env
     that has met its quota idles, so short episodes are not over-represented. Returns (episode dicts, turn dicts).
 
     `record`: a list to which env 0's turns are appended as dicts {"episode", "frame" (HxWx3 uint8, scaled
@@ -189,7 +194,9 @@ def play(actor, task, episodes, seed, num_envs=16, env_kwargs=None, record=None)
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     num_envs = max(1, min(num_envs, episodes))
-    envs = LockstepEnvs(task, num_envs, seed=seed + EVAL_SEED_OFFSET, split="eval", **(env_kwargs or {}))
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    envs = LockstepEnvs(task, num_envs, seed=seed + EVAL_SEED_OFFSET, split=split, **(env_kwargs or {}))
     quota = np.array([len(range(i, episodes, num_envs)) for i in range(num_envs)])
     done_count = np.zeros(num_envs, dtype=int)
     eps, turns = [], []
@@ -267,17 +274,17 @@ def seeded(seed, device):
 
 
 def evaluate(agent, task, episodes=100, seed=0, temperature=1.0, greedy=False, max_new_tokens=64, env_kwargs=None,
-             top_k=0, repetition_penalty=1.0, num_envs=16):
+             top_k=0, repetition_penalty=1.0, num_envs=16, split="eval"):
     """Held-out evaluation of an Agent -> the summary dict above. Same seed -> same levels (and samples)."""
     actor = AgentActor(agent, temperature, greedy, max_new_tokens, top_k, repetition_penalty)
     with seeded(seed, agent.device):
-        return summarize(*play(actor, task, episodes, seed, num_envs=num_envs, env_kwargs=env_kwargs))
+        return summarize(*play(actor, task, episodes, seed, num_envs=num_envs, env_kwargs=env_kwargs, split=split))
 
 
-def reference_rows(task, episodes=100, seed=0, env_kwargs=None) -> dict:
+def reference_rows(task, episodes=100, seed=0, env_kwargs=None, split="eval") -> dict:
     """Rows from no model: the random-action agent and the expert (solver) agent, on the same levels."""
-    return {"random": summarize(*play(RandomActor(seed), task, episodes, seed, env_kwargs=env_kwargs)),
-            "expert": summarize(*play(ExpertActor(), task, episodes, seed, env_kwargs=env_kwargs))}
+    return {"random": summarize(*play(RandomActor(seed), task, episodes, seed, env_kwargs=env_kwargs, split=split)),
+            "expert": summarize(*play(ExpertActor(), task, episodes, seed, env_kwargs=env_kwargs, split=split))}
 
 
 COLUMNS = ("success", "return", "length", "format_rate", "invalid_rate", "grounding", "distinct2", "self_bleu2",
@@ -360,11 +367,11 @@ def write_gif(entries, path, ms_per_frame=900) -> int:
     return len(images)
 
 
-def write_replays(actor, task, n, seed, out_dir, env_kwargs=None) -> list[dict]:
-    """Play the first `n` episodes of the held-out stream one at a time and write out_dir/replay_k.gif for each.
+def write_replays(actor, task, n, seed, out_dir, env_kwargs=None, split="eval") -> list[dict]:
+    """Play the first `n` episodes of the evaluation stream one at a time and write out_dir/replay_k.gif for each.
     Returns [{file, length, success, return, frames}]."""
     record = []
-    eps, _ = play(actor, task, n, seed, num_envs=1, env_kwargs=env_kwargs, record=record)
+    eps, _ = play(actor, task, n, seed, num_envs=1, env_kwargs=env_kwargs, record=record, split=split)
     out = []
     for k, e in enumerate(eps):
         path = os.path.join(out_dir, f"replay_{k}.gif")
@@ -428,7 +435,8 @@ def run_summary(run) -> dict:
     ev = (run["eval"] or {}).get("agent")
     if ev is not None:
         src = {"success": ev["success"], "return": ev["return"], "grounding": ev["grounding"],
-               "thought_entropy": ev["thought_entropy"], "source": "held-out"}
+               "thought_entropy": ev["thought_entropy"],
+               "source": "held-out" if run["args"].get("eval_split", "eval") == "eval" else "train split"}
     else:
         src = {"success": last5("charts/success_rate"), "return": last5("charts/episodic_return"),
                "grounding": last5("charts/thought_grounding"), "thought_entropy": last5("charts/thought_entropy"),
@@ -565,7 +573,7 @@ def load_agent(path, device, dtype):
 def eval_cli(ns):
     """Evaluate a run (agent + teacher) or a bare agent directory: table, eval_full.json, optional GIFs."""
     settings = {"task": None, "seed": 0, "temperature": 1.0, "max_new_tokens": 64, "top_k": 0,
-                "repetition_penalty": 1.0}
+                "repetition_penalty": 1.0, "eval_split": "eval"}
     if ns.run and ns.agent:
         raise InputError("give a run directory or --agent DIR, not both")
     if ns.run:
@@ -582,7 +590,7 @@ def eval_cli(ns):
         agent_dir, teacher_dir, out_dir = ns.agent, None, ns.out or "."
     else:
         raise InputError("give a run directory (python eval.py runs/X) or --agent DIR --task TASK")
-    for k in ("task", "seed", "temperature", "max_new_tokens", "top_k", "repetition_penalty"):
+    for k in ("task", "seed", "temperature", "max_new_tokens", "top_k", "repetition_penalty", "eval_split"):
         if getattr(ns, k) is not None:  # flags override the run's saved settings
             settings[k] = getattr(ns, k)
     from env import TASKS
@@ -590,6 +598,9 @@ def eval_cli(ns):
         raise InputError(f"--task must be one of {', '.join(sorted(TASKS))}, got {settings['task']!r}")
     if ns.episodes < 1 or ns.gif < 0 or not settings["temperature"] > 0:
         raise InputError("--episodes must be >= 1, --gif >= 0 and --temperature > 0")
+    split = settings["eval_split"]
+    if split not in SPLITS:
+        raise InputError(f"--eval-split must be one of {', '.join(SPLITS)}, got {split!r}")
     os.makedirs(out_dir, exist_ok=True)
     task, seed, T = settings["task"], int(settings["seed"]), float(settings["temperature"])
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[ns.dtype]
@@ -599,24 +610,25 @@ def eval_cli(ns):
 
     rows = {}
     kw = dict(max_new_tokens=int(settings["max_new_tokens"]), top_k=int(settings["top_k"]),
-              repetition_penalty=float(settings["repetition_penalty"]), num_envs=ns.num_envs)
+              repetition_penalty=float(settings["repetition_penalty"]), num_envs=ns.num_envs, split=split)
     for name, model in models.items():
         for greedy in (False, True):
             label = f"{name} ({'greedy' if greedy else f'T={T:g}'})"
             rows[label] = evaluate(model, task, ns.episodes, seed=seed, temperature=T, greedy=greedy, **kw)
             print(f"{label}: success {rows[label]['success']:.3f}", file=sys.stderr)
-    rows.update(reference_rows(task, ns.episodes, seed))
+    rows.update(reference_rows(task, ns.episodes, seed, split=split))
     table = format_table(rows)
-    print(f"{task}, {ns.episodes} held-out episodes (split=eval), seed {seed}\n\n{table}")
+    what = "held-out episodes (split=eval)" if split == "eval" else "episodes from the training distribution (split=train)"
+    print(f"{task}, {ns.episodes} {what}, seed {seed}\n\n{table}")
 
     replays = []
     if ns.gif:
         actor = AgentActor(models["agent"], T, False, kw["max_new_tokens"], kw["top_k"], kw["repetition_penalty"])
         with seeded(seed, ns.device):
-            replays = write_replays(actor, task, ns.gif, seed, out_dir)
+            replays = write_replays(actor, task, ns.gif, seed, out_dir, split=split)
         for r in replays:
             print(f"wrote {r['file']}: {r['length']} turns + final frame, success {r['success']}")
-    result = {"meta": {"task": task, "episodes": ns.episodes, "seed": seed, "split": "eval (crc32 % 10 == 0)",
+    result = {"meta": {"task": task, "episodes": ns.episodes, "seed": seed, "split": "eval (crc32 % 10 == 0)" if split == "eval" else "train",
                        "agent": agent_dir, "teacher": teacher_dir if "teacher" in models else None, **settings},
               "rows": rows, "replays": replays}
     path = os.path.join(out_dir, "eval_full.json")
@@ -638,6 +650,8 @@ def eval_parser():
     p.add_argument("--max-new-tokens", type=int, help="answer length cap (default: the run's, 64 with --agent)")
     p.add_argument("--top-k", type=int, help="top-k at sampling, 0 = off (default: the run's)")
     p.add_argument("--repetition-penalty", type=float, help="(default: the run's, 1.0 with --agent)")
+    p.add_argument("--eval-split", help="eval: held-out levels | train: the training distribution "
+                                        "(default: the run's, eval with --agent)")
     p.add_argument("--gif", type=int, default=0, help="write this many GIF replays replay_k.gif")
     p.add_argument("--out", help="where eval_full.json and GIFs go (default: the run dir; cwd with --agent)")
     p.add_argument("--no-teacher", action="store_true", help="skip the teacher rows")

@@ -120,6 +120,8 @@ class Args:
     resume: str = arg("", "continue the run in this directory from its last complete checkpoint, with its saved args")
     max_skips: int = arg(10, "stop after this many optimizer steps in a row skipped for a non-finite loss or gradient")
     eval_episodes: int = arg(100, "held-out episodes for the final evaluation of agent and teacher (0 = skip)")
+    eval_split: str = arg("eval", "levels of the start and final evaluations: eval (held out, never trained on) | "
+                                  "train (fresh deals of the training distribution: the paper's Points24 protocol)")
     log_episodes: int = arg(64, "success/return in metrics are over this many most recent training episodes")
 
     def __post_init__(self):
@@ -149,6 +151,7 @@ class Args:
         if self.invalid not in ("penalty", "random"):
             raise ValueError(f"--invalid must be penalty or random, got {self.invalid!r}")
         for name, allowed in (("teacher", ("merged", "static")), ("guide", ("thought", "thought+action")),
+                              ("eval_split", ("eval", "train")),
                               ("kl_estimator", ("clip", "k1", "abs", "k3", "exact", "forward"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -968,7 +971,7 @@ def held_out(model, args):
     from eval import evaluate
     with autocast(args):
         return evaluate(model, args.task, args.eval_episodes, seed=args.seed, temperature=args.temperature,
-                        max_new_tokens=args.max_new_tokens)
+                        max_new_tokens=args.max_new_tokens, split=args.eval_split)
 
 
 def start_evaluation(agent, args):
@@ -976,7 +979,8 @@ def start_evaluation(agent, args):
     if args.eval_episodes <= 0:
         return
     row = held_out(agent, args)
-    print(f"start (SFT) held-out success {row['success']:.3f} over {row['episodes']} episodes")
+    where = "held-out" if args.eval_split == "eval" else "training-distribution"
+    print(f"start (SFT) {where} success {row['success']:.3f} over {row['episodes']} episodes")
     atomic_write_text(os.path.join(args.out, "eval_start.json"), json.dumps(row, indent=2))
 
 

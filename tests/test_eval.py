@@ -70,6 +70,20 @@ def test_expert_solves_every_held_out_level_and_random_does_not(task):
     assert math.isnan(rnd["grounding"])  # an empty thought states no fact
 
 
+def test_eval_split_train_deals_only_training_levels():
+    """--eval-split train (the paper's Points24 protocol) plays levels from the training side of the crc32 split;
+    the default plays only held-out ones; anything else is refused."""
+    from env import in_eval_split
+    levels = {}
+    for split in ("eval", "train"):
+        eps, _ = E.play(E.ExpertActor(), "points24", 24, seed=0, num_envs=8, split=split)
+        levels[split] = [e["level"] for e in eps]
+        assert len(eps) == 24
+    assert all(in_eval_split(x) for x in levels["eval"]) and not any(in_eval_split(x) for x in levels["train"])
+    with pytest.raises(ValueError, match="split"):
+        E.play(E.ExpertActor(), "points24", 4, seed=0, split="test")
+
+
 def bfs_length(level: str) -> int:
     """Shortest walk from @ to . in a GridWorld level text (# blocks), written here independently of env.py."""
     rows = level.split("\n")

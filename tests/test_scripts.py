@@ -54,3 +54,16 @@ def test_reproduce_skips_finished_and_resumes_killed_runs(tmp_path):
     assert train[0] == ["train.py", "--resume", str(root / "sokoban-gtr-s2")]  # ppo skipped, gtr resumed
     assert len(train) == 6 and all(o.endswith("-s2") for o in outs[1:])  # the other five rows, seed 2 only
     assert not any("sokoban-ppo-s2" in " ".join(c) for c in train)
+
+
+def test_reproduce_scores_points24_on_the_training_distribution(tmp_path):
+    """Points24 rows are evaluated on fresh training-distribution deals (the paper's protocol); Sokoban's on
+    held-out levels (train.py's default)."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "reproduce.py"), "--seed-list", "1",
+                          "--dry-run", "--root", str(tmp_path / "runs")], capture_output=True, text=True, timeout=60,
+                         check=True)
+    train = [line[2:].split() for line in out.stdout.splitlines() if line.startswith("$ train.py")]
+    split = {c[c.index("--task") + 1]: set() for c in train}
+    for c in train:
+        split[c[c.index("--task") + 1]].add(c[c.index("--eval-split") + 1] if "--eval-split" in c else None)
+    assert split == {"sokoban": {None}, "points24": {"train"}} and len(train) == 14

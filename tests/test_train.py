@@ -72,6 +72,7 @@ def run_train(*argv, cwd=None, timeout=600, wait=True):
     (["--num-envs", "-3"], "--num-envs"),
     (["--model", "/nonexistent/qwen"], "does not exist"),
     (["--device", "gpu0"], "--device must be"),
+    (["--eval-split", "test"], "--eval-split"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "sees no CUDA device")]))
 def test_bad_cli_values_exit_2_with_a_message(argv, needle):
     r = run_train(*argv)
