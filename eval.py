@@ -184,8 +184,8 @@ class ExpertActor:
 
 def play(actor, task, episodes, seed, num_envs=16, env_kwargs=None, record=None, split="eval"):
     """Run exactly `episodes` episodes, held-out ones by default (split="eval"; "train" deals from the training
-    distribution, the paper's protocol for Points24, whose hands a 5M model can only memorise). Env i plays episodes i, i+num_envs, ...; an env
-    that has met its quota idles, so short episodes are not over-represented. Returns (episode dicts, turn dicts).
+    distribution, the paper's protocol for Points24). Env i plays episodes i, i+num_envs, ...; an env that has
+    met its quota idles, so short episodes are not over-represented. Returns (episode dicts, turn dicts).
 
     `record`: a list to which env 0's turns are appended as dicts {"episode", "frame" (HxWx3 uint8, scaled
     GIF_SCALE), "caption", "final"}; after each of env 0's episodes one more entry with final=True shows the
