@@ -194,8 +194,6 @@ def play(actor, task, episodes, seed, num_envs=16, env_kwargs=None, record=None,
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     num_envs = max(1, min(num_envs, episodes))
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     envs = LockstepEnvs(task, num_envs, seed=seed + EVAL_SEED_OFFSET, split=split, **(env_kwargs or {}))
     quota = np.array([len(range(i, episodes, num_envs)) for i in range(num_envs)])
     done_count = np.zeros(num_envs, dtype=int)
