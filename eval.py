@@ -616,7 +616,8 @@ def eval_cli(ns):
             print(f"{label}: success {rows[label]['success']:.3f}", file=sys.stderr)
     rows.update(reference_rows(task, ns.episodes, seed, split=split))
     table = format_table(rows)
-    what = "held-out episodes (split=eval)" if split == "eval" else "episodes from the training distribution (split=train)"
+    what, split_meta = (("held-out episodes (split=eval)", "eval (crc32 % 10 == 0)") if split == "eval" else
+                        ("episodes from the training distribution (split=train)", "train"))
     print(f"{task}, {ns.episodes} {what}, seed {seed}\n\n{table}")
 
     replays = []
@@ -626,7 +627,7 @@ def eval_cli(ns):
             replays = write_replays(actor, task, ns.gif, seed, out_dir, split=split)
         for r in replays:
             print(f"wrote {r['file']}: {r['length']} turns + final frame, success {r['success']}")
-    result = {"meta": {"task": task, "episodes": ns.episodes, "seed": seed, "split": "eval (crc32 % 10 == 0)" if split == "eval" else "train",
+    result = {"meta": {"task": task, "episodes": ns.episodes, "seed": seed, "split": split_meta,
                        "agent": agent_dir, "teacher": teacher_dir if "teacher" in models else None, **settings},
               "rows": rows, "replays": replays}
     path = os.path.join(out_dir, "eval_full.json")
