@@ -1,6 +1,6 @@
 """Reproduce the paper's comparison at laptop scale (GTR_TURBO.md section 5), then compare the runs.
 
-    python scripts/reproduce.py            # sokoban + points24, 3 seeds, 7 rows: a few hours on 2 cores
+    python scripts/reproduce.py            # sokoban + points24, 3 seeds, 7 rows: about 14 process-hours
     python scripts/reproduce.py --quick    # sokoban, 1 seed, short budgets: minutes
     python scripts/reproduce.py --dry-run  # print the commands only
 
@@ -12,7 +12,7 @@ so an interrupted reproduction continues where it stopped. Ends with `eval.py co
 docs/results_<task>.md and docs/curves_<task>.png.
 
 On 2 cores, two reproductions side by side with one thread each finish sooner than one with two threads
-(generation scales poorly past one thread):
+(generation scales poorly past one thread), about 7.5 hours for everything (README, Points24):
     python scripts/reproduce.py --tasks sokoban --seed-list 1 --train-args '--threads 1' &
     python scripts/reproduce.py --tasks sokoban --seed-list 2 --train-args '--threads 1'
 """
