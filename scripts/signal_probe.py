@@ -3,6 +3,8 @@
     python scripts/signal_probe.py --adv real    --updates 8 [-- train.py flags]
     python scripts/signal_probe.py --adv shuffle --updates 8      # same magnitudes, no information
     python scripts/signal_probe.py --adv oracle  --updates 8      # +1 if the move was optimal, else -1
+    python scripts/signal_probe.py --adv oracle-pos --updates 8 -- --lr 1e-4  # 1 if optimal, else 0: no push-down
+    python scripts/signal_probe.py --adv real --warmup 48 --updates 8 -- --lr 1e-4  # linear lr warm-up, 48 steps
 
 Run it from the repository root: it starts from the cached SFT agent in runs/sft-cache/ (made if missing).
 
@@ -14,6 +16,8 @@ error about 2 points). Sokoban or GridWorld (tasks whose env knows its optimal m
 
 Reading it: if `real` moves the optimal-move rate no more than `shuffle`, the policy gradient is noise at
 this budget; `oracle` bounds what a perfect per-turn advantage could do with the same optimizer settings.
+The `-pos` variants keep only the positive part (real: max(A, 0); oracle: 1 for an optimal move, else 0), so
+no answer is pushed down: they tell whether the negative advantages are what breaks the policy.
 """
 import argparse
 import json
@@ -45,10 +49,25 @@ def optimal_move_rate(agent, envs, images, prompts, optimal, args, seed, samples
     return hits / (samples * len(prompts))
 
 
+def warm_up(opt, steps):
+    """Linear lr warm-up over the first `steps` optimizer steps inside train.ppo_update: the k-th step runs at
+    min(1, k / steps) times each group's "scheduled" lr (set per update by the caller)."""
+    raw_step, count = opt.step, [0]
+
+    def step(*a, **kw):
+        count[0] += 1
+        for g in opt.param_groups:
+            g["lr"] = g["scheduled"] * min(1.0, count[0] / steps)
+        return raw_step(*a, **kw)
+
+    opt.step = step
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--adv", choices=("real", "shuffle", "oracle"), default="real")
+    p.add_argument("--adv", choices=("real", "shuffle", "oracle", "real-pos", "oracle-pos"), default="real")
     p.add_argument("--updates", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=0, help="linear lr warm-up over this many optimizer steps (0 = none)")
     p.add_argument("--probe-states", type=int, default=256)
     p.add_argument("train_flags", nargs="*", help="train.py flags (after --), e.g. --lr 3e-5 --task gridworld")
     a = p.parse_args()
@@ -75,12 +94,14 @@ def main():
     envs.step_texts = labelled_step
     params = agent.parameters()
     opt = torch.optim.Adam(params, lr=args.lr, eps=1e-5)
+    if a.warmup > 0:
+        warm_up(opt, a.warmup)
     stats = train.new_stats()
     print(json.dumps({"adv": a.adv, "update": 0, "optimal_move_rate": optimal_move_rate(
         agent, probe, p_images, p_prompts, p_optimal, args, seed=0)}), flush=True)
     for update in range(1, a.updates + 1):
         for g in opt.param_groups:
-            g["lr"] = train.cosine_lr(update - 1, a.updates, args.lr)
+            g["lr"] = g["scheduled"] = train.cosine_lr(update - 1, a.updates, args.lr)
         labels.clear()
         batches, buf, last = train.rollout(agent, None, envs, args, stats)
         data = train.ppo_data(batches, buf, last, args)
@@ -90,6 +111,10 @@ def main():
             data["advantages"] = data["advantages"][torch.randperm(len(oracle))]
         elif a.adv == "oracle":
             data["advantages"] = (oracle - oracle.mean()) / (oracle.std() + 1e-8)
+        elif a.adv == "real-pos":
+            data["advantages"] = data["advantages"].clamp_min(0)
+        elif a.adv == "oracle-pos":
+            data["advantages"] = (oracle > 0).float()
         _, losses = train.ppo_update(agent, opt, params, data, args, stats, update)
         eps = stats["episodes"][-args.log_episodes:]
         print(json.dumps({"adv": a.adv, "update": update, "env_steps": update * args.num_envs * args.num_steps,

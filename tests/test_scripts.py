@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -67,3 +69,25 @@ def test_reproduce_scores_points24_on_the_training_distribution(tmp_path):
     for c in train:
         split[c[c.index("--task") + 1]].add(c[c.index("--eval-split") + 1] if "--eval-split" in c else None)
     assert split == {"sokoban": {None}, "points24": {"train"}} and len(train) == 14
+
+
+def test_signal_probe_warm_up_scales_each_step_linearly():
+    """warm_up(opt, 4): steps 1..5 run at 1/4, 2/4, 3/4, 1, 1 of the scheduled lr. With plain SGD on the
+    loss w (gradient 1), the weight after k steps is 1 - lr * sum of those factors: worked by hand."""
+    import importlib.util
+    import torch
+    spec = importlib.util.spec_from_file_location("signal_probe", os.path.join(ROOT, "scripts", "signal_probe.py"))
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    w = torch.nn.Parameter(torch.ones(()))
+    opt = torch.optim.SGD([w], lr=0.1)
+    opt.param_groups[0]["scheduled"] = 0.1
+    probe.warm_up(opt, 4)
+    seen = []
+    for _ in range(5):
+        opt.zero_grad()
+        w.backward()
+        opt.step()
+        seen.append(opt.param_groups[0]["lr"])
+    assert seen == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1])
+    assert abs(w.item() - (1 - 0.1 * (0.25 + 0.5 + 0.75 + 1 + 1))) < 1e-6  # 0.65
