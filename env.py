@@ -110,6 +110,22 @@ def parse_answer(text, action_names, keys=("thoughts", "action")):
     return None, format_ok
 
 
+_FINAL_MOVE = re.compile(r"so move [a-z0-9]+\.$")
+
+
+def noisy_answer(answer: str, action_names, rng) -> str:
+    """The expert's answer with its decision replaced by a uniformly random legal move: the thought's
+    facts (positions, plan) stay true, only its last clause `so move X.` and the action change. SFT on
+    such answers gives a start that reads the board reliably and chooses its move noisily, which is
+    what lets a per-turn advantage lift it (the randomness sits in the decision tokens, not in the
+    perception tokens). Answers without that clause (Points24) keep their thought and change the action."""
+    obj = json.loads(answer)
+    move = action_names[int(rng.integers(len(action_names)))]
+    obj["thoughts"] = _FINAL_MOVE.sub(f"so move {move}.", obj["thoughts"])
+    obj["action"] = move
+    return json.dumps(obj)
+
+
 _THOUGHT_VALUE = re.compile(r'"thoughts"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
@@ -1111,6 +1127,7 @@ class LockstepEnvs:
         self.invalid_penalty = float(invalid_penalty)
         self.envs = [make_env(task, split=split, **env_kwargs) for _ in range(int(num_envs))]
         self.rng = np.random.default_rng(self.seed)
+        self.noise_rng = np.random.default_rng([self.seed, 1])  # the noisy demonstrator's own stream
         self.next_episode = 0
         n = len(self.envs)
         self.ep_return, self.ep_len, self.ep_invalid = np.zeros(n), np.zeros(n, np.int64), np.zeros(n, np.int64)
@@ -1133,13 +1150,33 @@ class LockstepEnvs:
         """-> (images: N arrays [H, W, 3] uint8, prompts: N str)."""
         return list(self.obs), [env.prompt() for env in self.envs]
 
-    def step_texts(self, texts):
+    def reset_groups(self, group_size: int):
+        """Start a new episode in every env, the envs in groups of `group_size` neighbours sharing one level
+        (one episode seed per group): the repeated start states of a group-relative baseline."""
+        n = len(self.envs)
+        if group_size < 1 or n % group_size:
+            raise ValueError(f"{n} envs do not split into groups of {group_size}")
+        for g in range(0, n, group_size):
+            episode_seed = (self.seed * 1_000_003 + self.next_episode) % 2**31
+            self.next_episode += 1
+            for i in range(g, g + group_size):
+                self.obs[i], info = self.envs[i].reset(seed=episode_seed)
+                self.levels[i] = info["level"]
+                self.ep_return[i], self.ep_len[i], self.ep_invalid[i] = 0.0, 0, 0
+
+    def state_keys(self) -> list[str]:
+        """The full current state of each env as text (equal text = equal state): groups turns by state."""
+        return [env._text() for env in self.envs]
+
+    def step_texts(self, texts, active=None):
         """Parse and execute one answer per env. Returns numpy arrays [N] plus `episodes`.
 
         reward: env reward (+ invalid_penalty on invalid turns); grounding: of the answer's thought on the
         state it was given (nan if it states no fact); action: executed index, -1 if the answer was invalid.
         Finished envs are reset at once, so observe() then shows the next episode's first state.
         Episode dicts: return (sum of env rewards, penalties excluded), length, success, invalid, env, level.
+        active: optional [N] bools; an inactive env is not stepped (its text is ignored, its row stays at
+        reward 0, not done, invalid, action -1).
         """
         n = len(self.envs)
         if len(texts) != n:
@@ -1149,6 +1186,9 @@ class LockstepEnvs:
                                               ("grounding", np.float64), ("action", np.int64))}
         episodes = []
         for i, (env, text) in enumerate(zip(self.envs, texts)):
+            if active is not None and not active[i]:
+                out["grounding"][i], out["action"][i] = np.nan, -1
+                continue
             action, fmt = parse_answer(text, env.action_names, env.answer_keys)
             g = env.grounding(extract_thought(text))
             out["grounding"][i] = np.nan if g is None else g
@@ -1178,8 +1218,15 @@ class LockstepEnvs:
         out["episodes"] = episodes
         return out
 
-    def expert_texts(self):
-        return [env.expert_answer() for env in self.envs]
+    def expert_texts(self, noise: float = 0.0):
+        """One expert answer per env. noise > 0: each answer's move is, with that probability, replaced by a
+        uniformly random legal move (the noisy demonstrator of the RL start, see `noisy_answer`)."""
+        answers = [env.expert_answer() for env in self.envs]
+        if noise <= 0:
+            return answers
+        flips = self.noise_rng.random(len(answers)) < noise  # [N], then one move per flip
+        return [noisy_answer(a, env.action_names, self.noise_rng) if f else a
+                for a, f, env in zip(answers, flips, self.envs)]
 
     def optimal_actions(self):
         return [env.optimal_actions() for env in self.envs]
@@ -1188,7 +1235,8 @@ class LockstepEnvs:
         """Everything needed to continue bit-identically (pickle-able): env objects, counters, rng."""
         return copy.deepcopy({"task": self.task, "seed": self.seed, "invalid": self.invalid,
                               "invalid_penalty": self.invalid_penalty, "envs": self.envs,
-                              "rng": self.rng.bit_generator.state, "next_episode": self.next_episode,
+                              "rng": self.rng.bit_generator.state,
+                              "noise_rng": self.noise_rng.bit_generator.state, "next_episode": self.next_episode,
                               "ep_return": self.ep_return, "ep_len": self.ep_len, "ep_invalid": self.ep_invalid,
                               "obs": self.obs, "levels": self.levels})
 
@@ -1202,3 +1250,5 @@ class LockstepEnvs:
             setattr(self, k, state[k])
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = state["rng"]
+        if "noise_rng" in state:
+            self.noise_rng.bit_generator.state = state["noise_rng"]

@@ -79,26 +79,38 @@ class Args:
     sft_steps: int = arg(-1, "warm-up SFT steps; -1 = the task's calibrated default (sokoban 400, gridworld 150, points24 1200)")
     sft_batch: int = arg(32, "warm-up SFT batch size")
     sft_lr: float = arg(3e-4, "warm-up SFT learning rate (cosine decay after 30 warm-up steps)")
+    sft_noise: float = arg(0.0, "warm-up demonstrator noise: this share of demo moves is replaced by a random move, the "
+                                "thought's facts kept true (a start that reads the board and chooses noisily)")
     # --- sampling (paper: T=0.2, top-k 5, repetition penalty 1.2, 256 new tokens)
     temperature: float = arg(1.0, "sampling temperature; log-probs use it too (paper 0.2: too greedy for a tiny model)")
     top_k: int = arg(0, "top-k filter at sampling, 0 = off (paper 5)")
     repetition_penalty: float = arg(1.0, "(paper 1.2: it punishes the repeated 'row/col' words of grid thoughts)")
     max_new_tokens: int = arg(64, "answer length cap (paper 256)")
     # --- PPO (section 2)
+    ratio: str = arg("turn", "turn: one ratio per turn from lambda * thought logp + action logp (the paper) | token: a "
+                             "clipped ratio per generated token, loss = token mean weighted lambda on thoughts, 1 on "
+                             "actions")
+    baseline: str = arg("critic", "critic: GAE with the value head (the paper) | group: group-relative advantages from "
+                                  "repeated start states, no critic (episode return vs its group + return-to-go vs the "
+                                  "group's turns from the same state, as GiGPO)")
+    group_size: int = arg(4, "--baseline group: envs that share each start level (num_envs / group_size levels per "
+                             "update, every episode played to its end; --num-steps does not apply)")
+    carry_moments: bool = arg(False, "start RL's Adam with the SFT warm-up's moments instead of fresh ones")
     lr: float = arg(1e-5, "Adam learning rate, cosine decay to 0 (paper 1e-5 on a LoRA 7B)")
     ppo_epochs: int = arg(1, "PPO epochs per update (paper 4; 1 here: on 2 cores it triples the env turns per second, "
                              "and 4 epochs learned no more per turn in our Sokoban runs, see README)")
     minibatch: int = arg(32, "PPO minibatch size in turns")
     clip: float = arg(0.1, "PPO ratio clip, also the value clip (paper 0.1)")
     vf_coef: float = arg(0.5, "value-loss coefficient (paper 0.5)")
-    vf_lr: float = arg(1e-5, "learning rate of the value head's own Adam group, cosine-decayed like --lr (paper: the "
-                             "same lr as the policy)")
-    vf_clip: float = arg(0.1, "clip range of the clipped value loss in return units, 0 = unclipped (paper 0.1: on "
-                              "returns of size ~10 it lets V move only 0.1 per update)")
+    vf_lr: float = arg(1e-5, "--baseline critic: learning rate of the value head's own Adam group, cosine-decayed like "
+                             "--lr (paper: the same lr as the policy)")
+    vf_clip: float = arg(0.1, "--baseline critic: clip range of the value loss in return units, 0 = unclipped (paper "
+                              "0.1: on returns of std ~20 it lets V move only 0.1 per update)")
     max_grad_norm: float = arg(1.0, "gradient-norm clip (paper 0.01 with LoRA on 7B)")
     gamma: float = arg(0.9, "discount (paper 0.9)")
     gae_lambda: float = arg(0.95, "GAE lambda (paper 0.95)")
-    thought_coef: float = arg(0.5, "lambda weighting thought-token log-probs in the sequence log-prob (paper 0.5 Points24, 0.2 ALFWorld)")
+    thought_coef: float = arg(0.5, "lambda weighting thought tokens: in the turn's log-prob (--ratio turn) or in the "
+                                   "token mean (--ratio token) (paper 0.5 Points24, 0.2 ALFWorld)")
     format_reward: str = arg("", "'valid,invalid' reward added to each turn's return; default ppo 0,0; gtr 5,0; turbo 3,-2 (paper)")
     invalid: str = arg("penalty", "invalid answer: 'penalty' (state unchanged, turn counted) | 'random' (reference code: random legal action)")
     invalid_penalty: float = arg(-1.0, "env reward of an invalid turn under --invalid penalty")
@@ -130,7 +142,7 @@ class Args:
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name in ("total_steps", "num_envs", "num_steps", "sft_batch", "ppo_epochs", "minibatch",
-                     "max_new_tokens", "merge_every"):
+                     "max_new_tokens", "merge_every", "group_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name in ("lr", "sft_lr", "vf_lr", "temperature", "clip", "density"):
@@ -151,14 +163,19 @@ class Args:
         if self.invalid not in ("penalty", "random"):
             raise ValueError(f"--invalid must be penalty or random, got {self.invalid!r}")
         for name, allowed in (("teacher", ("merged", "static")), ("guide", ("thought", "thought+action")),
+                              ("ratio", ("token", "turn")), ("baseline", ("group", "critic")),
                               ("eval_split", ("eval", "train")),
                               ("kl_estimator", ("clip", "k1", "abs", "k3", "exact", "forward"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.merge not in ("ties", "linear") or self.weighting not in ("sma", "ema"):
             raise ValueError(f"--merge must be ties|linear and --weighting sma|ema, got {self.merge!r}, {self.weighting!r}")
+        if self.baseline == "group" and self.num_envs % self.group_size:
+            raise ValueError(f"--num-envs {self.num_envs} must be a multiple of --group-size {self.group_size}")
         if self.sft_steps < 0:
             self.sft_steps = {"sokoban": 400, "gridworld": 150, "points24": 1200}[self.task]
+        if not 0 <= self.sft_noise <= 1:
+            raise ValueError(f"--sft-noise must be in [0, 1], got {self.sft_noise}")
         if not self.format_reward:
             self.format_reward = {"ppo": "0,0", "gtr": "5,0"}.get(self.method, "3,-2")
         try:
@@ -169,10 +186,6 @@ class Args:
         if not self.out:
             name = self.model if self.model in ("tiny", "small") else os.path.basename(self.model.rstrip("/"))
             self.out = os.path.join("runs", f"{self.task}-{self.method}-{name}-s{self.seed}")
-
-    @property
-    def num_updates(self):
-        return max(1, self.total_steps // (self.num_envs * self.num_steps))
 
 
 def parse_args(argv=None) -> Args:
@@ -202,6 +215,8 @@ def parse_args(argv=None) -> Args:
     for name in ("num_envs", "minibatch"):
         if getattr(args, name) % k:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be divisible by the {k} torchrun processes")
+    if args.baseline == "group" and (args.num_envs // k) % args.group_size:
+        p.error(f"--group-size {args.group_size} must divide the {args.num_envs // k} envs of each of {k} processes")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -248,8 +263,10 @@ def seed_everything(seed: int):
 
 def new_stats() -> dict:
     """The loop's running bookkeeping (saved in every checkpoint): seconds in the teacher, NaN-skipped steps,
-    DAgger labels made, finished episodes (trimmed to --log-episodes), training-loop seconds."""
-    return {"teacher_time": 0.0, "skipped_steps": 0, "skips_in_row": 0, "labels": 0, "episodes": [], "wall_time": 0.0}
+    DAgger labels made, finished episodes (trimmed to --log-episodes), training-loop seconds, env turns played
+    by this rank."""
+    return {"teacher_time": 0.0, "skipped_steps": 0, "skips_in_row": 0, "labels": 0, "episodes": [], "wall_time": 0.0,
+            "env_steps": 0}
 
 
 def autocast(args):
@@ -262,6 +279,13 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 0) -> float:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def budget_used(args, stats) -> float:
+    """Share of the training budget spent: env turns over all ranks (--budget-by steps) or seconds."""
+    if args.budget_by == "time":
+        return stats["wall_time"] / args.budget_seconds
+    return all_reduce_float(stats["env_steps"]) / args.total_steps
 
 
 def gae(rewards, values, dones, last_value, gamma: float, lam: float):
@@ -294,15 +318,36 @@ def ppo_loss(new_seq, old_seq, advantages, new_values, old_values, returns, clip
     log_ratio = new_seq - old_seq
     ratio = log_ratio.exp()
     pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)).mean()
-    v_loss = (new_values - returns) ** 2
-    if vf_clip > 0:
-        v_clipped = old_values + (new_values - old_values).clamp(-vf_clip, vf_clip)
-        v_loss = torch.max(v_loss, (v_clipped - returns) ** 2)
-    v_loss = 0.5 * v_loss.mean()
+    v_loss = value_loss(new_values, old_values, returns, vf_clip)
     with torch.no_grad():
         approx_kl = ((ratio - 1) - log_ratio).mean()
         clipfrac = ((ratio - 1).abs() > clip).float().mean()
     return pg_loss, v_loss, approx_kl, clipfrac
+
+
+def token_ppo_loss(logp, old_logp, advantages, weights, clip: float):
+    """Clipped PPO objective with one ratio per generated token (--ratio token). logp, old_logp, weights:
+    [B, G] (weights: lambda on thought tokens, 1 on action tokens, 0 on padding); advantages: [B], one per
+    turn, shared by its tokens. Loss = weighted token mean of the clipped surrogate."""
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    adv = advantages[:, None]
+    per_token = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
+    total = weights.sum().clamp_min(1e-8)
+    pg_loss = (per_token * weights).sum() / total
+    with torch.no_grad():
+        approx_kl = (((ratio - 1) - log_ratio) * weights).sum() / total
+        clipfrac = (((ratio - 1).abs() > clip).float() * weights).sum() / total
+    return pg_loss, approx_kl, clipfrac
+
+
+def value_loss(new_values, old_values, returns, vf_clip: float = 0.0):
+    """0.5 * squared error, clipped around the rollout's values when vf_clip > 0. All [B]."""
+    v_loss = (new_values - returns) ** 2
+    if vf_clip > 0:
+        v_clipped = old_values + (new_values - old_values).clamp(-vf_clip, vf_clip)
+        v_loss = torch.max(v_loss, (v_clipped - returns) ** 2)
+    return 0.5 * v_loss.mean()
 
 
 def atomic_write_text(path: str, text: str):
@@ -348,11 +393,11 @@ def sft_step_loss(agent, images, prompts, answers, args):
     return -(logp * mask).sum() / mask.sum()
 
 
-def sft_step(agent, opt, params, demos, args, sync: bool):
-    """One optimizer step on the next batch of solver demonstrations; then the demo envs move on.
-    sync: average gradients over torchrun ranks (every rank must take the step)."""
+def sft_step(agent, opt, params, demos, args, sync: bool, noise: float = 0.0):
+    """One optimizer step on the next batch of solver demonstrations (a share `noise` of their moves random);
+    then the demo envs move on, playing the demonstrated moves. sync: average gradients over torchrun ranks."""
     images, prompts = demos.observe()
-    answers = demos.expert_texts()
+    answers = demos.expert_texts(noise)
     with autocast(args):
         loss = sft_step_loss(agent, images, prompts, answers, args)
     opt.zero_grad(set_to_none=True)
@@ -366,17 +411,32 @@ def sft_step(agent, opt, params, demos, args, sync: bool):
 
 
 def sft_warmup(agent, args, steps: int, desc="SFT warm-up"):
+    """SFT on the noisy demonstrator; returns the Adam moments by parameter name, so that RL starts with
+    them instead of a fresh optimizer (a fresh Adam moves every weight by about lr on its first steps)."""
     envs = demo_envs(args, seed=args.seed + 7919)
-    params = [p for p in agent.model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in agent.model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=args.sft_lr, betas=(0.9, 0.95), weight_decay=0.0)
     bar = tqdm(range(steps), desc=desc, dynamic_ncols=True)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, args.sft_lr, warmup=30)
-        loss = sft_step(agent, opt, params, envs, args, sync=False)  # rank 0 alone warms up
+        loss = sft_step(agent, opt, params, envs, args, sync=False, noise=args.sft_noise)  # rank 0 alone warms up
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    return agent
+    return {n: opt.state[p] for n, p in named if p in opt.state}
+
+
+def load_warmup_moments(opt, agent, moments: dict) -> int:
+    """Copy the warm-up's Adam moments (exp_avg, exp_avg_sq, step) into the RL optimizer's state of the
+    same-named weights; returns how many weights got them."""
+    count = 0
+    for name, p in agent.model.named_parameters():
+        m = moments.get(name)
+        if m is not None and p.requires_grad and m["exp_avg"].shape == p.shape:
+            opt.state[p] = {k: v.clone().to(p.device) for k, v in m.items()}
+            count += 1
+    return count
 
 
 def load_agent(path, args):
@@ -396,7 +456,7 @@ def make_agent(args):
         return load_agent(args.init, args)
     if args.model not in ("tiny", "small"):
         return load_agent(args.model, args)
-    cache = os.path.join("runs", "sft-cache", f"{args.task}-{args.model}-s{args.seed}-n{args.sft_steps}")
+    cache = sft_cache_dir(args)
     if os.path.isfile(os.path.join(cache, "agent.json")):
         if is_main():
             print(f"SFT warm-up: reusing cached agent {cache}")
@@ -404,10 +464,38 @@ def make_agent(args):
     seed_everything(args.seed)
     agent = Agent.build(args.model, tokenizer_corpus(args.seed), seed=args.seed, device=args.device)
     t0 = time.time()
-    sft_warmup(agent, args, args.sft_steps)
+    moments = sft_warmup(agent, args, args.sft_steps)
     print(f"SFT warm-up: {args.sft_steps} steps in {time.time() - t0:.0f}s -> {cache}")
     agent.save(cache)
+    tmp = os.path.join(cache, "sft_moments.pt.tmp")
+    torch.save(moments, tmp)
+    os.replace(tmp, os.path.join(cache, "sft_moments.pt"))
     return agent
+
+
+def rl_optimizer(agent, args, fresh: bool = True):
+    """Adam over the policy (lr) and the value head (its own group: a fresh head must learn fast, the policy
+    must move slowly). fresh: RL continues the warm-up's optimizer, with its moments, instead of a fresh
+    Adam whose first steps move every weight by about lr (a resumed run loads its own state instead)."""
+    body, head = [p for p in agent.model.parameters() if p.requires_grad], list(agent.value_head.parameters())
+    opt = torch.optim.Adam([{"params": body, "base_lr": args.lr},
+                            {"params": head, "base_lr": args.vf_lr}], lr=args.lr, eps=1e-5)
+    if fresh and args.carry_moments:
+        load_warmup_moments(opt, agent, warmup_moments(args))
+    return opt
+
+
+def sft_cache_dir(args) -> str:
+    noise = f"-z{args.sft_noise:g}" if args.sft_noise > 0 else ""
+    return os.path.join("runs", "sft-cache", f"{args.task}-{args.model}-s{args.seed}-n{args.sft_steps}{noise}")
+
+
+def warmup_moments(args) -> dict:
+    """The cached warm-up's Adam moments ({} for --init, PATH models, or a cache without them)."""
+    if args.init or args.model not in ("tiny", "small"):
+        return {}
+    path = os.path.join(sft_cache_dir(args), "sft_moments.pt")
+    return torch.load(path, weights_only=True) if os.path.isfile(path) else {}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -565,14 +653,14 @@ def write_action(answer: str, action: str) -> str:
     return json.dumps(obj)
 
 
-def gtr_labels(experts, optimal, out, envs):
+def gtr_labels(experts, optimal, actions, grounding, envs):
     """GTR's corrector in GPT-4o's role, privileged: a turn whose thought is not fully grounded, or whose
     action is not one of the solver's optimal moves, gets the expert's thought with the agent's own action;
-    a correct turn gets no label (None)."""
+    a correct turn gets no label (None). actions, grounding: [B] of the B envs (a list) that played."""
     labels = []
-    for i, env in enumerate(envs.envs):
-        a = int(out["action"][i])
-        grounded = out["grounding"][i] == 1.0  # nan (no checkable fact) counts as not grounded
+    for i, env in enumerate(envs):
+        a = int(actions[i])
+        grounded = grounding[i] == 1.0  # nan (no checkable fact) counts as not grounded
         if grounded and a in optimal[i]:
             labels.append(None)
         else:
@@ -580,14 +668,14 @@ def gtr_labels(experts, optimal, out, envs):
     return labels
 
 
-def turbo_sft_labels(guide, out, envs):
+def turbo_sft_labels(guide, actions, envs):
     """Every valid teacher answer becomes a target, with the action the agent executed written in (where
     the agent's own answer was invalid nothing was executed, and the teacher's action stays; masked anyway)."""
-    return [g if g is None or out["action"][i] < 0 else write_action(g, env.action_names[out["action"][i]])
-            for i, (g, env) in enumerate(zip(guide, envs.envs))]
+    return [g if g is None or actions[i] < 0 else write_action(g, env.action_names[actions[i]])
+            for i, (g, env) in enumerate(zip(guide, envs))]
 
 
-def teacher_answers(teacher, images, prompts, envs, args):
+def teacher_answers(teacher, images, prompts, envs, args):  # envs: the list of env objects, one per prompt
     """Turbo-sft (section 4.3): the teacher answers the same image and prompt itself (not conditioned on the
     agent's thought); an invalid answer is resampled at temperature x1.1, up to args.teacher_retries times."""
     from env import parse_answer
@@ -598,7 +686,7 @@ def teacher_answers(teacher, images, prompts, envs, args):
                            max_new_tokens=args.max_new_tokens)
         still = []
         for text, i in zip(b.texts, todo):
-            env = envs.envs[i]
+            env = envs[i]
             action, ok = parse_answer(text, env.action_names, env.answer_keys)
             if ok and action is not None:
                 answers[i] = text
@@ -611,70 +699,150 @@ def teacher_answers(teacher, images, prompts, envs, args):
 
 
 def rollout(agent, teacher, envs, args, stats, dagger=None):
-    """Play args.num_steps turns in every env of this rank. Returns the per-turn batches and [T, N] tensors
-    (N = len(envs): num_envs / K under torchrun). Finished episodes go to stats["episodes"] from every rank.
-    gtr / turbo-sft append (image, prompt, target answer) to this rank's DAgger buffer `dagger`."""
-    T, N = args.num_steps, len(envs)
-    keys = ("rewards", "dones", "values", "format_ok", "action_valid", "kl", "grounding", "entropy")
+    """Play one update's turns in every env of this rank. Returns the per-turn batches (active envs only) and
+    [T, N] tensors (N = len(envs): num_envs / K under torchrun), and V of the state after the last turn.
+    --baseline critic: args.num_steps turns, finished envs start their next episode at once (the paper).
+    --baseline group: every env starts a new episode, neighbours in groups of args.group_size on one level,
+    and plays it to its end; an env whose episode ended sits out (buf["active"] 0) until all have ended.
+    Finished episodes go to stats["episodes"] from every rank. gtr / turbo-sft append (image, prompt,
+    target answer) to this rank's DAgger buffer `dagger`."""
+    N, group = len(envs), args.baseline == "group"
+    if group:
+        envs.reset_groups(args.group_size)
+    T = max(env.max_steps for env in envs.envs) if group else args.num_steps
+    keys = ("rewards", "dones", "values", "format_ok", "action_valid", "kl", "grounding", "entropy", "active",
+            "state_id")
     buf = {k: torch.zeros(T, N) for k in keys}
-    batches = []
-    for t in range(T):
-        images, prompts = envs.observe()
+    state_ids = {}  # (group, state text) -> id: turns from the same state of the same group share a baseline
+    active = np.ones(N, bool)
+    batches, t = [], 0
+    while t < T and active.any():
+        idx = np.flatnonzero(active)
+        sub = [envs.envs[i] for i in idx]
+        all_images, all_prompts = envs.observe()
+        images, prompts = [all_images[i] for i in idx], [all_prompts[i] for i in idx]
+        if group:
+            keys_now = envs.state_keys()
+            buf["state_id"][t, idx] = torch.tensor([float(state_ids.setdefault((i // args.group_size, keys_now[i]),
+                                                                               len(state_ids))) for i in idx])
         if args.method == "gtr":  # what the corrector knows about the state the agent is about to act in
-            experts, optimal = envs.expert_texts(), envs.optimal_actions()
+            experts, optimal = [e.expert_answer() for e in sub], [e.optimal_actions() for e in sub]
         with torch.no_grad(), autocast(args):
             batch = agent.sample(images, prompts, temperature=args.temperature, top_k=args.top_k,
                                  repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens)
             t0 = time.time()
             if args.method == "turbo-kl":
-                buf["kl"][t] = teacher_kl(agent, teacher, batch, args).float().cpu()
+                buf["kl"][t, idx] = teacher_kl(agent, teacher, batch, args).float().cpu()
             elif args.method == "turbo-sft":
-                guide = teacher_answers(teacher, images, prompts, envs, args)
+                guide = teacher_answers(teacher, images, prompts, sub, args)
             stats["teacher_time"] += time.time() - t0
-        out = envs.step_texts(batch.texts)
+        texts = [""] * N
+        for j, i in enumerate(idx):
+            texts[i] = batch.texts[j]
+        out = envs.step_texts(texts, active=active if group else None)
+        actions, grounding = out["action"][idx], out["grounding"][idx]
         if args.method == "gtr":
-            labels = gtr_labels(experts, optimal, out, envs)
+            labels = gtr_labels(experts, optimal, actions, grounding, sub)
         elif args.method == "turbo-sft":
-            labels = turbo_sft_labels(guide, out, envs)
+            labels = turbo_sft_labels(guide, actions, sub)
         if args.method in ("gtr", "turbo-sft"):
-            dagger.extend((images[i], prompts[i], y) for i, y in enumerate(labels) if y is not None)
+            dagger.extend((images[j], prompts[j], y) for j, y in enumerate(labels) if y is not None)
             stats["labels"] += sum(y is not None for y in labels)
         batches.append(batch.to("cpu"))
-        buf["rewards"][t] = torch.as_tensor(out["reward"], dtype=torch.float32)
-        buf["dones"][t] = torch.as_tensor(out["done"], dtype=torch.float32)
-        buf["values"][t] = batch.values.float().cpu()
-        buf["format_ok"][t] = torch.as_tensor(out["format_ok"], dtype=torch.float32)
-        buf["action_valid"][t] = torch.as_tensor(out["action_valid"], dtype=torch.float32)
-        buf["grounding"][t] = torch.as_tensor(out["grounding"], dtype=torch.float32)
-        buf["entropy"][t] = batch.thought_entropy.float().cpu()
+        for key, k in (("rewards", "reward"), ("dones", "done"), ("format_ok", "format_ok"),
+                       ("action_valid", "action_valid"), ("grounding", "grounding")):
+            buf[key][t, idx] = torch.as_tensor(out[k][idx], dtype=torch.float32)
+        buf["values"][t, idx] = batch.values.float().cpu()
+        buf["entropy"][t, idx] = batch.thought_entropy.float().cpu()
+        buf["active"][t, idx] = 1.0
+        stats["env_steps"] = stats.get("env_steps", 0) + len(idx)
         stats["episodes"].extend(gather_objects(out["episodes"]))  # same list, same order on every rank
+        if group:
+            active &= ~out["done"]
+        t += 1
+    buf = {k: v[:t] for k, v in buf.items()}
+    if group:  # every episode ended: nothing to bootstrap
+        return batches, buf, torch.zeros(N)
     images, prompts = envs.observe()
     with torch.no_grad(), autocast(args):  # V(s_T) for the bootstrap; the value reads only the prompt
         last = agent.encode(images, prompts, [""] * N).values.float().cpu()
     return batches, buf, last
 
 
-def compute_returns(buf, last_value, args):
-    """GAE on env rewards, then the turn's shaping terms (format reward, - beta * KL) join its return."""
-    adv = gae(buf["rewards"], buf["values"], buf["dones"], last_value, args.gamma, args.gae_lambda)
-    returns = adv + buf["values"]
+def shaping(buf, args):
+    """The per-turn terms that join a turn's return without being discounted (sections 1, 4.2): the format
+    reward, and for turbo-kl minus beta times the clipped reverse-KL penalty (kl_invalid on a bad format). [T, N]"""
     fmt = buf["format_ok"]
-    returns = returns + fmt * args.format_valid + (1 - fmt) * args.format_invalid
+    terms = fmt * args.format_valid + (1 - fmt) * args.format_invalid
     if args.method == "turbo-kl":
         penalty = torch.where(fmt > 0, buf["kl"], torch.full_like(buf["kl"], args.kl_invalid))
-        returns = returns - args.kl_coef * penalty
+        terms = terms - args.kl_coef * penalty
+    return terms
+
+
+def compute_returns(buf, last_value, args):
+    """--baseline critic (the paper): GAE on env rewards, then the turn's shaping terms join its return.
+    Returns (returns, advantages normalised over all ranks' turns), both [T, N]."""
+    if args.baseline == "group":
+        return group_advantages(buf, args)
+    adv = gae(buf["rewards"], buf["values"], buf["dones"], last_value, args.gamma, args.gae_lambda)
+    returns = adv + buf["values"] + shaping(buf, args)
     advantages = returns - buf["values"]
     mean, std = global_mean_std(advantages)  # over all ranks' turns: the same scale as one process
     advantages = (advantages - mean) / (std + 1e-8)
     return returns, advantages
 
 
+def returns_to_go(rewards, active, gamma: float):
+    """Discounted return from each turn to the end of its episode, [T, N]; one whole episode per env column
+    (group rollouts), inactive turns 0."""
+    out = torch.zeros_like(rewards)
+    nxt = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):  # a loop over turns, not tokens
+        nxt = (rewards[t] + gamma * nxt) * active[t]
+        out[t] = nxt
+    return out
+
+
+def group_mean(values, ids, weights):
+    """Mean of `values` over entries with the same integer id, read back per entry (weights 0/1 exclude)."""
+    ids = ids.long()
+    n = int(ids.max()) + 1 if ids.numel() else 0
+    sums = torch.zeros(n).index_add_(0, ids, values * weights)
+    counts = torch.zeros(n).index_add_(0, ids, weights)
+    return sums[ids] / counts[ids].clamp_min(1.0)
+
+
+def group_advantages(buf, args):
+    """Group-relative advantages without a critic, in the manner of GiGPO (verl-agent): the envs of a group
+    played the same start level.
+        episode level: A_ep = R_i - mean of R over the episode's group            (R: undiscounted env return)
+        step level:    A_st = G_t - mean of G over the group's turns from the same state  (G: return-to-go)
+        A = A_ep + A_st + (s_t - mean s), s_t the turn's shaping terms; then normalised over all ranks' turns.
+    A state visited once gets A_st = 0. Returns (G + s, A), both [T, N]; inactive turns 0."""
+    act, rewards = buf["active"], buf["rewards"]
+    N = act.shape[1]
+    G = returns_to_go(rewards, act, args.gamma)
+    R = (rewards * act).sum(0)  # [N]
+    groups = torch.arange(N) // args.group_size
+    A_ep = R - group_mean(R, groups, torch.ones(N))  # [N]
+    A_st = G - group_mean(G.reshape(-1), buf["state_id"].reshape(-1), act.reshape(-1)).view_as(G)
+    s = shaping(buf, args)
+    s_mean, _ = global_mean_std(s[act > 0])
+    advantages = (A_ep[None, :] + A_st + s - s_mean) * act
+    mean, std = global_mean_std(advantages[act > 0])
+    advantages = (advantages - mean) / (std + 1e-8) * act
+    return (G + s) * act, advantages
+
+
 def ppo_data(batches, buf, last_value, args):
-    """The PPO buffer: rollout turns flattened turn-major (row t * N + i), with returns and advantages."""
+    """The PPO buffer: the active rollout turns flattened turn-major (row t * N + i when all are active),
+    in the order of Batch.cat(batches), with returns and advantages."""
     from agent import Batch
     returns, advantages = compute_returns(buf, last_value, args)
-    return {"batch": Batch.cat(batches), "returns": returns.reshape(-1), "advantages": advantages.reshape(-1),
-            "values": buf["values"].reshape(-1)}
+    act = buf["active"] > 0
+    return {"batch": Batch.cat(batches), "returns": returns[act], "advantages": advantages[act],
+            "values": buf["values"][act]}
 
 
 def dagger_loss(agent, dagger, n, args):
@@ -704,12 +872,20 @@ def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, kee
                 logp, values, _ = agent.score(mb)
                 sft = dagger_loss(agent, dagger, len(idx), args) if dagger else torch.zeros((), device=agent.device)
             logp, values = logp.float(), values.float()
-            new_seq = sequence_logp(logp, mb.thought_mask.float(), mb.action_mask.float(), args.thought_coef)
-            old_seq = sequence_logp(mb.logp.float(), mb.thought_mask.float(), mb.action_mask.float(), args.thought_coef)
-            pg, vl, approx_kl, clipfrac = ppo_loss(new_seq, old_seq, data["advantages"][idx].to(agent.device),
-                                                  values, data["values"][idx].to(agent.device),
-                                                  data["returns"][idx].to(agent.device), args.clip, args.vf_clip)
-            loss = pg + args.vf_coef * vl + args.sft_coef * sft.float()
+            thought, action = mb.thought_mask.float(), mb.action_mask.float()
+            adv = data["advantages"][idx].to(agent.device)
+            old_values, returns = data["values"][idx].to(agent.device), data["returns"][idx].to(agent.device)
+            if args.ratio == "turn":
+                new_seq = sequence_logp(logp, thought, action, args.thought_coef)
+                old_seq = sequence_logp(mb.logp.float(), thought, action, args.thought_coef)
+                pg, vl, approx_kl, clipfrac = ppo_loss(new_seq, old_seq, adv, values, old_values, returns,
+                                                      args.clip, args.vf_clip)
+            else:
+                pg, approx_kl, clipfrac = token_ppo_loss(logp, mb.logp.float(), adv,
+                                                         args.thought_coef * thought + action, args.clip)
+                vl = value_loss(values, old_values, returns, args.vf_clip)
+            vf_coef = args.vf_coef if args.baseline == "critic" else 0.0  # group: no critic to fit
+            loss = pg + vf_coef * vl + args.sft_coef * sft.float()
             opt.zero_grad(set_to_none=True)
             finite = bool(torch.isfinite(loss))  # one sync per minibatch, not per token
             if finite:
@@ -731,8 +907,12 @@ def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, kee
         if keep_states:
             states.append(agent.trainable_state())
     means = all_reduce_mean(torch.stack(logs).mean(0)).tolist() if logs else [float("nan")] * 5
+    if args.baseline == "group":
+        means[1] = float("nan")  # no value loss is trained
     # how much of the returns' variance the rollout-time values explained: ~0 means A is little more than G
     ev = 1 - (data["returns"] - data["values"]).var() / data["returns"].var().clamp_min(1e-8)
+    if args.baseline == "group":
+        ev = torch.tensor(float("nan"))
     return states, {**dict(zip(LOSS_KEYS, means)), "losses/explained_variance": all_reduce_mean(ev).item()}
 
 
@@ -753,20 +933,23 @@ def sft_update(agent, opt, params, demos, args, stats):
 def summarize(update, args, buf, stats, losses, lr):
     """One metrics row. buf: the [T, N] rollout tensors of all ranks (gather_envs); episodes are already
     every rank's; call it on every rank (the label count is summed over ranks)."""
-    fmt = buf["format_ok"]
-    g = buf["grounding"][~torch.isnan(buf["grounding"])]
+    act = buf["active"] > 0  # the turns played (group rollouts leave finished envs idle)
+    fmt = buf["format_ok"][act]
+    g = buf["grounding"][act]
+    g = g[~torch.isnan(g)]
     eps = stats["episodes"][-args.log_episodes:]
     row = {
         "update": update,
-        "env_steps": update * args.num_envs * args.num_steps,
+        "env_steps": int(all_reduce_float(stats["env_steps"])),
         "charts/success_rate": float(np.mean([e["success"] for e in eps])) if eps else float("nan"),
         "charts/episodic_return": float(np.mean([e["return"] for e in eps])) if eps else float("nan"),
         "charts/episodic_length": float(np.mean([e["length"] for e in eps])) if eps else float("nan"),
         "charts/format_rate": fmt.mean().item(),
-        "charts/invalid_rate": 1.0 - buf["action_valid"].mean().item(),
+        "charts/invalid_rate": 1.0 - buf["action_valid"][act].mean().item(),
         "charts/thought_grounding": g.mean().item() if g.numel() else float("nan"),
-        "charts/thought_entropy": buf["entropy"].mean().item(),
-        "teacher/kl": buf["kl"][fmt > 0].mean().item() if args.method == "turbo-kl" and fmt.sum() > 0 else float("nan"),
+        "charts/thought_entropy": buf["entropy"][act].mean().item(),
+        "teacher/kl": buf["kl"][act][fmt > 0].mean().item() if args.method == "turbo-kl" and fmt.sum() > 0
+        else float("nan"),
         "teacher/labels": int(all_reduce_float(stats["labels"])),
         **{k: losses.get(k, float("nan")) for k in LOSS_KEYS + ("losses/explained_variance",)},
         "charts/lr": lr,
@@ -882,9 +1065,8 @@ def main(args: Args):
         demos = demo_envs(args, seed=args.seed + 104729 + RANK_STRIDE * rank, batch=args.minibatch // n_ranks)
         opt = torch.optim.AdamW([{"params": params, "base_lr": args.sft_lr}], lr=args.sft_lr, betas=(0.9, 0.95),
                                 weight_decay=0.0)
-    else:  # the value head has its own group: a fresh head must learn fast, the policy must move slowly
-        opt = torch.optim.Adam([{"params": body, "base_lr": args.lr},
-                                {"params": head, "base_lr": args.vf_lr}], lr=args.lr, eps=1e-5)
+    else:
+        opt = rl_optimizer(agent, args, fresh=not ckpt)
     stats = new_stats()
     start = 1
     if ckpt:
@@ -910,6 +1092,7 @@ def main(args: Args):
         if demos is not None:
             demos.load_state_dict(own["demos"])
         stats, dagger = own["stats"], own["dagger"]
+        stats.setdefault("env_steps", state["update"] * len(envs) * args.num_steps)  # a checkpoint from before it counted
         random.setstate(own["rng"][0]); np.random.set_state(own["rng"][1]); torch.set_rng_state(own["rng"][2])
         start = state["update"] + 1
         if main_rank:
@@ -924,15 +1107,14 @@ def main(args: Args):
         seed_everything(args.seed + rank)  # training draws the same numbers with or without the start evaluation
 
     t_start = time.time() - stats["wall_time"]
-    by_time = args.budget_by == "time"
-    bar = tqdm(desc=f"{args.method} {args.task}", dynamic_ncols=True, initial=start - 1,
-               total=None if by_time else args.num_updates, disable=not main_rank)
+    by_time = args.budget_by == "time"  # the bar counts env turns over all ranks
+    bar = tqdm(desc=f"{args.method} {args.task}", dynamic_ncols=True, initial=int(all_reduce_float(stats["env_steps"])),
+               total=None if by_time else args.total_steps, unit="turn", disable=not main_rank)
     update = start
-    while (stats["wall_time"] < args.budget_seconds) if by_time else (update <= args.num_updates):
-        # cosine decay over the budget: by update count, or by the share of the time budget spent
+    while budget_used(args, stats) < 1.0:
+        # cosine decay over the share of the budget (env turns or seconds) spent before this update
         for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * min(1.0, stats["wall_time"] / args.budget_seconds))) \
-                if by_time else cosine_lr(update - 1, args.num_updates, g["base_lr"])
+            g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * budget_used(args, stats)))
         lr = opt.param_groups[0]["lr"]
         batches, buf, last_value = rollout(agent, teacher, envs, args, stats, dagger)
         if args.method == "sft":  # the rollout only measures; the weights learn from the solver
@@ -957,7 +1139,7 @@ def main(args: Args):
                         sps=f"{row['env_steps'] / row['charts/wall_time']:.1f}")
         stats["episodes"] = stats["episodes"][-args.log_episodes:]
         save_checkpoint(args, update, agent, teacher, opt, envs, history, stats, dagger, demos)
-        bar.update(1)
+        bar.update(row["env_steps"] - bar.n)
         update += 1
     bar.close()
     if main_rank:

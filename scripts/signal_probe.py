@@ -6,7 +6,10 @@
     python scripts/signal_probe.py --adv oracle-pos --updates 8 -- --lr 1e-4  # 1 if optimal, else 0: no push-down
     python scripts/signal_probe.py --adv real --warmup 48 --updates 8 -- --lr 1e-4  # linear lr warm-up, 48 steps
 
-Run it from the repository root: it starts from the cached SFT agent in runs/sft-cache/ (made if missing).
+    python scripts/signal_probe.py --adv oracle -- --sft-noise 0.3 --sft-steps 600 --baseline group --ratio token
+
+Run it from the repository root: it starts from the cached SFT agent in runs/sft-cache/ (made if missing), with
+train.py's own optimizer (`rl_optimizer`), and by default runs the train.py flags' whole --total-steps budget.
 
 The loop is train.py's own (rollout -> ppo_data -> ppo_update, ppo method, no teacher); only the advantages
 differ. After each update it prints one JSON line: training success, approx-KL and clip fraction, the
@@ -66,7 +69,8 @@ def warm_up(opt, steps):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--adv", choices=("real", "shuffle", "oracle", "real-pos", "oracle-pos"), default="real")
-    p.add_argument("--updates", type=int, default=8)
+    p.add_argument("--updates", type=int, default=0, help="stop after this many updates (0 = the run's whole "
+                   "--total-steps budget, as train.py would)")
     p.add_argument("--warmup", type=int, default=0, help="linear lr warm-up over this many optimizer steps (0 = none)")
     p.add_argument("--probe-states", type=int, default=256)
     p.add_argument("train_flags", nargs="*", help="train.py flags (after --), e.g. --lr 3e-5 --task gridworld")
@@ -82,30 +86,33 @@ def main():
     train.seed_everything(args.seed)
     envs = LockstepEnvs(args.task, args.num_envs, seed=args.seed, split="train", invalid=args.invalid,
                         invalid_penalty=args.invalid_penalty)
-    labels = []  # per turn [N]: +1 if the executed move was optimal in the state it was played from
+    labels = []  # per played turn, in the buffer's order: +1 if the move was optimal in the state it was played from
     step_texts = envs.step_texts
 
-    def labelled_step(texts):
+    def labelled_step(texts, active=None):
         optimal = envs.optimal_actions()
-        out = step_texts(texts)
-        labels.append([1.0 if int(m) in o else -1.0 for m, o in zip(out["action"], optimal)])
+        out = step_texts(texts, active)
+        labels.extend(1.0 if int(m) in o else -1.0 for i, (m, o) in enumerate(zip(out["action"], optimal))
+                      if active is None or active[i])
         return out
 
     envs.step_texts = labelled_step
     params = agent.parameters()
-    opt = torch.optim.Adam(params, lr=args.lr, eps=1e-5)
+    opt = train.rl_optimizer(agent, args)  # train.py's own: warm-up moments carried over
     if a.warmup > 0:
         warm_up(opt, a.warmup)
     stats = train.new_stats()
-    print(json.dumps({"adv": a.adv, "update": 0, "optimal_move_rate": optimal_move_rate(
+    print(json.dumps({"adv": a.adv, "update": 0, "env_steps": 0, "optimal_move_rate": optimal_move_rate(
         agent, probe, p_images, p_prompts, p_optimal, args, seed=0)}), flush=True)
-    for update in range(1, a.updates + 1):
-        for g in opt.param_groups:
-            g["lr"] = g["scheduled"] = train.cosine_lr(update - 1, a.updates, args.lr)
+    update = 0
+    while train.budget_used(args, stats) < 1.0 and (a.updates <= 0 or update < a.updates):
+        update += 1
+        for g in opt.param_groups:  # train.py's schedule: cosine over the share of the turn budget spent
+            g["lr"] = g["scheduled"] = g["base_lr"] * 0.5 * (1 + np.cos(np.pi * train.budget_used(args, stats)))
         labels.clear()
         batches, buf, last = train.rollout(agent, None, envs, args, stats)
         data = train.ppo_data(batches, buf, last, args)
-        oracle = torch.tensor(labels).reshape(-1)  # turn-major, like data["advantages"]
+        oracle = torch.tensor(labels)  # [played turns], the order of data["advantages"]
         corr = float(np.corrcoef(data["advantages"].numpy(), oracle.numpy())[0, 1])
         if a.adv == "shuffle":
             data["advantages"] = data["advantages"][torch.randperm(len(oracle))]
@@ -117,7 +124,7 @@ def main():
             data["advantages"] = (oracle > 0).float()
         _, losses = train.ppo_update(agent, opt, params, data, args, stats, update)
         eps = stats["episodes"][-args.log_episodes:]
-        print(json.dumps({"adv": a.adv, "update": update, "env_steps": update * args.num_envs * args.num_steps,
+        print(json.dumps({"adv": a.adv, "update": update, "env_steps": stats["env_steps"],
                           "success": round(float(np.mean([e["success"] for e in eps])), 3),
                           "approx_kl": round(losses["losses/approx_kl"], 4),
                           "clipfrac": round(losses["losses/clipfrac"], 3), "corr_adv_optimal": round(corr, 3),

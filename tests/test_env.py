@@ -379,3 +379,40 @@ def test_lockstep_state_dict_roundtrip_continues_identically():
         b.load_state_dict(state)
         assert run(b, 20, np.random.default_rng(1)) == ref
         assert sum(len(o[2]) for o in ref) > 0  # episodes did finish (and auto-reset) in the compared part
+
+
+def test_noisy_demonstrator_keeps_the_facts_and_randomises_only_the_move():
+    envs = E.LockstepEnvs("sokoban", 64, seed=5)
+    clean = envs.expert_texts()
+    noisy = envs.expert_texts(noise=1.0)
+    changed = 0
+    for c, n, env in zip(clean, noisy, envs.envs):
+        c, n = json.loads(c), json.loads(n)
+        head = c["thoughts"].rsplit("so move", 1)[0]
+        assert n["thoughts"] == f"{head}so move {n['action']}." and n["action"] in env.action_names
+        assert env.grounding(n["thoughts"]) == 1.0  # every stated position is still true
+        changed += n["action"] != c["action"]
+    # a uniform draw over 4 moves keeps the expert's move 1/4 of the time: 48 of 64 changed on average
+    assert 36 <= changed <= 58
+    # noise 0 is the expert itself, and the noise stream is part of the resumable state
+    assert envs.expert_texts(noise=0.0) == clean
+    state = envs.state_dict()
+    first = envs.expert_texts(noise=0.5)
+    envs.load_state_dict(state)
+    assert envs.expert_texts(noise=0.5) == first
+
+
+def test_groups_share_a_level_and_inactive_envs_are_not_stepped():
+    envs = E.LockstepEnvs("gridworld", 6, seed=2)
+    envs.reset_groups(3)
+    assert envs.levels[0] == envs.levels[1] == envs.levels[2] != envs.levels[3] == envs.levels[4] == envs.levels[5]
+    keys = envs.state_keys()
+    assert keys[0] == keys[1] and keys[0] != keys[3]
+    experts = envs.expert_texts()
+    out = envs.step_texts(experts, active=np.array([True, False, True, False, False, False]))
+    after = envs.state_keys()
+    assert after[1] == keys[1] and after[3:] == keys[3:]  # not stepped
+    assert after[0] != keys[0] and out["action"][1] == -1 and np.isnan(out["grounding"][1])
+    assert out["action_valid"].tolist() == [True, False, True, False, False, False]
+    with pytest.raises(ValueError, match="groups of 4"):
+        envs.reset_groups(4)

@@ -56,6 +56,68 @@ def test_value_clip_range():
         assert math.isclose(vl.item(), loss, rel_tol=1e-6) and math.isclose(g.item(), grad, abs_tol=1e-6)
 
 
+def test_token_ratio_clips_each_token_and_weights_thoughts_by_lambda():
+    """Two tokens of one turn, advantage +1: a thought token (weight lambda 0.5) whose ratio is e^0.5 = 1.649,
+    clipped to 1.1, and an action token (weight 1) whose ratio is e^-0.05 = 0.951, inside [0.9, 1.1].
+    Loss = -(0.5 * 1.1 + 1 * 0.9512) / 1.5 = -1.00082; clip fraction 0.5 / 1.5 (the thought token's weight)."""
+    old = torch.tensor([[-1.0, -0.5, 0.0]])
+    new = torch.tensor([[-0.5, -0.55, -9.0]])  # third position is padding: weight 0, ignored
+    weights = torch.tensor([[0.5, 1.0, 0.0]])
+    pg, _, clipfrac = train.token_ppo_loss(new, old, torch.tensor([1.0]), weights, clip=0.1)
+    assert math.isclose(pg.item(), -(0.5 * 1.1 + math.exp(-0.05)) / 1.5, rel_tol=1e-6)
+    assert math.isclose(clipfrac.item(), 0.5 / 1.5, rel_tol=1e-6)
+    # the gradient reaches the unclipped action token only: d/dlogp of -(1 * e^(logp - old)) / 1.5
+    new.requires_grad_(True)
+    pg, _, _ = train.token_ppo_loss(new, old, torch.tensor([1.0]), weights, clip=0.1)
+    (g,) = torch.autograd.grad(pg, new)
+    assert torch.allclose(g, torch.tensor([[0.0, -math.exp(-0.05) / 1.5, 0.0]]), atol=1e-6)
+
+
+def test_group_advantages_by_hand():
+    """Two envs in one group on the same level, gamma 0.5, no shaping (format rewards 0,0, ppo).
+    env 0 plays 2 turns: rewards -1, 10 (states a, b); env 1 plays 3 turns: -1, -1, 10 (states a, c, b).
+    Returns-to-go: env 0: -1 + 0.5*10 = 4, 10; env 1: -1 + 0.5*(-1 + 5) = 1, 4, 10.
+    Episode returns 9 and 8, group mean 8.5: A_ep = +0.5, -0.5.
+    Step level: state a: G 4 and 1, mean 2.5 -> +1.5, -1.5; state b: 10 and 10 -> 0; state c alone -> 0.
+    Raw A: env 0: 2.0, 0.5; env 1: -2.0, -0.5, -0.5; then normalised over the 5 played turns."""
+    args = train.Args(task="gridworld", model="tiny", method="ppo", gamma=0.5, group_size=2, num_envs=2,
+                      format_reward="0,0")
+    T = 3
+    buf = {k: torch.zeros(T, 2) for k in ("rewards", "active", "state_id", "format_ok", "kl")}
+    buf["rewards"][:, 0] = torch.tensor([-1.0, 10.0, 0.0])
+    buf["rewards"][:, 1] = torch.tensor([-1.0, -1.0, 10.0])
+    buf["active"][:, 0] = torch.tensor([1.0, 1.0, 0.0])
+    buf["active"][:, 1] = 1.0
+    buf["state_id"][:, 0] = torch.tensor([0.0, 1.0, 0.0])  # a, b, (idle)
+    buf["state_id"][:, 1] = torch.tensor([0.0, 2.0, 1.0])  # a, c, b
+    buf["format_ok"][:] = 1.0
+    returns, adv = train.group_advantages(buf, args)
+    assert torch.allclose(returns, torch.tensor([[4.0, 1.0], [10.0, 4.0], [0.0, 10.0]]))
+    raw = torch.tensor([2.0, -2.0, 0.5, -0.5, -0.5])  # played turns, turn-major
+    want = (raw - raw.mean()) / raw.std()
+    assert torch.allclose(adv[buf["active"] > 0], want, atol=1e-6) and adv[2, 0] == 0
+
+
+def test_warm_up_moments_carry_into_the_rl_optimizer():
+    agent = tiny_agent()
+    args = train.Args(task="gridworld", model="tiny")
+    opt = train.rl_optimizer(agent, args, fresh=False)
+    name, p = next((n, p) for n, p in agent.model.named_parameters() if p.requires_grad)
+    moments = {name: {"step": torch.tensor(7.0), "exp_avg": torch.full_like(p, 0.5), "exp_avg_sq": torch.full_like(p, 4.0)},
+               "no.such.weight": {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}}
+    assert train.load_warmup_moments(opt, agent, moments) == 1
+    # one Adam step with zero gradient now moves p by lr * m_hat / (sqrt(v_hat) + eps) with the carried moments
+    before = p.detach().clone()
+    for q in opt.param_groups[0]["params"]:
+        q.grad = torch.zeros_like(q)
+    opt.param_groups[0]["lr"] = 1e-3
+    opt.step()
+    b1, b2 = 0.9, 0.999
+    m, v = 0.9 * 0.5, 0.999 * 4.0
+    step = 1e-3 * (m / (1 - b1 ** 8)) / (math.sqrt(v / (1 - b2 ** 8)) + 1e-5)
+    assert torch.allclose(before - p.detach(), torch.full_like(p, step), rtol=1e-4)
+
+
 def run_train(*argv, cwd=None, timeout=600, wait=True):
     """train.py in a subprocess, the way a user runs it (its SFT cache lands under cwd/runs/)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -87,7 +149,7 @@ def test_model_dir_that_is_not_a_vlm_exits_2(tmp_path):
 
 
 SMOKE = ["--task", "gridworld", "--model", "tiny", "--sft-steps", "10", "--num-envs", "4", "--num-steps", "4",
-         "--total-steps", "32", "--ppo-epochs", "2", "--minibatch", "8", "--max-new-tokens", "48",
+         "--total-steps", "32", "--baseline", "critic", "--ppo-epochs", "2", "--minibatch", "8", "--max-new-tokens", "48",
          "--eval-episodes", "4"]
 METRIC_KEYS = {"update", "env_steps", "charts/success_rate", "charts/episodic_return", "charts/format_rate",
                "charts/invalid_rate", "charts/thought_grounding", "charts/thought_entropy", "teacher/kl",
@@ -115,6 +177,19 @@ def test_smoke_two_updates(method, tmp_path):
     Agent.load(str(tmp_path / method / "ckpt" / "agent"))  # the checkpoint is a loadable agent
 
 
+def test_group_baseline_smoke_plays_whole_episodes(tmp_path):
+    """--baseline group: every update starts num_envs / group_size levels and plays each episode to its end
+    (an untrained tiny agent never reaches the goal: 15 turns each), so one update of 4 envs is 60 turns."""
+    argv = [a for a in SMOKE if a not in ("--baseline", "critic")]
+    r = run_train(*argv, "--method", "turbo-kl", "--baseline", "group", "--group-size", "2", "--ratio", "token",
+                  "--out", str(tmp_path / "g"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "g" / "metrics.jsonl")]
+    lengths = [row["charts/episodic_length"] for row in rows]
+    assert rows[-1]["env_steps"] >= 32 and all(0 < n <= 15 for n in lengths)
+    assert math.isnan(rows[0]["losses/value"]) and math.isnan(rows[0]["losses/explained_variance"])
+
+
 def test_plain_save_pretrained_directory_trains(tmp_path):
     from agent import Agent
     tiny = Agent.build("tiny", ['{"thoughts": "player at row 1 col 1.", "action": "up"}'] * 4, seed=0)
@@ -130,7 +205,8 @@ def test_plain_save_pretrained_directory_trains(tmp_path):
 def test_kl_penalty_is_zero_when_teacher_equals_agent():
     from agent import Agent
     from env import LockstepEnvs
-    args = train.Args(task="gridworld", model="tiny", num_envs=3, num_steps=2, max_new_tokens=24, bf16=False)
+    args = train.Args(task="gridworld", model="tiny", num_envs=3, num_steps=2, max_new_tokens=24, bf16=False,
+                      baseline="critic")
     torch.manual_seed(0)
     agent = Agent.build("tiny", train.tokenizer_corpus(0, episodes_per_task=8), seed=0)
     envs = LockstepEnvs("gridworld", 3, seed=0)
@@ -162,7 +238,7 @@ def test_gtr_corrector_labels_only_wrong_turns_and_masks_action_tokens():
     wrong = [next(a for a in range(4) if a not in o) for o in optimal]
     # turn 0: grounded thought, optimal action -> no label; turn 1: a wrong fact; turn 2: a non-optimal move
     out = {"grounding": np.array([1.0, 0.5, 1.0]), "action": np.array([right[0], right[1], wrong[2]])}
-    labels = train.gtr_labels(experts, optimal, out, envs)
+    labels = train.gtr_labels(experts, optimal, out["action"], out["grounding"], envs.envs)
     assert labels[0] is None
     for i in (1, 2):
         label, expert = json.loads(labels[i]), json.loads(experts[i])
@@ -200,10 +276,10 @@ def test_turbo_sft_targets_hold_teacher_thoughts_with_the_agents_action():
 
     teacher = ScriptedTeacher()
     args = train.Args(task="gridworld", model="tiny", temperature=1.0)
-    guide = train.teacher_answers(teacher, images, prompts, envs, args)
+    guide = train.teacher_answers(teacher, images, prompts, envs.envs, args)
     assert teacher.temperatures == [1.0, 1.1] and all(g is not None for g in guide)
     out = {"action": np.array([0, -1, 3])}  # agent moved up, gave an invalid answer, moved right
-    labels = [json.loads(y) for y in train.turbo_sft_labels(guide, out, envs)]
+    labels = [json.loads(y) for y in train.turbo_sft_labels(guide, out["action"], envs.envs)]
     assert [y["thoughts"] for y in labels] == ["teacher thought"] * 3
     assert [y["action"] for y in labels] == ["up", "left", "right"]
 
@@ -217,7 +293,7 @@ def test_nan_loss_is_skipped_and_never_reaches_the_weights():
     from env import LockstepEnvs
     agent = tiny_agent()
     args = train.Args(task="gridworld", model="tiny", method="ppo", num_envs=2, num_steps=2, max_new_tokens=16, bf16=False,
-                      ppo_epochs=2, minibatch=2, max_skips=100)
+                      ppo_epochs=2, minibatch=2, max_skips=100, baseline="critic")
     stats = {"teacher_time": 0.0, "episodes": [], "skipped_steps": 0, "skips_in_row": 0, "labels": 0}
     batches, buf, last = train.rollout(agent, None, LockstepEnvs("gridworld", 2, seed=0), args, stats)
     returns, adv = train.compute_returns(buf, last, args)
@@ -262,7 +338,7 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
 
 
 RESUME = ["--task", "gridworld", "--model", "tiny", "--sft-steps", "10", "--num-envs", "4", "--num-steps", "4",
-          "--total-steps", "64", "--ppo-epochs", "2", "--minibatch", "8", "--max-new-tokens", "48",
+          "--total-steps", "64", "--baseline", "critic", "--ppo-epochs", "2", "--minibatch", "8", "--max-new-tokens", "48",
           "--eval-episodes", "0", "--method", "turbo-kl"]
 TIME_KEYS = {"charts/wall_time", "teacher/time"}
 
