@@ -116,9 +116,10 @@ _FINAL_MOVE = re.compile(r"so move [a-z0-9]+\.$")
 def noisy_answer(answer: str, action_names, rng) -> str:
     """The expert's answer with its decision replaced by a uniformly random legal move: the thought's
     facts (positions, plan) stay true, only its last clause `so move X.` and the action change. SFT on
-    such answers gives a start that reads the board reliably and chooses its move noisily, which is
-    what lets a per-turn advantage lift it (the randomness sits in the decision tokens, not in the
-    perception tokens). Answers without that clause (Points24) keep their thought and change the action."""
+    such answers aims at a start that reads the board reliably and chooses its move noisily, so that the
+    randomness of a sampled answer sits in its decision tokens rather than its perception tokens (README,
+    "Acid test, round 2", measures whether RL then lifts it). Answers without that clause (Points24) keep
+    their thought and change the action."""
     obj = json.loads(answer)
     move = action_names[int(rng.integers(len(action_names)))]
     obj["thoughts"] = _FINAL_MOVE.sub(f"so move {move}.", obj["thoughts"])
@@ -1139,9 +1140,15 @@ class LockstepEnvs:
     def __len__(self):
         return len(self.envs)
 
-    def _reset(self, i):
+    def _next_seed(self) -> int:
         episode_seed = (self.seed * 1_000_003 + self.next_episode) % 2**31
         self.next_episode += 1
+        return episode_seed
+
+    def _reset(self, i, episode_seed=None):
+        """New episode in env i: the next episode seed, or the one given (a group's shared level)."""
+        if episode_seed is None:
+            episode_seed = self._next_seed()
         self.obs[i], info = self.envs[i].reset(seed=episode_seed)
         self.levels[i] = info["level"]
         self.ep_return[i], self.ep_len[i], self.ep_invalid[i] = 0.0, 0, 0
@@ -1157,12 +1164,9 @@ class LockstepEnvs:
         if group_size < 1 or n % group_size:
             raise ValueError(f"{n} envs do not split into groups of {group_size}")
         for g in range(0, n, group_size):
-            episode_seed = (self.seed * 1_000_003 + self.next_episode) % 2**31
-            self.next_episode += 1
+            episode_seed = self._next_seed()
             for i in range(g, g + group_size):
-                self.obs[i], info = self.envs[i].reset(seed=episode_seed)
-                self.levels[i] = info["level"]
-                self.ep_return[i], self.ep_len[i], self.ep_invalid[i] = 0.0, 0, 0
+                self._reset(i, episode_seed)
 
     def state_keys(self) -> list[str]:
         """The full current state of each env as text (equal text = equal state): groups turns by state."""

@@ -288,6 +288,11 @@ def budget_used(args, stats) -> float:
     return all_reduce_float(stats["env_steps"]) / args.total_steps
 
 
+def scheduled_lr(base: float, args, stats) -> float:
+    """Cosine decay of `base` over the share of the budget spent so far (env turns or seconds)."""
+    return base * 0.5 * (1 + math.cos(math.pi * budget_used(args, stats)))
+
+
 def gae(rewards, values, dones, last_value, gamma: float, lam: float):
     """Generalised advantage estimation over a [T, N] rollout (section 2: env rewards only).
 
@@ -411,8 +416,8 @@ def sft_step(agent, opt, params, demos, args, sync: bool, noise: float = 0.0):
 
 
 def sft_warmup(agent, args, steps: int, desc="SFT warm-up"):
-    """SFT on the noisy demonstrator; returns the Adam moments by parameter name, so that RL starts with
-    them instead of a fresh optimizer (a fresh Adam moves every weight by about lr on its first steps)."""
+    """SFT on solver demonstrations (a share --sft-noise of their moves random); returns the AdamW moments by
+    parameter name, which the cache keeps for --carry-moments."""
     envs = demo_envs(args, seed=args.seed + 7919)
     named = [(n, p) for n, p in agent.model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -473,14 +478,14 @@ def make_agent(args):
     return agent
 
 
-def rl_optimizer(agent, args, fresh: bool = True):
+def rl_optimizer(agent, args, new_run: bool = True):
     """Adam over the policy (lr) and the value head (its own group: a fresh head must learn fast, the policy
-    must move slowly). fresh: RL continues the warm-up's optimizer, with its moments, instead of a fresh
-    Adam whose first steps move every weight by about lr (a resumed run loads its own state instead)."""
+    must move slowly). new_run with --carry-moments: start from the warm-up's moments instead of zeros (a
+    resumed run, new_run False, loads its own optimizer state instead)."""
     body, head = [p for p in agent.model.parameters() if p.requires_grad], list(agent.value_head.parameters())
     opt = torch.optim.Adam([{"params": body, "base_lr": args.lr},
                             {"params": head, "base_lr": args.vf_lr}], lr=args.lr, eps=1e-5)
-    if fresh and args.carry_moments:
+    if new_run and args.carry_moments:
         load_warmup_moments(opt, agent, warmup_moments(args))
     return opt
 
@@ -755,7 +760,7 @@ def rollout(agent, teacher, envs, args, stats, dagger=None):
         buf["values"][t, idx] = batch.values.float().cpu()
         buf["entropy"][t, idx] = batch.thought_entropy.float().cpu()
         buf["active"][t, idx] = 1.0
-        stats["env_steps"] = stats.get("env_steps", 0) + len(idx)
+        stats["env_steps"] += len(idx)
         stats["episodes"].extend(gather_objects(out["episodes"]))  # same list, same order on every rank
         if group:
             active &= ~out["done"]
@@ -907,12 +912,10 @@ def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, kee
         if keep_states:
             states.append(agent.trainable_state())
     means = all_reduce_mean(torch.stack(logs).mean(0)).tolist() if logs else [float("nan")] * 5
-    if args.baseline == "group":
-        means[1] = float("nan")  # no value loss is trained
     # how much of the returns' variance the rollout-time values explained: ~0 means A is little more than G
     ev = 1 - (data["returns"] - data["values"]).var() / data["returns"].var().clamp_min(1e-8)
-    if args.baseline == "group":
-        ev = torch.tensor(float("nan"))
+    if args.baseline == "group":  # no critic is trained: no value loss, nothing to explain
+        means[1], ev = float("nan"), torch.tensor(float("nan"))
     return states, {**dict(zip(LOSS_KEYS, means)), "losses/explained_variance": all_reduce_mean(ev).item()}
 
 
@@ -1066,7 +1069,7 @@ def main(args: Args):
         opt = torch.optim.AdamW([{"params": params, "base_lr": args.sft_lr}], lr=args.sft_lr, betas=(0.9, 0.95),
                                 weight_decay=0.0)
     else:
-        opt = rl_optimizer(agent, args, fresh=not ckpt)
+        opt = rl_optimizer(agent, args, new_run=not ckpt)
     stats = new_stats()
     start = 1
     if ckpt:
@@ -1112,9 +1115,8 @@ def main(args: Args):
                total=None if by_time else args.total_steps, unit="turn", disable=not main_rank)
     update = start
     while budget_used(args, stats) < 1.0:
-        # cosine decay over the share of the budget (env turns or seconds) spent before this update
         for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * budget_used(args, stats)))
+            g["lr"] = scheduled_lr(g["base_lr"], args, stats)
         lr = opt.param_groups[0]["lr"]
         batches, buf, last_value = rollout(agent, teacher, envs, args, stats, dagger)
         if args.method == "sft":  # the rollout only measures; the weights learn from the solver

@@ -98,7 +98,7 @@ def main():
 
     envs.step_texts = labelled_step
     params = agent.parameters()
-    opt = train.rl_optimizer(agent, args)  # train.py's own: warm-up moments carried over
+    opt = train.rl_optimizer(agent, args)  # train.py's own (with --carry-moments: the warm-up's moments)
     if a.warmup > 0:
         warm_up(opt, a.warmup)
     stats = train.new_stats()
@@ -107,8 +107,8 @@ def main():
     update = 0
     while train.budget_used(args, stats) < 1.0 and (a.updates <= 0 or update < a.updates):
         update += 1
-        for g in opt.param_groups:  # train.py's schedule: cosine over the share of the turn budget spent
-            g["lr"] = g["scheduled"] = g["base_lr"] * 0.5 * (1 + np.cos(np.pi * train.budget_used(args, stats)))
+        for g in opt.param_groups:  # train.py's schedule
+            g["lr"] = g["scheduled"] = train.scheduled_lr(g["base_lr"], args, stats)
         labels.clear()
         batches, buf, last = train.rollout(agent, None, envs, args, stats)
         data = train.ppo_data(batches, buf, last, args)

@@ -93,7 +93,7 @@ def test_two_ranks_with_half_the_envs_each_take_the_one_process_step(tmp_path):
     Agent.build("tiny", train.tokenizer_corpus(0, episodes_per_task=8), seed=0).save(tmp_path / "agent")
     agent = Agent.load(tmp_path / "agent")  # both sides start from the same file
     torch.manual_seed(0)
-    stats = {"teacher_time": 0.0, "episodes": []}
+    stats = train.new_stats()
     batches, buf, last = train.rollout(agent, None, LockstepEnvs("gridworld", 4, seed=0), args, stats)
     torch.save({"batches": batches, "buf": buf, "last": last}, tmp_path / "rollout.pt")
 

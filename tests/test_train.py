@@ -101,7 +101,7 @@ def test_group_advantages_by_hand():
 def test_warm_up_moments_carry_into_the_rl_optimizer():
     agent = tiny_agent()
     args = train.Args(task="gridworld", model="tiny")
-    opt = train.rl_optimizer(agent, args, fresh=False)
+    opt = train.rl_optimizer(agent, args, new_run=False)
     name, p = next((n, p) for n, p in agent.model.named_parameters() if p.requires_grad)
     moments = {name: {"step": torch.tensor(7.0), "exp_avg": torch.full_like(p, 0.5), "exp_avg_sq": torch.full_like(p, 4.0)},
                "no.such.weight": {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}}
@@ -210,7 +210,7 @@ def test_kl_penalty_is_zero_when_teacher_equals_agent():
     torch.manual_seed(0)
     agent = Agent.build("tiny", train.tokenizer_corpus(0, episodes_per_task=8), seed=0)
     envs = LockstepEnvs("gridworld", 3, seed=0)
-    stats = {"teacher_time": 0.0, "episodes": []}
+    stats = train.new_stats()
     _, buf, _ = train.rollout(agent, agent.copy_frozen(), envs, args, stats)
     assert buf["kl"].shape == (2, 3) and torch.equal(buf["kl"], torch.zeros(2, 3))
     # a teacher that differs gives a positive penalty on the same turns
@@ -294,7 +294,7 @@ def test_nan_loss_is_skipped_and_never_reaches_the_weights():
     agent = tiny_agent()
     args = train.Args(task="gridworld", model="tiny", method="ppo", num_envs=2, num_steps=2, max_new_tokens=16, bf16=False,
                       ppo_epochs=2, minibatch=2, max_skips=100, baseline="critic")
-    stats = {"teacher_time": 0.0, "episodes": [], "skipped_steps": 0, "skips_in_row": 0, "labels": 0}
+    stats = train.new_stats()
     batches, buf, last = train.rollout(agent, None, LockstepEnvs("gridworld", 2, seed=0), args, stats)
     returns, adv = train.compute_returns(buf, last, args)
     adv[0, 0] = float("nan")  # one poisoned turn: every minibatch that holds it must be skipped
