@@ -775,14 +775,15 @@ def rollout(agent, teacher, envs, args, stats, dagger=None):
 
 
 def shaping(buf, args):
-    """The per-turn terms that join a turn's return without being discounted (sections 1, 4.2): the format
-    reward, and for turbo-kl minus beta times the clipped reverse-KL penalty (kl_invalid on a bad format). [T, N]"""
+    """The per-turn terms that join a turn's return without being discounted (sections 1, 4.2), [T, N] each:
+    the format reward, and the penalty subtracted from it: for turbo-kl beta times the clipped reverse-KL
+    penalty (kl_invalid on a bad format), otherwise 0."""
     fmt = buf["format_ok"]
-    terms = fmt * args.format_valid + (1 - fmt) * args.format_invalid
+    reward = fmt * args.format_valid + (1 - fmt) * args.format_invalid
+    penalty = torch.zeros_like(reward)
     if args.method == "turbo-kl":
-        penalty = torch.where(fmt > 0, buf["kl"], torch.full_like(buf["kl"], args.kl_invalid))
-        terms = terms - args.kl_coef * penalty
-    return terms
+        penalty = args.kl_coef * torch.where(fmt > 0, buf["kl"], torch.full_like(buf["kl"], args.kl_invalid))
+    return reward, penalty
 
 
 def compute_returns(buf, last_value, args):
@@ -791,7 +792,8 @@ def compute_returns(buf, last_value, args):
     if args.baseline == "group":
         return group_advantages(buf, args)
     adv = gae(buf["rewards"], buf["values"], buf["dones"], last_value, args.gamma, args.gae_lambda)
-    returns = adv + buf["values"] + shaping(buf, args)
+    reward, penalty = shaping(buf, args)
+    returns = adv + buf["values"] + reward - penalty
     advantages = returns - buf["values"]
     mean, std = global_mean_std(advantages)  # over all ranks' turns: the same scale as one process
     advantages = (advantages - mean) / (std + 1e-8)
@@ -832,7 +834,8 @@ def group_advantages(buf, args):
     groups = torch.arange(N) // args.group_size
     A_ep = R - group_mean(R, groups, torch.ones(N))  # [N]
     A_st = G - group_mean(G.reshape(-1), buf["state_id"].reshape(-1), act.reshape(-1)).view_as(G)
-    s = shaping(buf, args)
+    reward, penalty = shaping(buf, args)
+    s = reward - penalty
     s_mean, _ = global_mean_std(s[act > 0])
     advantages = (A_ep[None, :] + A_st + s - s_mean) * act
     mean, std = global_mean_std(advantages[act > 0])
