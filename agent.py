@@ -22,6 +22,7 @@ tricks (`model.generate` is as fast here), multi-image or video input, gradient 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -318,6 +319,35 @@ def check_safetensors(path: Path) -> None:
         raise CheckpointError(f"{path}: truncated or corrupt (tensors need {8 + n + end} bytes, file has {size})")
 
 
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(path: Path) -> None:
+    """manifest.json: the SHA-256 of every weight file, so a flipped bit is named at load, not trained on.
+    Weight files are made 0644 (safetensors writes 0600), readable like the rest of a run."""
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    for name in files:
+        os.chmod(path / name, 0o644)
+    (path / "manifest.json").write_text(json.dumps({n: sha256_file(path / n) for n in files}, indent=1))
+
+
+def verify_manifest(path: Path) -> None:
+    """The weight files match the SHA-256 saved beside them (a directory without manifest.json passes)."""
+    if not (path / "manifest.json").is_file():
+        return
+    for name, digest in read_json(path / "manifest.json").items():
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing (listed in manifest.json)")
+        if sha256_file(path / name) != digest:
+            raise CheckpointError(f"{path / name}: damaged, its SHA-256 differs from the one in manifest.json "
+                                  "(a changed or flipped byte)")
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -430,6 +460,7 @@ class Agent:
         settings = {}
         if local.exists():
             check_checkpoint_dir(local)
+            verify_manifest(local)
             if (local / "agent.json").is_file():
                 settings = read_json(local / "agent.json")
             for name in ("value_head.safetensors", "lora.safetensors"):
@@ -527,6 +558,7 @@ class Agent:
             (tmp / "agent.json").write_text(json.dumps(
                 {"size": self.size, "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha,
                  "value_hidden": list(self.value_hidden)}, indent=1))
+            write_manifest(tmp)
             old = path.parent / f".{path.name}.old"
             if old.exists():
                 shutil.rmtree(old)

@@ -206,6 +206,13 @@ def _neighbours(passable: np.ndarray):
 _POSITION_FACT = re.compile(r"\b(player|box|target|goal) at row (\d+) col (\d+)")
 
 
+def position_facts(thought: str) -> list[tuple[str, int, int]]:
+    """(kind, row, col) of every "<kind> at row R col C" in a thought. A coordinate of more than 6 digits
+    (off any board) reads as 10**6, so a 5,000-digit number is a false fact, not an int() overflow."""
+    num = lambda s: int(s) if len(s) <= 6 else 10 ** 6  # noqa: E731
+    return [(k, num(r), num(c)) for k, r, c in _POSITION_FACT.findall(thought[:MAX_JSON_CHARS])]
+
+
 def _pos(p: int, w: int) -> str:
     return f"row {p // w} col {p % w}"
 
@@ -568,8 +575,8 @@ class SokobanEnv(_TurnEnv):
         if not isinstance(thought, str):
             return None
         truth = {"player": {self.player}, "box": self.boxes, "target": self.targets}
-        facts = [(kind, int(r) * self.w + int(c), int(r) < self.h and int(c) < self.w)
-                 for kind, r, c in _POSITION_FACT.findall(thought[:MAX_JSON_CHARS]) if kind != "goal"]
+        facts = [(kind, r * self.w + c, r < self.h and c < self.w)
+                 for kind, r, c in position_facts(thought) if kind != "goal"]
         if not facts:
             return None
         return sum(ok and p in truth[kind] for kind, p, ok in facts) / len(facts)
@@ -702,8 +709,8 @@ class GridWorldEnv(_TurnEnv):
         if not isinstance(thought, str):
             return None
         truth = {"player": self.player, "goal": self.goal}
-        facts = [(kind, int(r) * self.w + int(c), int(r) < self.h and int(c) < self.w)
-                 for kind, r, c in _POSITION_FACT.findall(thought[:MAX_JSON_CHARS]) if kind in truth]
+        facts = [(kind, r * self.w + c, r < self.h and c < self.w)
+                 for kind, r, c in position_facts(thought) if kind in truth]
         if not facts:
             return None
         return sum(ok and truth[kind] == p for kind, p, ok in facts) / len(facts)
@@ -1189,7 +1196,7 @@ class LockstepEnvs:
                                               ("done", bool), ("format_ok", bool), ("action_valid", bool),
                                               ("grounding", np.float64), ("action", np.int64))}
         episodes = []
-        for i, (env, text) in enumerate(zip(self.envs, texts)):
+        for i, (env, text) in enumerate(zip(self.envs, texts)):  # read every answer before any env moves
             if active is not None and not active[i]:
                 out["grounding"][i], out["action"][i] = np.nan, -1
                 continue
@@ -1198,6 +1205,10 @@ class LockstepEnvs:
             out["grounding"][i] = np.nan if g is None else g
             out["format_ok"][i], out["action_valid"][i] = fmt, action is not None
             out["action"][i] = -1 if action is None else action
+        for i, env in enumerate(self.envs):
+            if active is not None and not active[i]:
+                continue
+            action = None if out["action"][i] < 0 else int(out["action"][i])
             if action is not None:
                 obs, r, term, trunc, info = env.step(action)
                 penalty = 0.0

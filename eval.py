@@ -26,9 +26,15 @@ CLI:
                                                         and runs/X/eval_full.json; K GIFs runs/X/replay_k.gif
     python eval.py --agent DIR --task sokoban [--out D] any directory Agent.load accepts (a real Qwen2.5-VL too)
     python eval.py compare runs/A runs/B ... [--out compare.png] [--table FILE.md]
-                                                        runs grouped by method (seeds pooled: mean and std) ->
-                                                        a markdown table and a 2x2 PNG of learning curves
-A missing run directory, a run without checkpoint or an unloadable agent exits with status 2 and one line.
+                                                        runs grouped by method and every other setting that
+                                                        differs (only seeds pooled: mean and std) -> a markdown
+                                                        table and a 2x2 PNG of learning curves
+Any bad input (a missing run directory, a run without checkpoint, an unloadable agent, a bad flag or value, a
+bad value in the run's args.json, an output directory that does not exist) exits with status 2 and one line
+`eval.py: error: ...` naming the flag or path, before any model is loaded where it can be.
+
+JSON written here holds no NaN/Infinity (json_safe: null instead, train.py uses it too); readers take null,
+and the bare NaN of older files, as a missing number.
 
 GIF replays: one frame per turn (the state the agent saw, captioned with its thought and action) plus one final
 frame showing the state the episode ended in (captioned with the outcome): frames = turns + 1. Replay k plays
@@ -44,6 +50,7 @@ import copy
 import json
 import math
 import os
+import re
 import sys
 from collections import Counter
 
@@ -55,6 +62,24 @@ from env import extract_thought as env_extract_thought
 EVAL_SEED_OFFSET = 1_000_000  # evaluation episode seeds never coincide with a training run's seeds
 SPLITS = ("eval", "train")
 GIF_SCALE = 4                 # env image enlarged 4x (nearest neighbour) in replays
+
+
+def json_safe(obj):
+    """A copy of obj (nested dicts, lists, tuples) with every NaN or +-inf float replaced by None (JSON null)."""
+    if isinstance(obj, (float, np.floating)):
+        return obj if math.isfinite(obj) else None  # json.dumps would write NaN/Infinity: not JSON
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(json_safe(v) for v in obj)
+    return obj
+
+
+def num(x) -> float:
+    """A number read back from JSON: null (json_safe's NaN/inf) and a missing value are NaN."""
+    return float("nan") if x is None else float(x)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -383,15 +408,18 @@ def write_replays(actor, task, n, seed, out_dir, env_kwargs=None, split="eval") 
 # Comparing runs
 
 
-# The ablation switches of train.py (section 4) and their defaults; a run off a default gets it in its label.
-ABLATIONS = {"teacher": "merged", "guide": "thought", "kl_estimator": "clip", "merge": "ties", "weighting": "sma",
-             "merge_every": 1}
+# args.json settings that do not define the experiment: runs differing only in these are seeds of one setting
+# (seed is what a group pools; the rest say where and how fast a run ran, and how much of it was logged;
+# budget_seconds is the sft baseline's per-seed match of another run's wall-clock, set by scripts/reproduce.py)
+NOT_SETTINGS = ("seed", "out", "resume", "threads", "device", "world_size", "eval_episodes", "log_episodes",
+                "max_skips", "budget_seconds")
 CURVES = (("charts/success_rate", "success rate"), ("charts/thought_grounding", "thought grounding"),
           ("charts/thought_entropy", "thought-token entropy"), ("teacher/kl", "teacher KL (turbo methods)"))
 
 
 def read_run(run_dir) -> dict:
-    """args.json + metrics.jsonl (+ eval.json if present). Raises FileNotFoundError/ValueError with the path."""
+    """args.json + metrics.jsonl (+ eval.json if present). Raises FileNotFoundError/ValueError with the path.
+    Values may be null (json_safe's NaN) or, in old files, a bare NaN: readers turn both into NaN via num()."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"{run_dir}: no such run directory")
     paths = {k: os.path.join(run_dir, k) for k in ("args.json", "metrics.jsonl", "eval.json")}
@@ -414,35 +442,23 @@ def read_run(run_dir) -> dict:
     return {"dir": run_dir, "args": args, "metrics": metrics, "eval": ev}
 
 
-def run_label(args, with_task=False) -> str:
-    """method, plus "(flag=value, ...)" for ablation flags off their default (methods with a teacher only)."""
-    label = str(args.get("method", "?"))
-    if label in ("turbo-kl", "turbo-sft"):
-        off = [f"{k}={args[k]}" for k, v in ABLATIONS.items() if k in args and args[k] != v]
-        if off:
-            label += " (" + ", ".join(off) + ")"
-    return f"{args.get('task', '?')}/{label}" if with_task else label
-
-
 def run_summary(run) -> dict:
     """One run's numbers for the comparison table: held-out agent row from eval.json if present, else the
     mean over the last 5 updates of the training metrics; the SFT start's and the teacher's held-out success
     from the same eval.json (NaN where the run has none)."""
     m = run["metrics"]
-    last5 = lambda key: _mean([float(r.get(key, float("nan"))) for r in m[-5:]])
+    last5 = lambda key: _mean([num(r.get(key)) for r in m[-5:]])  # noqa: E731
     ev = (run["eval"] or {}).get("agent")
     if ev is not None:
-        src = {"success": ev["success"], "return": ev["return"], "grounding": ev["grounding"],
-               "thought_entropy": ev["thought_entropy"],
-               "source": "held-out" if run["args"].get("eval_split", "eval") == "eval" else "train split"}
+        src = {k: num(ev.get(k)) for k in ("success", "return", "grounding", "thought_entropy")}
+        src["source"] = "held-out" if run["args"].get("eval_split", "eval") == "eval" else "train split"
     else:
         src = {"success": last5("charts/success_rate"), "return": last5("charts/episodic_return"),
                "grounding": last5("charts/thought_grounding"), "thought_entropy": last5("charts/thought_entropy"),
                "source": "train, last 5"}
-    held = lambda row: float((run["eval"] or {}).get(row, {}).get("success", float("nan")))  # noqa: E731
+    held = lambda row: num(((run["eval"] or {}).get(row) or {}).get("success"))  # noqa: E731
     src["start"], src["teacher"] = held("start (SFT)"), held("teacher")  # same held-out levels as the agent
-    wall = float(m[-1].get("charts/wall_time", float("nan")))
-    teacher = float(m[-1].get("teacher/time", float("nan")))
+    wall, teacher = num(m[-1].get("charts/wall_time")), num(m[-1].get("teacher/time"))
     src["wall_time"] = wall
     src["teacher_share"] = teacher / wall if wall > 0 else float("nan")
     src["env_steps"] = m[-1].get("env_steps")
@@ -450,17 +466,33 @@ def run_summary(run) -> dict:
 
 
 def group_runs(runs) -> dict:
-    """{label: [runs]} in first-seen order; the task joins the label when the runs span several tasks."""
+    """{label: [runs]} in first-seen order. Runs are seeds of one group only if every args.json setting but
+    NOT_SETTINGS agrees; the label is the method plus "(key=value, ...)" for each setting that differs between
+    the runs given, and the task joins it when the runs span several tasks. Raises ValueError when a group
+    would pool one seed twice (the same run given twice, or a copy)."""
+    keys = sorted({k for r in runs for k in r["args"]} - set(NOT_SETTINGS) - {"method", "task"})
+    differ = [k for k in keys if any(r["args"].get(k) != runs[0]["args"].get(k) for r in runs)]
     with_task = len({r["args"].get("task") for r in runs}) > 1
-    groups = {}
+    groups, seen = {}, {}
     for r in runs:
-        groups.setdefault(run_label(r["args"], with_task), []).append(r)
+        a = r["args"]
+        label = str(a.get("method", "?"))
+        if differ:
+            label += " (" + ", ".join(f"{k}={a.get(k, '?')}" for k in differ) + ")"
+        if with_task:
+            label = f"{a.get('task', '?')}/{label}"
+        other = seen.setdefault((label, a.get("seed")), r)
+        if other is not r:
+            raise ValueError(f"{other['dir']} and {r['dir']} are the same setting with the same seed "
+                             f"{a.get('seed')}: a seed may count only once in a group")
+        groups.setdefault(label, []).append(r)
     return groups
 
 
 def _pm(xs, digits=3) -> str:
-    """mean ± sample std over seeds (no ± for a single seed); nan seeds are left out."""
-    xs = [x for x in xs if not (x is None or math.isnan(x))]
+    """mean ± sample std over seeds (no ± for a single seed); nan (or null) seeds are left out."""
+    xs = [num(x) for x in xs]
+    xs = [x for x in xs if not math.isnan(x)]
     if not xs:
         return "n/a"
     if len(xs) == 1:
@@ -485,15 +517,16 @@ def compare_table(groups) -> str:
 
 
 def curve(run, key):
-    """(env_steps [K], values [K]) of one metric, nan updates dropped."""
-    pts = [(r["env_steps"], float(r.get(key, float("nan")))) for r in run["metrics"]]
-    pts = [(s, v) for s, v in pts if not math.isnan(v)]
+    """(env_steps [K], values [K]) of one metric, nan (null) updates dropped."""
+    pts = [(num(r.get("env_steps")), num(r.get(key))) for r in run["metrics"]]
+    pts = [(s, v) for s, v in pts if not (math.isnan(s) or math.isnan(v))]
     return np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
 
 
 def plot_curves(groups, path):
     """2x2 panels (CURVES) against env steps: per group the seed mean, shaded between seed min and max. Runs
-    of a group are interpolated onto the env-step grid of its shortest run (the steps all of them reached)."""
+    of a group are interpolated onto the env-step grid of its shortest run (the steps all of them reached).
+    Written as PNG exactly at `path`, whatever its extension."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -510,6 +543,9 @@ def plot_curves(groups, path):
             ax.plot(grid, ys.mean(0), color=color, label=f"{label} (n={len(curves)})", marker="." if len(grid) < 20 else None)
             if len(curves) > 1:
                 ax.fill_between(grid, ys.min(0), ys.max(0), color=color, alpha=0.2, linewidth=0)
+        if not ax.lines:  # an empty box would read as a plotting bug
+            ax.text(0.5, 0.5, f"no data: no run logged a finite {key}", ha="center", va="center",
+                    transform=ax.transAxes, color="0.4")
         ax.set_title(title)
         ax.set_xlabel("env steps")
         ax.grid(alpha=0.3)
@@ -521,17 +557,26 @@ def plot_curves(groups, path):
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")  # without format, "x.jpg" or "x" would change what is written
     plt.close(fig)
 
 
+def check_output_file(flag, path):
+    """An output file's directory must exist (a typo must not create a tree) and the path must not be one."""
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: directory {folder} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a directory, not a file")
+
+
 def compare(run_dirs, png="compare.png", table_path=None) -> str:
-    """Read runs, group by method, write the PNG (and the table if asked); returns the markdown table."""
+    """Read runs, group them (group_runs), write the PNG (and the table if asked); returns the markdown table."""
+    check_output_file("--out", png)
+    if table_path:
+        check_output_file("--table", table_path)
     groups = group_runs([read_run(d) for d in run_dirs])
     table = compare_table(groups)
-    for path in (png, table_path):  # e.g. --out docs/curves.png into a folder that does not exist yet
-        if path and os.path.dirname(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
     plot_curves(groups, png)
     if table_path:
         with open(table_path, "w") as f:
@@ -548,11 +593,11 @@ class InputError(Exception):
 
 
 def find_run_agents(run_dir):
-    """(agent dir, teacher dir or None) of a run's last complete checkpoint (ckpt/, or ckpt.old/ after a crash
-    during the checkpoint swap)."""
+    """(agent dir, teacher dir or None) of a run's last checkpoint: ckpt/, else the previous one ckpt.prev/
+    (there alone after a crash during the checkpoint swap), else ckpt.old/ (older versions of train.py)."""
     if not os.path.isdir(run_dir):
         raise InputError(f"{run_dir}: no such run directory")
-    for d in ("ckpt", "ckpt.old"):
+    for d in ("ckpt", "ckpt.prev", "ckpt.old"):
         agent = os.path.join(run_dir, d, "agent")
         if os.path.isdir(agent):
             teacher = os.path.join(run_dir, d, "teacher")
@@ -568,46 +613,95 @@ def load_agent(path, device, dtype):
         raise InputError(str(e).splitlines()[0]) from None
 
 
+# Every number the eval CLI takes (also from a run's args.json): (type, test, rule in the message)
+LIMITS = {"episodes": (int, lambda v: v >= 1, ">= 1"), "gif": (int, lambda v: v >= 0, ">= 0"),
+          "num_envs": (int, lambda v: v >= 1, ">= 1"), "seed": (int, lambda v: v >= 0, ">= 0"),
+          "max_new_tokens": (int, lambda v: v >= 1, ">= 1"), "top_k": (int, lambda v: v >= 0, ">= 0 (0 = off)"),
+          "temperature": (float, lambda v: 0 < v < math.inf, "> 0 and finite"),
+          "repetition_penalty": (float, lambda v: 0 < v < math.inf, "> 0 and finite")}
+
+
+def check_number(name, value, where=""):
+    """InputError naming the flag and the value unless `value` passes LIMITS[name]; `where` says where a value
+    not given as a flag came from. A bool or a string from args.json is refused, not converted."""
+    typ, ok, rule = LIMITS[name]
+    right_type = not isinstance(value, bool) and isinstance(value, int if typ is int else (int, float))
+    if not (right_type and ok(value)):
+        kind = "an integer" if typ is int else "a number"
+        raise InputError(f"--{name.replace('_', '-')} must be {kind} {rule}, got {value!r}{where}")
+
+
+def check_device(device):
+    """cpu, cuda or cuda:N, and CUDA only where this torch sees it: else Agent.load would fail after minutes."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise InputError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: this torch build sees no CUDA device (use --device cpu)")
+        if int(device[5:] or 0) >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+
+
 def eval_cli(ns):
-    """Evaluate a run (agent + teacher) or a bare agent directory: table, eval_full.json, optional GIFs."""
+    """Evaluate a run (agent + teacher) or a bare agent directory: table, eval_full.json, optional GIFs.
+    Every input is checked before a model is loaded."""
+    from env import TASKS
     settings = {"task": None, "seed": 0, "temperature": 1.0, "max_new_tokens": 64, "top_k": 0,
                 "repetition_penalty": 1.0, "eval_split": "eval"}
+    saved, args_path = {}, None
     if ns.run and ns.agent:
         raise InputError("give a run directory or --agent DIR, not both")
     if ns.run:
         agent_dir, teacher_dir = find_run_agents(ns.run)
         args_path = os.path.join(ns.run, "args.json")
         if os.path.isfile(args_path):
-            with open(args_path) as f:
-                saved = json.load(f)
-            settings.update({k: saved[k] for k in settings if k in saved})
+            try:
+                with open(args_path) as f:
+                    saved = json.load(f)
+            except (OSError, ValueError) as e:
+                raise InputError(f"{args_path}: unreadable ({e})") from None
+            if not isinstance(saved, dict):
+                raise InputError(f"{args_path}: not a JSON object of settings")
         out_dir = ns.out or ns.run
     elif ns.agent:
+        if ns.task is None:
+            raise InputError(f"--task is required with --agent (one of {', '.join(sorted(TASKS))})")
         if not os.path.isdir(ns.agent):
             raise InputError(f"{ns.agent}: no such agent directory")
         agent_dir, teacher_dir, out_dir = ns.agent, None, ns.out or "."
     else:
         raise InputError("give a run directory (python eval.py runs/X) or --agent DIR --task TASK")
-    for k in ("task", "seed", "temperature", "max_new_tokens", "top_k", "repetition_penalty", "eval_split"):
+    where = {}  # setting -> " (from RUN/args.json)" when the value was not given as a flag
+    for k in settings:
         if getattr(ns, k) is not None:  # flags override the run's saved settings
             settings[k] = getattr(ns, k)
-    from env import TASKS
+        elif k in saved:
+            settings[k], where[k] = saved[k], f" (from {args_path})"
     if settings["task"] not in TASKS:
-        raise InputError(f"--task must be one of {', '.join(sorted(TASKS))}, got {settings['task']!r}")
-    if ns.episodes < 1 or ns.gif < 0 or not settings["temperature"] > 0:
-        raise InputError("--episodes must be >= 1, --gif >= 0 and --temperature > 0")
+        raise InputError(f"--task must be one of {', '.join(sorted(TASKS))}, got {settings['task']!r}"
+                         f"{where.get('task', '')}")
     split = settings["eval_split"]
     if split not in SPLITS:
-        raise InputError(f"--eval-split must be one of {', '.join(SPLITS)}, got {split!r}")
-    os.makedirs(out_dir, exist_ok=True)
-    task, seed, T = settings["task"], int(settings["seed"]), float(settings["temperature"])
+        raise InputError(f"--eval-split must be one of {', '.join(SPLITS)}, got {split!r}{where.get('eval_split', '')}")
+    for k in ("seed", "temperature", "max_new_tokens", "top_k", "repetition_penalty"):
+        check_number(k, settings[k], where.get(k, ""))
+    for k in ("episodes", "gif", "num_envs"):
+        check_number(k, getattr(ns, k))
+    check_device(ns.device)
+    if ns.out and os.path.exists(ns.out) and not os.path.isdir(ns.out):
+        raise InputError(f"--out {ns.out}: is a file, not a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {out_dir}: cannot create it ({e.strerror})") from None
+    task, seed, T = settings["task"], settings["seed"], float(settings["temperature"])
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[ns.dtype]
     models = {"agent": load_agent(agent_dir, ns.device, dtype)}
     if teacher_dir and not ns.no_teacher:
         models["teacher"] = load_agent(teacher_dir, ns.device, dtype)
 
     rows = {}
-    kw = dict(max_new_tokens=int(settings["max_new_tokens"]), top_k=int(settings["top_k"]),
+    kw = dict(max_new_tokens=settings["max_new_tokens"], top_k=settings["top_k"],
               repetition_penalty=float(settings["repetition_penalty"]), num_envs=ns.num_envs, split=split)
     for name, model in models.items():
         for greedy in (False, True):
@@ -631,15 +725,44 @@ def eval_cli(ns):
                        "agent": agent_dir, "teacher": teacher_dir if "teacher" in models else None, **settings},
               "rows": rows, "replays": replays}
     path = os.path.join(out_dir, "eval_full.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    with open(path, "w") as f:  # NaN metrics (e.g. entropy of the random row) become null: valid JSON
+        json.dump(json_safe(result), f, indent=2, allow_nan=False)
     print(f"wrote {path}", file=sys.stderr)
     return result
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose own errors (unknown flag, `--episodes abc`, a missing value) are one InputError line
+    instead of a usage block."""
+
+    def error(self, message):
+        raise InputError(message)
+
+
+def _is_number(text) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def join_negative_numbers(argv) -> list[str]:
+    """["--seed", "-1e-5"] -> ["--seed=-1e-5"]: argparse takes "-1e-5" or "-inf" for a flag and would report
+    a missing value instead of letting the check name the bad number."""
+    out = []
+    for a in map(str, argv):
+        prev = out[-1] if out else ""
+        if prev.startswith("--") and len(prev) > 2 and "=" not in prev and a.startswith("-") and _is_number(a):
+            out[-1] = f"{prev}={a}"
+        else:
+            out.append(a)
+    return out
+
+
 def eval_parser():
-    p = argparse.ArgumentParser(prog="eval.py", description="Held-out evaluation of a run or an agent directory "
-                                "(python eval.py compare ... compares runs).")
+    p = Parser(prog="eval.py", description="Held-out evaluation of a run or an agent directory "
+               "(python eval.py compare ... compares runs).")
     p.add_argument("run", nargs="?", help="run directory written by train.py (runs/X)")
     p.add_argument("--agent", help="evaluate a bare agent directory instead (anything Agent.load accepts)")
     p.add_argument("--task", help="task (default: the run's; required with --agent)")
@@ -655,34 +778,35 @@ def eval_parser():
     p.add_argument("--out", help="where eval_full.json and GIFs go (default: the run dir; cwd with --agent)")
     p.add_argument("--no-teacher", action="store_true", help="skip the teacher rows")
     p.add_argument("--num-envs", type=int, default=16, help="episodes played in parallel (batch size)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights dtype")
     return p
 
 
 def compare_parser():
-    p = argparse.ArgumentParser(prog="eval.py compare", description="Compare runs: table + learning curves.")
+    p = Parser(prog="eval.py compare", description="Compare runs: table + learning curves.")
     p.add_argument("runs", nargs="+", help="run directories")
-    p.add_argument("--out", default="compare.png", help="PNG of the learning curves")
-    p.add_argument("--table", help="also write the markdown table to this file")
+    p.add_argument("--out", default="compare.png", help="PNG of the learning curves (its directory must exist)")
+    p.add_argument("--table", help="also write the markdown table to this file (its directory must exist)")
     return p
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = join_negative_numbers(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["compare"]:
             ns = compare_parser().parse_args(argv[1:])
             try:
-                print(compare(ns.runs, ns.out, ns.table))
-            except (FileNotFoundError, ValueError) as e:
+                table = compare(ns.runs, ns.out, ns.table)
+            except (OSError, ValueError) as e:
                 raise InputError(str(e)) from None
+            print(table)
             print(f"wrote {ns.out}" + (f" and {ns.table}" if ns.table else ""), file=sys.stderr)
         else:
-            torch.set_grad_enabled(False)
-            eval_cli(eval_parser().parse_args(argv))
+            with torch.no_grad():  # not set_grad_enabled: main() is also called in-process (tests)
+                eval_cli(eval_parser().parse_args(argv))
     except InputError as e:
-        print(f"eval.py: error: {e}", file=sys.stderr)
+        print("eval.py: error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # one line, always
         return 2
     return 0
 

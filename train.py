@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -141,21 +142,30 @@ class Args:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for f in dataclasses.fields(self):  # nan and inf pass every comparison below: reject them first
+            if f.type in ("float", float) and not math.isfinite(getattr(self, f.name)):
+                raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(self, f.name)}")
         for name in ("total_steps", "num_envs", "num_steps", "sft_batch", "ppo_epochs", "minibatch",
-                     "max_new_tokens", "merge_every", "group_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("lr", "sft_lr", "vf_lr", "temperature", "clip", "density"):
+                     "max_new_tokens", "merge_every", "group_size", "log_episodes",
+                     "lr", "sft_lr", "vf_lr", "temperature", "clip", "density", "kl_clip", "max_grad_norm",
+                     "repetition_penalty"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.vf_clip < 0:
-            raise ValueError(f"--vf-clip must be >= 0 (0 = unclipped), got {self.vf_clip}")
-        if self.lora_rank < 0 or self.lora_alpha < 0:
-            raise ValueError(f"--lora-rank and --lora-alpha must be >= 0, got {self.lora_rank}, {self.lora_alpha}")
+        for name in ("seed", "threads", "eval_episodes", "teacher_retries", "max_skips", "top_k", "vf_clip",
+                     "vf_coef", "sft_coef", "kl_coef", "thought_coef", "kl_invalid", "budget_seconds", "lora_rank", "lora_alpha"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name, lo_open in (("gamma", False), ("gae_lambda", False), ("sft_noise", False),
+                              ("density", True), ("ema_alpha", True)):
+            v = getattr(self, name)
+            if not (0 < v <= 1 if lo_open else 0 <= v <= 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be in {'(0, 1]' if lo_open else '[0, 1]'}, got {v}")
+        if self.sft_steps < -1:
+            raise ValueError(f"--sft-steps must be >= 0 (-1 = the task's default), got {self.sft_steps}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.lora_rank > 0 and self.model in ("tiny", "small") and not self.init:
             raise ValueError("--lora-rank is for PATH or hub models; tiny and small train all their weights")
-        if self.density > 1:
-            raise ValueError(f"--density must be in (0, 1], got {self.density}")
         if self.budget_by not in ("steps", "time"):
             raise ValueError(f"--budget-by must be steps or time, got {self.budget_by!r}")
         if self.budget_by == "time" and not self.budget_seconds > 0:
@@ -164,33 +174,92 @@ class Args:
             raise ValueError(f"--invalid must be penalty or random, got {self.invalid!r}")
         for name, allowed in (("teacher", ("merged", "static")), ("guide", ("thought", "thought+action")),
                               ("ratio", ("token", "turn")), ("baseline", ("group", "critic")),
-                              ("eval_split", ("eval", "train")),
+                              ("eval_split", ("eval", "train")), ("merge", ("ties", "linear")),
+                              ("weighting", ("sma", "ema")),
                               ("kl_estimator", ("clip", "k1", "abs", "k3", "exact", "forward"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.merge not in ("ties", "linear") or self.weighting not in ("sma", "ema"):
-            raise ValueError(f"--merge must be ties|linear and --weighting sma|ema, got {self.merge!r}, {self.weighting!r}")
         if self.baseline == "group" and self.num_envs % self.group_size:
             raise ValueError(f"--num-envs {self.num_envs} must be a multiple of --group-size {self.group_size}")
         if self.sft_steps < 0:
             self.sft_steps = {"sokoban": 400, "gridworld": 150, "points24": 1200}[self.task]
-        if not 0 <= self.sft_noise <= 1:
-            raise ValueError(f"--sft-noise must be in [0, 1], got {self.sft_noise}")
         if not self.format_reward:
             self.format_reward = {"ppo": "0,0", "gtr": "5,0"}.get(self.method, "3,-2")
         try:
             valid, invalid = (float(x) for x in self.format_reward.split(","))
         except ValueError:
             raise ValueError(f"--format-reward must be 'valid,invalid', got {self.format_reward!r}") from None
+        if not (math.isfinite(valid) and math.isfinite(invalid)):
+            raise ValueError(f"--format-reward must be two finite numbers, got {self.format_reward!r}")
         self.format_valid, self.format_invalid = valid, invalid
         if not self.out:
             name = self.model if self.model in ("tiny", "small") else os.path.basename(self.model.rstrip("/"))
             self.out = os.path.join("runs", f"{self.task}-{self.method}-{name}-s{self.seed}")
 
 
+# Flags a resumed run may change: they extend or re-evaluate it, or say where it runs, not what it learns.
+RESUME_FLAGS = ("total_steps", "budget_seconds", "eval_episodes", "threads", "device")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (no usage block) and exits with status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def join_negative_numbers(argv: list[str]) -> list[str]:
+    """`--lr -1e-5` -> `--lr=-1e-5`: argparse reads a negative number in exponent form as an option, and the
+    user should hear that the value is out of range, not that it is missing."""
+    out, i = [], 0
+    while i < len(argv):
+        if (argv[i].startswith("--") and "=" not in argv[i] and i + 1 < len(argv)
+                and re.fullmatch(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-inf|-nan", argv[i + 1], re.I)):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def given_flags(argv: list[str]) -> list[str]:
+    """Field names of the flags written on the command line (exact names: the parser takes no abbreviations)."""
+    names = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and len(a) > 2]
+    return [n.removeprefix("no-").replace("-", "_") for n in names]
+
+
+def read_saved_args(run_dir: str, error) -> dict:
+    """A run's args.json, every value checked against the field's type; a damaged file is named in one line."""
+    path = os.path.join(run_dir, "args.json")
+    if not os.path.isfile(path):
+        error(f"--resume {run_dir}: no args.json there, not a run directory")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        error(f"{path} is damaged (not readable JSON: {e}); the run cannot be resumed from it")
+    if not isinstance(saved, dict):
+        error(f"{path} is damaged (a JSON {type(saved).__name__}, not an object of settings)")
+    types = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in dataclasses.fields(Args)}
+    for k, v in saved.items():
+        want = types.get(k)
+        ok = {"bool": lambda x: isinstance(x, bool), "str": lambda x: isinstance(x, str),
+              "int": lambda x: isinstance(x, int) and not isinstance(x, bool),
+              "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)}.get(want, lambda x: True)
+        if not ok(v):
+            error(f"{path} is damaged: {k} = {v!r} is not a {want}")
+    missing = [k for k in ("task", "method", "model", "seed", "out") if k not in saved]
+    if missing:
+        error(f"{path} is damaged: it lacks {', '.join(missing)}")
+    return {k: v for k, v in saved.items() if k in types}  # settings added to Args later take their defaults
+
+
 def parse_args(argv=None) -> Args:
-    """Dataclass -> argparse; a bad value exits with status 2 and a one-line message."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Dataclass -> argparse; a bad value exits with status 2 and a one-line message. A new run refuses an --out
+    that already holds one; --resume DIR takes the run's saved settings, and only RESUME_FLAGS may change them."""
+    p = OneLineParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                      allow_abbrev=False)
     for f in dataclasses.fields(Args):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
@@ -198,18 +267,25 @@ def parse_args(argv=None) -> Args:
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             p.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"])
+    argv = join_negative_numbers(sys.argv[1:] if argv is None else list(argv))
     ns = p.parse_args(argv)
     if ns.resume:  # a resumed run keeps the settings it was started with
-        saved = os.path.join(ns.resume, "args.json")
-        if not os.path.isfile(saved):
-            p.error(f"--resume {ns.resume}: no args.json there, not a run directory")
-        with open(saved) as f:
-            fields = {f.name for f in dataclasses.fields(Args)}
-            ns = argparse.Namespace(**{k: v for k, v in json.load(f).items() if k in fields})
-        ns.resume, ns.out = os.path.dirname(saved) or ".", os.path.dirname(saved) or "."
+        run_dir = os.path.normpath(ns.resume)
+        saved = read_saved_args(run_dir, p.error)
+        for name in dict.fromkeys(given_flags(argv)):
+            if name == "resume":
+                continue
+            if name not in RESUME_FLAGS:
+                p.error(f"--{name.replace('_', '-')} cannot change in a resumed run (--resume keeps the run's "
+                        f"args.json); only {', '.join('--' + n.replace('_', '-') for n in RESUME_FLAGS)} can")
+            if getattr(ns, name) != saved.get(name):
+                print(f"resume: --{name.replace('_', '-')} {getattr(ns, name)} (the run had {saved.get(name)})")
+                saved[name] = getattr(ns, name)
+        ns = argparse.Namespace(**saved)
+        ns.resume, ns.out = run_dir, run_dir
     try:
         args = Args(**vars(ns))
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         p.error(str(e))
     k = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun; every rank takes an equal share
     for name in ("num_envs", "minibatch"):
@@ -217,22 +293,40 @@ def parse_args(argv=None) -> Args:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be divisible by the {k} torchrun processes")
     if args.baseline == "group" and (args.num_envs // k) % args.group_size:
         p.error(f"--group-size {args.group_size} must divide the {args.num_envs // k} envs of each of {k} processes")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: this torch build ({torch.__version__}) sees no CUDA device")
-    check_model_arg(args.model, p.error)
+    check_model_arg(args.model, p.error, "--model")
     if args.init:
-        check_model_arg(args.init, p.error, local_only=True)
+        check_model_arg(args.init, p.error, "--init", local_only=True)
+    positions = model_positions(args.init or args.model)
+    if positions is not None and args.max_new_tokens >= positions:
+        p.error(f"--max-new-tokens {args.max_new_tokens} does not fit the model's {positions} positions "
+                f"(prompt included)")
+    if not args.resume and os.path.isfile(args.out):  # also the default --out, made from task, method and seed
+        p.error(f"--out {args.out} is a file, not a run directory")
+    if not args.resume and any(os.path.exists(os.path.join(args.out, n)) for n in ("args.json", "metrics.jsonl", "ckpt")):
+        p.error(f"--out {args.out} already holds a run; continue it with --resume {args.out}, or give a fresh --out")
     return args
 
 
-def check_model_arg(model: str, error, local_only=False):
+def model_positions(model: str) -> int | None:
+    """Sequence length the model's position embedding covers (None for a hub id: its config is not here)."""
+    if model in ("tiny", "small"):
+        return 4096  # agent.build_config
+    try:
+        with open(os.path.join(model, "config.json")) as f:
+            cfg = json.load(f)
+        return int(cfg.get("text_config", cfg).get("max_position_embeddings") or cfg["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def check_model_arg(model: str, error, flag: str, local_only=False):
     """tiny/small are built in code; a directory must hold a VLM config; anything else is a hub id."""
     if model in ("tiny", "small") and not local_only:
         return
+    if os.path.isfile(model):
+        error(f"{flag} {model} is a file; give a model directory (with config.json)")
     if os.path.isdir(model):
         cfg_path = os.path.join(model, "config.json")
         if not os.path.isfile(cfg_path):
@@ -248,7 +342,7 @@ def check_model_arg(model: str, error, local_only=False):
     looks_like_path = local_only or model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1] \
         or model.count("/") != 1
     if looks_like_path:
-        error(f"model path {model} does not exist")
+        error(f"{flag} {model}: no such model directory")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -967,11 +1061,12 @@ def summarize(update, args, buf, stats, losses, lr):
 
 
 def save_checkpoint(args, update, agent, teacher, opt, envs, history, stats, dagger, demos=None):
-    """Everything a killed run needs to continue bit-identically, written as one directory swap:
-    ckpt.tmp/ is filled, then replaces ckpt/; a crash at any point leaves a complete ckpt/ or ckpt.old/.
-    state.pt holds the shared parts (optimizer, merge history) and rank 0's own; under torchrun rank r > 0
-    adds state_rank<r>.pt with its own envs, RNG streams, stats and DAgger buffer. Call it on every rank."""
-    final, tmp, old = (os.path.join(args.out, d) for d in ("ckpt", "ckpt.tmp", "ckpt.old"))
+    """Everything a killed run needs to continue bit-identically. ckpt.tmp/ is filled (with manifest.json, the
+    SHA-256 of every file), then the current ckpt/ becomes ckpt.prev/ and ckpt.tmp/ becomes ckpt/: a crash at
+    any point leaves a complete checkpoint, and a damaged ckpt/ is never the only one. state.pt holds the shared
+    parts (optimizer, merge history) and rank 0's own; under torchrun rank r > 0 adds state_rank<r>.pt with its
+    own envs, RNG streams, stats and DAgger buffer. Call it on every rank."""
+    final, tmp, prev = (os.path.join(args.out, d) for d in ("ckpt", "ckpt.tmp", "ckpt.prev"))
     rank, n = world()
     own = {"update": update, "envs": envs.state_dict(), "stats": stats, "dagger": dagger,
            "demos": demos.state_dict() if demos is not None else None,
@@ -990,7 +1085,9 @@ def save_checkpoint(args, update, agent, teacher, opt, envs, history, stats, dag
             torch.save(state, os.path.join(tmp, "state.pt"))
         else:
             torch.save(own, os.path.join(tmp, f"state_rank{rank}.pt"))
-        barrier()  # every rank's file is complete before the swap
+        barrier()  # every rank's file is complete before the manifest and the swap
+        if rank == 0:
+            write_manifest(tmp)
     except OSError as e:  # disk full, permissions: the previous ckpt/ is untouched
         shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(e.errno, f"saving checkpoint of update {update} to {tmp} failed ({e.strerror or e}); "
@@ -998,18 +1095,60 @@ def save_checkpoint(args, update, agent, teacher, opt, envs, history, stats, dag
     if rank > 0:
         return
     if os.path.isdir(final):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
+        shutil.rmtree(prev, ignore_errors=True)
+        os.replace(final, prev)
     os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_manifest(ckpt: str):
+    """manifest.json: the SHA-256 of every file under ckpt/, so a damaged file is named at resume."""
+    from agent import sha256_file
+    files = sorted(os.path.relpath(os.path.join(d, f), ckpt) for d, _, fs in os.walk(ckpt) for f in fs)
+    atomic_write_text(os.path.join(ckpt, "manifest.json"),
+                      json.dumps({f: sha256_file(os.path.join(ckpt, f)) for f in files}, indent=1))
+
+
+def verify_checkpoint(ckpt: str):
+    """Every file its manifest lists is there with the same SHA-256 (a checkpoint without a manifest passes)."""
+    from agent import CheckpointError, sha256_file
+    path = os.path.join(ckpt, "manifest.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is damaged ({e})") from None
+    for name, digest in manifest.items():
+        file = os.path.join(ckpt, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file} is missing (listed in {path})")
+        if sha256_file(file) != digest:
+            raise CheckpointError(f"{file} is damaged: its SHA-256 differs from the one saved in {path}")
 
 
 def find_checkpoint(run_dir):
-    for d in ("ckpt", "ckpt.old"):  # ckpt.old exists only if a crash hit the swap itself
+    """The newest checkpoint of a run that verifies: ckpt/, else ckpt.prev/ (with a line saying why), else
+    ckpt.old/ (written by older versions). None if the run never finished an update."""
+    from agent import CheckpointError
+    problems = []
+    for d in ("ckpt", "ckpt.prev", "ckpt.old"):
         path = os.path.join(run_dir, d)
-        if os.path.isfile(os.path.join(path, "state.pt")):
-            return path
-    raise FileNotFoundError(f"{run_dir}: no complete checkpoint (ckpt/state.pt) to resume from")
+        if not os.path.isdir(path):
+            continue
+        try:
+            if not os.path.isfile(os.path.join(path, "state.pt")):
+                raise CheckpointError(f"{path} is incomplete (no state.pt)")
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        for p in problems:
+            print(f"resume: {p}; using {path} instead")
+        return path
+    if problems:
+        raise CheckpointError("; ".join(problems) + " (no other complete checkpoint to fall back to)")
+    return None
 
 
 def load_state(path):
@@ -1023,9 +1162,27 @@ def load_state(path):
     return state
 
 
+def read_metrics(path: str, before: int) -> list[str]:
+    """metrics.jsonl lines of updates < `before`; a damaged line (a full disk cuts the last one short) is
+    dropped with a warning, so a resume redoes that update."""
+    kept = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if row["update"] < before:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                print(f"resume: dropped line {i} of {path}, it is not a complete metrics row")
+    return kept
+
+
 def main(args: Args):
     from agent import CheckpointError
     from env import LockstepEnvs
+    from eval import json_safe
     from merge import MergeHistory
 
     if args.threads > 0:
@@ -1034,11 +1191,13 @@ def main(args: Args):
     rank, n_ranks = world()
     main_rank = rank == 0  # the one that writes files, prints, evaluates and shows the bar
     os.makedirs(args.out, exist_ok=True)
-    if not args.resume and main_rank:
+    if main_rank:  # a resume rewrites it only with the RESUME_FLAGS it changed
         atomic_write_text(os.path.join(args.out, "args.json"),
-                          json.dumps({**dataclasses.asdict(args), "world_size": n_ranks}, indent=2))
+                          json.dumps({**dataclasses.asdict(args), "resume": "", "world_size": n_ranks}, indent=2))
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     ckpt = find_checkpoint(args.out) if args.resume else None
+    if args.resume and ckpt is None and main_rank:
+        print(f"resume: {args.out} has no finished update; starting it from the beginning with its args.json")
     if ckpt:
         agent = load_agent(os.path.join(ckpt, "agent"), args)
     else:  # rank 0 runs the SFT warm-up and writes its cache; the other ranks then load that cache
@@ -1102,8 +1261,8 @@ def main(args: Args):
         random.setstate(own["rng"][0]); np.random.set_state(own["rng"][1]); torch.set_rng_state(own["rng"][2])
         start = state["update"] + 1
         if main_rank:
-            with open(metrics_path) as f:  # lines written after the checkpoint are redone
-                kept = [line for line in f if line.strip() and json.loads(line)["update"] < start]
+            # lines written after the checkpoint are redone
+            kept = read_metrics(metrics_path, start) if os.path.isfile(metrics_path) else []
             atomic_write_text(metrics_path, "".join(kept))
             print(f"resumed {args.out} after update {start - 1}")
     else:
@@ -1139,7 +1298,7 @@ def main(args: Args):
         write_rank_checksum(update, agent, teacher)
         if main_rank:
             with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
         bar.set_postfix(success=f"{row['charts/success_rate']:.2f}", kl=f"{row['teacher/kl']:.3f}",
                         sps=f"{row['env_steps'] / row['charts/wall_time']:.1f}")
         stats["episodes"] = stats["episodes"][-args.log_episodes:]
@@ -1165,27 +1324,28 @@ def start_evaluation(agent, args):
     """The RL start point (the SFT model) on the held-out levels; saved so the final table can show it."""
     if args.eval_episodes <= 0:
         return
+    from eval import json_safe
     row = held_out(agent, args)
     where = "held-out" if args.eval_split == "eval" else "training-distribution"
     print(f"start (SFT) {where} success {row['success']:.3f} over {row['episodes']} episodes")
-    atomic_write_text(os.path.join(args.out, "eval_start.json"), json.dumps(row, indent=2))
+    atomic_write_text(os.path.join(args.out, "eval_start.json"), json.dumps(json_safe(row), indent=2, allow_nan=False))
 
 
 def final_evaluation(agent, teacher, args):
     """Start, final agent and its teacher on the same held-out episodes -> a table and eval.json."""
     if args.eval_episodes <= 0:
         return
-    from eval import format_table
+    from eval import format_table, json_safe
     rows = {}
     start = os.path.join(args.out, "eval_start.json")
     if os.path.isfile(start):
         with open(start) as f:
-            rows["start (SFT)"] = json.load(f)
+            rows["start (SFT)"] = json.load(f)  # null where a number was undefined (format_table shows n/a)
     rows["agent"] = held_out(agent, args)
     if teacher is not None:
         rows["teacher"] = held_out(teacher, args)
     print(format_table(rows))
-    atomic_write_text(os.path.join(args.out, "eval.json"), json.dumps(rows, indent=2))
+    atomic_write_text(os.path.join(args.out, "eval.json"), json.dumps(json_safe(rows), indent=2, allow_nan=False))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python scripts/default_run.py [--fresh] [-- extra train.py flags]
 
-Runs the command exactly as README gives it (plus any extra flags), from the repository root, and prints
+Runs the command exactly as README gives it (plus any extra flags; --out runs/default-run-<time> unless given,
+since train.py refuses to overwrite a run), from the repository root, and prints
 one table: wall-clock of the whole command, of the SFT warm-up and of the RL loop, and held-out success
 of the SFT start, the final agent and its merged teacher (from the run's eval.json). --fresh deletes the
 cached SFT model first, so the warm-up is timed too (what a first-time user sees).
@@ -27,15 +28,16 @@ def main():
     if a.fresh:
         for d in glob.glob(os.path.join(ROOT, "runs", "sft-cache", "sokoban-*")):
             shutil.rmtree(d)
-    cmd = [sys.executable, "train.py", "--task", "sokoban", *a.extra]
+    out = next((a.extra[i + 1] for i, x in enumerate(a.extra[:-1]) if x == "--out"), None)
+    extra = list(a.extra)
+    if out is None:  # train.py never overwrites a run: each benchmark gets its own directory
+        out = os.path.join("runs", time.strftime("default-run-%Y%m%d-%H%M%S"))
+        extra += ["--out", out]
+    cmd = [sys.executable, "train.py", "--task", "sokoban", *extra]
     print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True)
     total = time.time() - t0
-    out = next((a.extra[i + 1] for i, x in enumerate(a.extra[:-1]) if x == "--out"), None)
-    if out is None:
-        with open(os.path.join(ROOT, "runs", "sokoban-turbo-kl-small-s1", "args.json")) as f:
-            out = json.load(f)["out"]
     run = os.path.join(ROOT, out)
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     ev = json.load(open(os.path.join(run, "eval.json")))

@@ -38,11 +38,11 @@ def run(cmd, dry):
 
 
 def train(out, cmd, dry):
-    """Run `cmd` unless `out` is finished; resume it if a killed run left a checkpoint there."""
+    """Run `cmd` unless `out` is finished; resume it if a killed run left its args.json there."""
     if os.path.isfile(os.path.join(ROOT, out, "eval.json")):
         return
-    if os.path.isfile(os.path.join(ROOT, out, "ckpt", "state.pt")):
-        cmd = ["train.py", "--resume", out]  # the saved args.json holds the rest
+    if os.path.isfile(os.path.join(ROOT, out, "args.json")):
+        cmd = ["train.py", "--resume", out]  # the saved args.json holds the rest (no checkpoint: starts over)
     run(cmd, dry)
 
 

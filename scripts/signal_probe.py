@@ -75,7 +75,9 @@ def main():
     p.add_argument("--probe-states", type=int, default=256)
     p.add_argument("train_flags", nargs="*", help="train.py flags (after --), e.g. --lr 3e-5 --task gridworld")
     a = p.parse_args()
-    args = train.parse_args(["--method", "ppo", *a.train_flags])
+    # the probe writes no run: an --out that cannot exist keeps train.py's refusal to overwrite one out of the way
+    args = train.parse_args(["--method", "ppo", "--out", os.path.join("runs", f"signal-probe-{os.getpid()}"),
+                             *a.train_flags])
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     agent = train.make_agent(args)  # the cached SFT warm-up (built first if missing)

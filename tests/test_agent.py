@@ -183,6 +183,19 @@ def test_select_with_different_image_sizes(agent):
     assert (agent.score(sel)[0] - c.logp).abs().max() < 1e-5
 
 
+def test_a_flipped_byte_in_a_weight_file_is_named_at_load(agent, tmp_path):
+    agent.save(tmp_path / "a")
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert set(manifest) == {"model.safetensors", "value_head.safetensors"}
+    weights = tmp_path / "a" / "value_head.safetensors"
+    assert oct(weights.stat().st_mode & 0o777) == "0o644"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor: the header check alone would pass
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"value_head.safetensors: damaged, its SHA-256 differs"):
+        Agent.load(tmp_path / "a")
+
+
 def test_save_load_roundtrip(agent, tmp_path):
     b = agent.encode(images(2), PROMPTS[:2], ANSWERS[:2])
     with torch.no_grad():

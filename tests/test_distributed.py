@@ -145,7 +145,7 @@ def test_two_process_run_keeps_ranks_identical_and_resumes_exactly(tmp_path):
     assert [row["update"] for row in a] == [1, 2, 3, 4]  # one writer: no duplicated lines
     assert set(a[0]) == METRIC_KEYS | EXTRA_KEYS and a[-1]["env_steps"] == 64  # global counts
     assert json.load(open(tmp_path / "full" / "args.json"))["world_size"] == 2
-    assert sorted(os.listdir(tmp_path / "full" / "ckpt")) == ["agent", "state.pt", "state_rank1.pt", "teacher"]
+    assert sorted(os.listdir(tmp_path / "full" / "ckpt")) == ["agent", "manifest.json", "state.pt", "state_rank1.pt", "teacher"]
 
     killed = tmp_path / "killed"
     p = torchrun(TRAIN, *RUN, "--out", str(killed), cwd=tmp_path, wait=False)

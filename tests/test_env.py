@@ -416,3 +416,38 @@ def test_groups_share_a_level_and_inactive_envs_are_not_stepped():
     assert out["action_valid"].tolist() == [True, False, True, False, False, False]
     with pytest.raises(ValueError, match="groups of 4"):
         envs.reset_groups(4)
+
+
+def garbage_answers(rng, experts, n):
+    """Answers no parser may accept: damaged experts whose action value names no move, huge numbers, deep
+    nesting, random unicode and punctuation."""
+    big = "9" * int(rng.choice([7, 500, 5000]))
+    kinds = [
+        lambda e: e.replace("row ", "row " + big, 1).rsplit('"action"', 1)[0],  # 5,000-digit coordinate, no action
+        lambda e: e.rsplit('"action": "', 1)[0] + '"action": "' + big + '"}',    # the action is a number
+        lambda e: e.replace('"action"', '"act"'),                                 # no action key
+        lambda e: "[" * int(rng.integers(1, 50_000)),
+        lambda e: "".join(chr(int(c)) for c in rng.integers(0x20, 0x3000, int(rng.integers(0, 200)))),
+        lambda e: '{"thoughts": "cards ' + big + ' formula (' + big + ')/0 target ' + "(" * 3000 + '", "action": "?"}',
+        lambda e: e.rsplit('"action"', 1)[0] + '"action": "up down left right"}',  # names several moves
+    ]
+    return [kinds[int(rng.integers(len(kinds)))](str(rng.choice(experts))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("task", ["sokoban", "gridworld", "points24"])
+def test_garbage_answers_never_raise_and_leave_every_state_unchanged(task):
+    envs = E.LockstepEnvs(task, 8, seed=5)
+    rng = np.random.default_rng(0)
+    turns = invalid = 0
+    for _ in range(375):  # 3,000 answers
+        keys = envs.state_keys()
+        out = envs.step_texts(garbage_answers(rng, envs.expert_texts(), 8))
+        after = envs.state_keys()
+        turns += 8
+        invalid += int((~out["action_valid"]).sum())
+        assert (out["action"] == -1).all() and not out["terminated"].any()
+        # an env that was not reset (episode cut at its turn limit) is exactly where it was
+        assert all(a == k for a, k, done in zip(after, keys, out["done"]) if not done)
+        assert (out["reward"] == -1.0).all()  # Points24 and Sokoban give 0 for a wall bump; the penalty is -1
+        assert all(ep["invalid"] == ep["length"] for ep in out["episodes"])
+    assert invalid == turns == 3000

@@ -137,7 +137,8 @@ def test_compare_writes_table_and_learning_curve_png(runs, tmp_path):
     body = [line for line in table.splitlines() if line.startswith("| ppo") or line.startswith("| turbo-kl")]
     assert len(body) == 2 and "held-out" in table  # both runs wrote eval.json, so held-out success is used
     # columns: method | seeds | SFT start | success | source | teacher success | ...: read back from eval.json
-    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in body}
+    # labels carry the settings that differ between the two runs (format_reward's default is per method)
+    cells = {line.split("|")[1].split()[0]: [c.strip() for c in line.split("|")[2:-1]] for line in body}
     for method in ("ppo", "turbo-kl"):
         ev = json.loads((runs[method] / "eval.json").read_text())
         assert cells[method][1] == f"{ev['start (SFT)']['success']:.3f}" and cells[method][2] == f"{ev['agent']['success']:.3f}"
@@ -146,11 +147,6 @@ def test_compare_writes_table_and_learning_curve_png(runs, tmp_path):
     img = np.asarray(Image.open(png).convert("RGB"))
     assert img.shape[0] > 100 and img.shape[1] > 100
     assert img.reshape(-1, 3).std(0).max() > 10 and len(np.unique(img.reshape(-1, 3), axis=0)) > 20  # not blank
-    # ablation labels: a non-default flag of a teacher method shows; ppo never gets one
-    assert E.run_label({"method": "turbo-kl", "merge": "linear", "weighting": "sma", "teacher": "merged"}) == \
-        "turbo-kl (merge=linear)"
-    assert E.run_label({"method": "turbo-kl", "teacher": "static"}) == "turbo-kl (teacher=static)"
-    assert E.run_label({"method": "gtr", "merge": "linear", "teacher": "merged"}) == "gtr"
 
 
 def test_eval_run_writes_full_json_and_gif_with_one_frame_per_turn(runs):
@@ -168,12 +164,124 @@ def test_eval_run_writes_full_json_and_gif_with_one_frame_per_turn(runs):
     assert 1 <= replay["length"] <= 15 and (replay["success"] or replay["length"] == 15)  # GridWorld max_steps 15
 
 
-def test_bad_input_exits_2_with_one_line(tmp_path):
-    (tmp_path / "norun").mkdir()
-    (tmp_path / "norun" / "args.json").write_text("{}")
-    for argv in ([tmp_path / "missing"], [tmp_path / "norun"], ["compare", tmp_path / "missing"],
-                 ["--agent", tmp_path / "norun", "--task", "gridworld"]):
-        r = run_script("eval.py", *argv)
-        assert r.returncode == 2, (argv, r.stderr)
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("eval.py: error:"), (argv, r.stderr)
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, before any model is loaded (the agent directories below hold no model at all)
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    """Paths the bad-input table fills in: {run} looks like a finished run (empty ckpt/agent), {saved} is one
+    whose args.json holds a bad temperature, {agent} an empty directory, {file} a regular file."""
+    paths = {k: tmp_path / k for k in ("run", "saved", "agent", "norun", "file", "missing")}
+    for k, settings in (("run", {"task": "gridworld", "seed": 1}), ("saved", {"task": "gridworld", "temperature": 0})):
+        (paths[k] / "ckpt" / "agent").mkdir(parents=True)
+        (paths[k] / "args.json").write_text(json.dumps(settings))
+        (paths[k] / "metrics.jsonl").write_text('{"env_steps": 8, "charts/success_rate": 0.5}\n')
+    paths["agent"].mkdir()
+    paths["norun"].mkdir()
+    paths["file"].write_text("not a directory")
+    return {k: str(v) for k, v in paths.items()}
+
+
+AGENT = "--agent {agent} --task gridworld "
+BAD = [  # (argv, fragments the one line must contain: the flag or path, and the bad value)
+    (AGENT + "--episodes abc", ["--episodes", "abc"]),
+    (AGENT + "--bogus 3", ["--bogus"]),
+    (AGENT + "--seed", ["--seed", "expected one argument"]),
+    (AGENT + "--dtype float16", ["--dtype", "float16"]),
+    (AGENT + "--max-new-tokens -1", ["--max-new-tokens", "-1"]),
+    (AGENT + "--max-new-tokens 0", ["--max-new-tokens", "got 0"]),
+    (AGENT + "--top-k -5", ["--top-k", "-5"]),
+    (AGENT + "--repetition-penalty -1", ["--repetition-penalty", "-1"]),
+    (AGENT + "--repetition-penalty nan", ["--repetition-penalty", "nan"]),
+    (AGENT + "--repetition-penalty inf", ["--repetition-penalty", "inf"]),
+    (AGENT + "--seed -1", ["--seed", "-1"]),
+    (AGENT + "--episodes 0", ["--episodes", "got 0"]),
+    (AGENT + "--episodes -3", ["--episodes", "-3"]),
+    (AGENT + "--gif -1", ["--gif", "-1"]),
+    (AGENT + "--temperature 0", ["--temperature", "got 0"]),
+    (AGENT + "--temperature -1", ["--temperature", "-1"]),
+    (AGENT + "--temperature -1e-5", ["--temperature", "-1e-05"]),  # argparse alone reads "-1e-5" as a flag
+    (AGENT + "--temperature nan", ["--temperature", "nan"]),
+    (AGENT + "--temperature inf", ["--temperature", "inf"]),
+    (AGENT + "--num-envs 0", ["--num-envs", "got 0"]),
+    (AGENT + "--out {file}", ["--out", "{file}"]),
+    (AGENT + "--device mps", ["--device", "mps"]),
+    (AGENT + "--device tpu", ["--device", "tpu"]),
+    (AGENT + "--device cuda", ["--device cuda", "no CUDA"]),  # is_available is patched to False below
+    (AGENT + "--eval-split test", ["--eval-split", "test"]),
+    ("--agent {agent}", ["--task is required with --agent", "gridworld, points24, sokoban"]),
+    (AGENT, ["{agent}"]),  # passes every check; Agent.load finds no model there
+    ("{missing}", ["{missing}", "no such run"]),
+    ("{norun}", ["{norun}", "no checkpoint"]),
+    ("{run} --top-k -5", ["--top-k", "-5"]),
+    ("{run} --out {file}", ["--out", "{file}"]),
+    ("{saved}", ["--temperature", "got 0", "args.json"]),  # a bad saved value, no flag given
+    ("compare {missing}", ["{missing}"]),
+    ("compare {run} --out {missing}/c.png", ["--out", "{missing}", "does not exist"]),
+    ("compare {run} --table {missing}/t.md", ["--table", "{missing}", "does not exist"]),
+    ("compare {run} --out {agent}", ["--out", "{agent}", "is a directory"]),
+    ("compare {run} --bogus", ["--bogus"]),
+]
+
+
+@pytest.mark.parametrize("argv,fragments", BAD, ids=[a for a, _ in BAD])
+def test_bad_input_exits_2_with_one_line_naming_it(bad_inputs, monkeypatch, capsys, argv, fragments):
+    monkeypatch.setattr(E.torch.cuda, "is_available", lambda: False)  # "--device cuda" is bad on any machine
+    rc = E.main(argv.format(**bad_inputs).split())
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("eval.py: error: "), err
+    assert "usage:" not in err and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment.format(**bad_inputs) in lines[0], (fragment, lines[0])
+    assert not os.path.exists(bad_inputs["missing"])  # nothing created on the way out
+
+
+def test_bad_input_as_a_script_is_one_line_too():
+    r = run_script("eval.py", "--agent", ROOT, "--task", "gridworld", "--seed", "-1e-5")
+    assert (r.returncode, r.stderr) == (2, "eval.py: error: argument --seed: invalid int value: '-1e-5'\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Valid JSON and honest grouping in compare
+
+
+def test_json_safe_replaces_nan_and_inf_at_any_depth():
+    nan, inf = float("nan"), float("inf")
+    row = {"a": [nan, 1.5, {"b": inf}], "c": (-inf, "x"), "d": None, "e": 3, "f": np.float64(nan)}
+    safe = E.json_safe(row)
+    assert safe == {"a": [None, 1.5, {"b": None}], "c": (None, "x"), "d": None, "e": 3, "f": None}
+    assert json.loads(json.dumps(safe, allow_nan=False))["a"] == [None, 1.5, {"b": None}]
+    assert math.isnan(row["a"][0])  # a copy: the caller's row keeps its NaN
+
+
+def fake_run(path, metrics, **settings):
+    """A run directory as compare reads it: args.json + metrics.jsonl (lines written as given)."""
+    path.mkdir()
+    args = {"method": "ppo", "task": "gridworld", "seed": 1, "lr": 1e-5, "out": str(path), **settings}
+    (path / "args.json").write_text(json.dumps(args))
+    (path / "metrics.jsonl").write_text("".join(line + "\n" for line in metrics))
+    return str(path)
+
+
+def test_compare_groups_by_every_setting_and_reads_null(tmp_path, capsys):
+    step = '{{"env_steps": {}, "charts/success_rate": {}}}'.format
+    # a: success 0.2 then null then a bare NaN (an old file): last-5 mean 0.2 (null/NaN left out, not counted 0)
+    a = fake_run(tmp_path / "a", [step(8, 0.2), step(16, "null"), step(24, "NaN")], threads=2, eval_episodes=0)
+    b = fake_run(tmp_path / "b", [step(8, 0.4), step(16, 0.6)], seed=2)   # same setting, other seed: mean 0.5
+    c = fake_run(tmp_path / "c", [step(8, 0.9)], lr=1e-4)                 # differs in lr only: its own group
+    png, md = tmp_path / "curves", tmp_path / "t.md"                      # no .png: written exactly there
+    assert E.main(["compare", a, b, c, "--out", str(png), "--table", str(md)]) == 0
+    assert f"wrote {png} and {md}" in capsys.readouterr().err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [line.split("|")[1:4] for line in md.read_text().splitlines()[2:]]
+    # group a+b: success 0.2 and 0.5 -> mean 0.35, sample std |0.5-0.2|/sqrt(2) = 0.212; threads, out,
+    # eval_episodes do not split a group
+    assert [[x.strip() for x in r] for r in rows] == [["ppo (lr=1e-05)", "1,2", "n/a"],
+                                                     ["ppo (lr=0.0001)", "1", "n/a"]]
+    assert "| 0.350 ± 0.212 |" in md.read_text() and "| 0.900 |" in md.read_text()
+    # the same run twice, or a copy of it, would count one seed twice: refused, naming both
+    assert E.main(["compare", a, b, a]) == 2
+    assert capsys.readouterr().err == f"eval.py: error: {a} and {a} are the same setting with the same seed 1: " \
+                                      "a seed may count only once in a group\n"

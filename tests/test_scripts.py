@@ -42,12 +42,12 @@ def test_signal_probe_prints_one_line_per_update(tmp_path):
 
 
 def test_reproduce_skips_finished_and_resumes_killed_runs(tmp_path):
-    """A finished run (eval.json) is not redone; a killed one (a checkpoint, no eval.json) is resumed."""
+    """A finished run (eval.json) is not redone; a killed one (args.json, no eval.json) is resumed."""
     root = tmp_path / "runs"
     (root / "sokoban-ppo-s2").mkdir(parents=True)
     (root / "sokoban-ppo-s2" / "eval.json").write_text("{}")
-    (root / "sokoban-gtr-s2" / "ckpt").mkdir(parents=True)
-    (root / "sokoban-gtr-s2" / "ckpt" / "state.pt").write_bytes(b"")
+    (root / "sokoban-gtr-s2").mkdir(parents=True)
+    (root / "sokoban-gtr-s2" / "args.json").write_text("{}")  # train.py refuses a new run over it
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "reproduce.py"), "--tasks", "sokoban",
                           "--seed-list", "2", "--dry-run", "--root", str(root)],
                          capture_output=True, text=True, timeout=60, check=True)

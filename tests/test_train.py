@@ -127,19 +127,53 @@ def run_train(*argv, cwd=None, timeout=600, wait=True):
     return subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--task", "chess"], "--task"),
-    (["--method", "dpo"], "--method"),
-    (["--total-steps", "0"], "--total-steps"),
-    (["--num-envs", "-3"], "--num-envs"),
-    (["--model", "/nonexistent/qwen"], "does not exist"),
-    (["--device", "gpu0"], "--device must be"),
-    (["--eval-split", "test"], "--eval-split"),
-] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "sees no CUDA device")]))
-def test_bad_cli_values_exit_2_with_a_message(argv, needle):
-    r = run_train(*argv)
-    assert r.returncode == 2
-    assert needle in r.stderr.strip().splitlines()[-1]
+BAD_VALUES = [  # (argv, what the one line must name)
+    (["--task", "chess"], "--task"), (["--method", "dpo"], "--method"), (["--total-steps", "0"], "--total-steps"),
+    (["--num-envs", "-3"], "--num-envs"), (["--seed", "-1"], "--seed"), (["--device", "mps"], "--device"),
+    (["--device", "tpu"], "--device"), (["--device", "gpu0"], "--device"), (["--ema-alpha", "7"], "--ema-alpha"),
+    (["--gamma", "5"], "--gamma"), (["--gae-lambda", "9"], "--gae-lambda"), (["--eval-episodes", "-1"], "--eval-episodes"),
+    (["--log-episodes", "0"], "--log-episodes"), (["--threads", "-2"], "--threads"),
+    (["--max-new-tokens", "5000"], "--max-new-tokens"), (["--teacher-retries", "-3"], "--teacher-retries"),
+    (["--max-skips", "-1"], "--max-skips"), (["--format-reward", "nan,inf"], "--format-reward"),
+    (["--format-reward", "3"], "--format-reward"), (["--invalid-penalty", "nan"], "--invalid-penalty"),
+    (["--kl-coef=-inf"], "--kl-coef"), (["--lr", "-1e-5"], "--lr"), (["--lr", "inf"], "--lr"),
+    (["--temperature", "0"], "--temperature"), (["--eval-split", "test"], "--eval-split"),
+    (["--model", "/nonexistent/qwen"], "--model"), (["--init", "/nonexistent/agent"], "--init"),
+    (["--total-steps", "abc"], "--total-steps"), (["--no-such-flag"], "--no-such-flag"),
+    (["--tot", "5"], "--tot"),  # no abbreviations: a typo is not silently another flag
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "sees no CUDA device")])
+
+
+@pytest.mark.parametrize("argv, needle", BAD_VALUES)
+def test_bad_cli_values_exit_2_with_one_line(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and needle in err[0] and "usage" not in err[0]
+
+
+def test_files_where_directories_belong_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f.txt").write_text("x")
+    for flag in ("--model", "--init", "--out"):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args([flag, "f.txt"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and f"{flag} f.txt is a file" in err[0]
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("{not json", "not readable JSON"), ("", "not readable JSON"), ("[1, 2]", "a JSON list"),
+    ('{"task": "sokoban", "method": "ppo", "model": "small", "seed": "one", "out": "r"}', "seed = 'one' is not a int"),
+    ('{"task": "sokoban"}', "it lacks method"),
+])
+def test_damaged_args_json_is_named_in_one_line(tmp_path, capsys, content, needle):
+    (tmp_path / "args.json").write_text(content)
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--resume", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and str(tmp_path / "args.json") in err[0] and needle in err[0]
 
 
 def test_model_dir_that_is_not_a_vlm_exits_2(tmp_path):
@@ -187,7 +221,7 @@ def test_group_baseline_smoke_plays_whole_episodes(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "g" / "metrics.jsonl")]
     lengths = [row["charts/episodic_length"] for row in rows]
     assert rows[-1]["env_steps"] >= 32 and all(0 < n <= 15 for n in lengths)
-    assert math.isnan(rows[0]["losses/value"]) and math.isnan(rows[0]["losses/explained_variance"])
+    assert rows[0]["losses/value"] is None and rows[0]["losses/explained_variance"] is None  # null: no critic
 
 
 def test_plain_save_pretrained_directory_trains(tmp_path):
@@ -350,6 +384,9 @@ def metrics_without_time(path):
 def test_kill_and_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path):
     full = run_train(*RESUME, "--out", str(tmp_path / "full"), cwd=tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
+    # the same command again would overwrite the run: refused, with the way out named
+    again = run_train(*RESUME, "--out", str(tmp_path / "full"), cwd=tmp_path)
+    assert again.returncode == 2 and f"--resume {tmp_path / 'full'}" in again.stderr.strip().splitlines()[-1]
     killed = tmp_path / "killed"
     p = run_train(*RESUME, "--out", str(killed), cwd=tmp_path, wait=False)
     deadline = time.time() + 300
@@ -360,20 +397,41 @@ def test_kill_and_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path
         time.sleep(0.02)
     assert p.wait() == -signal.SIGKILL
     assert len(open(killed / "metrics.jsonl").readlines()) < 4  # it really was cut short
+    with open(killed / "metrics.jsonl", "a") as f:
+        f.write('{"update": 9, "charts/succ')  # what a full disk leaves: dropped with a warning on resume
     resumed = run_train("--resume", str(killed), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "dropped line" in resumed.stdout
     a, b = metrics_without_time(tmp_path / "full" / "metrics.jsonl"), metrics_without_time(killed / "metrics.jsonl")
     assert [r["update"] for r in b] == [1, 2, 3, 4]
     assert a == b
-    # a truncated checkpoint file is named, with what is wrong, and no traceback
-    state = killed / "ckpt" / "state.pt"
-    state.write_bytes(state.read_bytes()[:100])
+    # only the flags that extend or re-place a run may change on resume
+    bad = run_train("--resume", str(killed), "--lr", "1e-3", cwd=tmp_path)
+    assert bad.returncode == 2 and "--lr cannot change in a resumed run" in bad.stderr
+    # one flipped byte in the newest weights: named, and the previous checkpoint (update 3) takes over
+    weights = killed / "ckpt" / "agent" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1
+    weights.write_bytes(bytes(data))
+    ext = run_train("--resume", str(killed), "--total-steps", "96", cwd=tmp_path)
+    assert ext.returncode == 0, ext.stderr[-3000:]
+    assert f"{weights} is damaged" in ext.stdout and "ckpt.prev instead" in ext.stdout
+    rows = metrics_without_time(killed / "metrics.jsonl")
+    assert [r["update"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[-1]["env_steps"] == 96
+    assert json.load(open(killed / "args.json"))["total_steps"] == 96
+    assert oct(os.stat(killed / "ckpt" / "agent" / "model.safetensors").st_mode & 0o777) == "0o644"
+    # both checkpoints damaged: each is named, no traceback
+    for d in ("ckpt", "ckpt.prev"):
+        state = killed / d / "state.pt"
+        state.write_bytes(state.read_bytes()[:100])
     bad = run_train("--resume", str(killed), cwd=tmp_path)
-    assert bad.returncode == 1 and str(state) in bad.stderr and "corrupt or truncated" in bad.stderr
-    assert "Traceback" not in bad.stderr
-    # a checkpoint whose agent is another model (here: another vocabulary) is named, not half-loaded
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert str(killed / "ckpt" / "state.pt") in bad.stderr and str(killed / "ckpt.prev" / "state.pt") in bad.stderr
+    # a checkpoint without manifests whose agent is another model (another vocabulary) is named, not half-loaded
     from agent import Agent
+    state = killed / "ckpt" / "state.pt"
     state.write_bytes((tmp_path / "full" / "ckpt" / "state.pt").read_bytes())
+    (killed / "ckpt" / "manifest.json").unlink()
     other = Agent.build("tiny", ['{"thoughts": "a", "action": "up"}'] * 2, seed=0)
     other.save(str(killed / "ckpt" / "agent"))
     other.save(str(killed / "ckpt" / "teacher"))
@@ -389,5 +447,5 @@ def test_sft_baseline_stops_on_its_time_budget(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "sft" / "metrics.jsonl")]
     # it stops at the first update that ends past the budget, whatever --total-steps says
     assert rows[-1]["charts/wall_time"] >= 2 and all(row["charts/wall_time"] < 2 for row in rows[:-1])
-    assert rows[-1]["losses/sft"] > 0 and math.isnan(rows[-1]["losses/policy"])
+    assert rows[-1]["losses/sft"] > 0 and rows[-1]["losses/policy"] is None
 
