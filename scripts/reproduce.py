@@ -58,7 +58,7 @@ def main():
     a = p.parse_args()
     tasks = a.tasks.split(",") if a.tasks else (["sokoban"] if a.quick else ["sokoban", "points24"])
     seeds = [int(s) for s in a.seed_list.split(",")] if a.seed_list else range(1, 1 + (a.seeds or (1 if a.quick else 3)))
-    budget = ["--total-steps", "1024", "--eval-episodes", "30"] if a.quick else ["--total-steps", "5120"]
+    budget = ["--total-steps", "1024", "--eval-episodes", "30"] if a.quick else []  # else train.py's defaults
     budget += a.train_args.split()
     for task in tasks:
         dirs = []

@@ -6,7 +6,7 @@
     python scripts/signal_probe.py --adv oracle-pos --updates 8 -- --lr 1e-4  # 1 if optimal, else 0: no push-down
     python scripts/signal_probe.py --adv real --warmup 48 --updates 8 -- --lr 1e-4  # linear lr warm-up, 48 steps
 
-    python scripts/signal_probe.py --adv oracle -- --sft-noise 0.3 --sft-steps 600 --baseline group --ratio token
+    python scripts/signal_probe.py --adv oracle -- --task gridworld --lr 4e-5     # GridWorld, a higher lr
 
 Run it from the repository root: it starts from the cached SFT agent in runs/sft-cache/ (made if missing), with
 train.py's own optimizer (`rl_optimizer`), and by default runs the train.py flags' whole --total-steps budget.
