@@ -212,21 +212,6 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def join_negative_numbers(argv: list[str]) -> list[str]:
-    """`--lr -1e-5` -> `--lr=-1e-5`: argparse reads a negative number in exponent form as an option, and the
-    user should hear that the value is out of range, not that it is missing."""
-    out, i = [], 0
-    while i < len(argv):
-        if (argv[i].startswith("--") and "=" not in argv[i] and i + 1 < len(argv)
-                and re.fullmatch(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-inf|-nan", argv[i + 1], re.I)):
-            out.append(f"{argv[i]}={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
-
-
 def given_flags(argv: list[str]) -> list[str]:
     """Field names of the flags written on the command line (exact names: the parser takes no abbreviations)."""
     names = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and len(a) > 2]
@@ -246,12 +231,12 @@ def read_saved_args(run_dir: str, error) -> dict:
     if not isinstance(saved, dict):
         error(f"{path} is damaged (a JSON {type(saved).__name__}, not an object of settings)")
     types = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in dataclasses.fields(Args)}
+    fits = {"bool": lambda x: isinstance(x, bool), "str": lambda x: isinstance(x, str),
+            "int": lambda x: isinstance(x, int) and not isinstance(x, bool),
+            "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)}
     for k, v in saved.items():
         want = types.get(k)
-        ok = {"bool": lambda x: isinstance(x, bool), "str": lambda x: isinstance(x, str),
-              "int": lambda x: isinstance(x, int) and not isinstance(x, bool),
-              "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)}.get(want, lambda x: True)
-        if not ok(v):
+        if not fits.get(want, lambda x: True)(v):
             error(f"{path} is damaged: {k} = {v!r} is not a {want}")
     missing = [k for k in ("task", "method", "model", "seed", "out") if k not in saved]
     if missing:
@@ -271,6 +256,7 @@ def parse_args(argv=None) -> Args:
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             p.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"])
+    from eval import join_negative_numbers  # `--lr -1e-5` -> `--lr=-1e-5`, so the range check names the value
     argv = join_negative_numbers(sys.argv[1:] if argv is None else list(argv))
     ns = p.parse_args(argv)
     if ns.resume:  # a resumed run keeps the settings it was started with
@@ -299,10 +285,10 @@ def parse_args(argv=None) -> Args:
         p.error(f"--group-size {args.group_size} must divide the {args.num_envs // k} envs of each of {k} processes")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: this torch build ({torch.__version__}) sees no CUDA device")
-    check_model_arg(args.model, p.error, "--model")
+    cfg = check_model_arg(args.model, p.error, "--model")
     if args.init:
-        check_model_arg(args.init, p.error, "--init", local_only=True)
-    positions = model_positions(args.init or args.model)
+        cfg = check_model_arg(args.init, p.error, "--init", local_only=True)
+    positions = model_positions(args.init or args.model, cfg)
     if positions is not None and args.max_new_tokens >= positions:
         p.error(f"--max-new-tokens {args.max_new_tokens} does not fit the model's {positions} positions "
                 f"(prompt included)")
@@ -313,22 +299,21 @@ def parse_args(argv=None) -> Args:
     return args
 
 
-def model_positions(model: str) -> int | None:
-    """Sequence length the model's position embedding covers (None for a hub id: its config is not here)."""
+def model_positions(model: str, cfg: dict | None) -> int | None:
+    """Sequence length the model's position embedding covers, from its config.json `cfg` (None for a hub id:
+    its config is not here)."""
     if model in ("tiny", "small"):
         return 4096  # agent.build_config
     try:
-        with open(os.path.join(model, "config.json")) as f:
-            cfg = json.load(f)
         return int(cfg.get("text_config", cfg).get("max_position_embeddings") or cfg["max_position_embeddings"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
-def check_model_arg(model: str, error, flag: str, local_only=False):
-    """tiny/small are built in code; a directory must hold a VLM config; anything else is a hub id."""
+def check_model_arg(model: str, error, flag: str, local_only=False) -> dict | None:
+    """tiny/small are built in code; a directory must hold a VLM config (returned); anything else is a hub id."""
     if model in ("tiny", "small") and not local_only:
-        return
+        return None
     if os.path.isfile(model):
         error(f"{flag} {model} is a file; give a model directory (with config.json)")
     if os.path.isdir(model):
@@ -342,7 +327,7 @@ def check_model_arg(model: str, error, flag: str, local_only=False):
             error(f"{cfg_path} is not readable JSON: {e}")
         if "vision_config" not in cfg:
             error(f"{model} is not a vision-language checkpoint (config.json has no vision_config; model_type={cfg.get('model_type')!r})")
-        return
+        return cfg
     looks_like_path = local_only or model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1] \
         or model.count("/") != 1
     if looks_like_path:
@@ -1105,11 +1090,17 @@ def save_checkpoint(args, update, agent, teacher, opt, envs, history, stats, dag
 
 
 def write_manifest(ckpt: str):
-    """manifest.json: the SHA-256 of every file under ckpt/, so a damaged file is named at resume."""
+    """manifest.json: the SHA-256 of every file under ckpt/, so a damaged file is named at resume. Weights of
+    an agent directory are not hashed again: Agent.save's own manifest.json there already holds theirs."""
     from agent import sha256_file
+    known = {}
+    for d, _, fs in os.walk(ckpt):
+        if "manifest.json" in fs:
+            with open(os.path.join(d, "manifest.json")) as f:
+                known.update({os.path.relpath(os.path.join(d, n), ckpt): h for n, h in json.load(f).items()})
     files = sorted(os.path.relpath(os.path.join(d, f), ckpt) for d, _, fs in os.walk(ckpt) for f in fs)
-    atomic_write_text(os.path.join(ckpt, "manifest.json"),
-                      json.dumps({f: sha256_file(os.path.join(ckpt, f)) for f in files}, indent=1))
+    atomic_write_text(os.path.join(ckpt, "manifest.json"), json.dumps(
+        {f: known.get(f) or sha256_file(os.path.join(ckpt, f)) for f in files}, indent=1))
 
 
 def verify_checkpoint(ckpt: str):
