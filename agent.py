@@ -9,15 +9,17 @@ What it is (GTR_TURBO.md sections 1, 2 and 6):
 - Token roles (section 1): generated tokens from the one containing the start of the last `"action":`
   onward (and the EOS) are action tokens; everything generated before is thought. The split comes from
   character offsets of the decoded text, never from token ids.
-- `sample` rolls out (chat template, `model.generate`), then does ONE teacher-forced forward to get the
-  per-token log-probs at the sampling temperature, the values and the thought entropy, so the numbers of
-  `score` (the PPO ratio's numerator) and of sampling are the same function of the same tensors.
+- `sample` rolls out with a hand-written batched decoder (`decode`): the model's own forward reads the
+  prompt once, then each token runs the language model's layers against a preallocated KV cache. The
+  same pass yields the per-token log-probs at the sampling temperature, the values and the thought
+  entropy, equal to `score`'s full forward over the finished sequence (to 1e-5 in fp32), so no second
+  forward is needed. Every model, built or loaded, takes this path.
 - Hand-written LoRA for large models (paper: r=128, alpha=256, language model and vision tower), and
   `trainable_state()`: the tensors training changes and the merge (merge.py, section 4.1) combines:
   all weights for tiny/small, the effective LoRA deltas `B @ A * scale` otherwise.
 
-What it leaves out: the losses (distill.py, train.py), the prompts and answer format (env.py), KV-cache
-tricks (`model.generate` is as fast here), multi-image or video input, gradient checkpointing.
+What it leaves out: the losses (distill.py, train.py), the prompts and answer format (env.py), sliding-
+window attention (no Qwen2.5-VL checkpoint uses it), multi-image or video input, gradient checkpointing.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import (AutoModelForImageTextToText, GenerationConfig, PreTrainedTokenizerFast,
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor)
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.utils import logging as hf_logging
 
@@ -722,20 +725,122 @@ class Agent:
 
     def sample(self, images, prompts, temperature: float = 0.2, top_k: int = 5, repetition_penalty: float = 1.2,
                max_new_tokens: int = 64, do_sample: bool = True, min_new_tokens: int = 0) -> Batch:
-        """Roll out one answer per (image, prompt). Seed with torch.manual_seed for reproducible samples.
-        do_sample=False is greedy (repetition_penalty still applies; pass 1.0 for plain argmax)."""
+        """Roll out one answer per (image, prompt) with `decode`: one pass gives the tokens, their log-probs
+        at `temperature`, the values and the thought entropy. Seed with torch.manual_seed for reproducible
+        samples. do_sample=False is greedy (repetition_penalty still applies; pass 1.0 for plain argmax)."""
         if temperature <= 0:
             raise ValueError("temperature must be > 0 (use do_sample=False for greedy)")
         enc = self.encode_prompts(images, prompts)
-        gc = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
-                              temperature=temperature if do_sample else None, top_k=top_k if do_sample else None,
-                              top_p=1.0, repetition_penalty=repetition_penalty, pad_token_id=self.pad_id,
-                              eos_token_id=self.eos_ids, bos_token_id=None, suppress_tokens=self.suppress_ids)
-        model_in = self._model_inputs(enc)
-        with torch.no_grad():
-            seqs = self.model.generate(**model_in, generation_config=gc)             # [B, P+G']
-        gen = seqs[:, enc["input_ids"].shape[1]:].cpu()
-        return self._fill_stats(self._make_batch(enc, gen, temperature))
+        gen, logp, entropy, values = self.decode(enc, temperature, top_k, repetition_penalty, max_new_tokens,
+                                                 do_sample, min_new_tokens)
+        batch = self._make_batch(enc, gen, temperature)
+        G, dev = batch.gen_mask.shape[1], batch.gen_mask.device
+        batch.logp = logp[:, :G].to(dev) * batch.gen_mask
+        ent = entropy[:, :G].to(dev) * batch.thought_mask
+        batch.thought_entropy = ent.sum(1) / batch.thought_mask.sum(1).clamp(min=1)   # 0 if no thought
+        batch.values = values.to(dev)
+        return batch
+
+    # ---- the decoder: prefill once, then one token per step against a preallocated KV cache ------------
+
+    def next_tokens(self, logits, seen, step: int, temperature, top_k, repetition_penalty, do_sample,
+                    min_new_tokens):
+        """logits [B, V] of the next position -> token ids [B], with generate's rules in generate's order:
+        repetition penalty on every token already in the row (prompt included), banned and (before
+        min_new_tokens) EOS tokens removed, then temperature, top-k and a multinomial draw (or argmax)."""
+        scores = logits.float().clone()   # the caller's logits stay untouched (log-probs are read from them)
+        if repetition_penalty != 1.0:
+            hit = torch.where(scores < 0, scores * repetition_penalty, scores / repetition_penalty)
+            scores = torch.where(seen, hit, scores)
+        ban = self.suppress_ids + (self.eos_ids if step < min_new_tokens else [])
+        scores[:, ban] = -math.inf
+        if not do_sample:
+            return scores.argmax(-1)
+        scores = scores / temperature
+        if top_k:
+            kth = scores.topk(min(top_k, scores.shape[-1]), -1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, -math.inf)
+        return torch.multinomial(torch.softmax(scores, -1), 1).squeeze(-1)
+
+    @torch.no_grad()
+    def decode(self, enc, temperature, top_k, repetition_penalty, max_new_tokens, do_sample, min_new_tokens):
+        """Batched sampling with a hand-written KV cache. The model's own forward reads the prompt (vision
+        tower, M-RoPE positions) once; every later token runs the language model's layers on one position
+        against K/V buffers of fixed shape [B, kv_heads, P + max_new_tokens, head_dim]. Generated text
+        tokens have all three M-RoPE components equal to (real prompt tokens + g + rope_delta), what
+        `generate` uses, so the rotary embedding is the model's own. Returns gen [B, G'] (pad after EOS), the log-prob of
+        each token at `temperature` and the entropy of that distribution (both [B, G'], from the logits
+        before the repetition penalty and top-k, as `score` computes them), and the values [B]."""
+        lm, dev = self.model.model.language_model, self.device
+        if getattr(self.model.config.text_config, "use_sliding_window", False):
+            raise ValueError("decode: sliding-window attention is not supported")
+        ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev).bool()
+        B, P = ids.shape
+        out = self.model.model(**self._model_inputs(enc), use_cache=True)
+        h = out.last_hidden_state[:, -1:]                                       # [B, 1, H] last prompt token
+        values = self.value_head(h[:, 0].float()).squeeze(-1)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        S = P + max_new_tokens
+        K = [h.new_zeros(0)] * len(lm.layers)
+        V = list(K)
+        for i, layer in enumerate(cache.layers):                              # copy the prompt into fixed buffers
+            k, v = layer.keys, layer.values                                     # [B, kv_heads, P, head_dim]
+            K[i] = k.new_zeros(B, k.shape[1], S, k.shape[3])
+            V[i] = v.new_zeros(B, v.shape[1], S, v.shape[3])
+            K[i][:, :, :P], V[i][:, :, :P] = k, v
+        del cache, out
+        valid = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)        # [B, S]
+        # [B] rotary position of gen token 0: real prompt tokens + rope_delta (= the prompt's max position + 1)
+        pos = mask.sum(1) + self.model.model.rope_deltas.to(dev).view(B)
+        seen = torch.zeros(B, self.model.config.text_config.vocab_size, dtype=torch.bool, device=dev)
+        seen.scatter_(1, ids.masked_fill(~mask, ids[0, -1]), True)            # prompt tokens (pads -> a real one)
+        gen = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
+        logp = torch.zeros(B, max_new_tokens, device=dev)
+        entropy = torch.zeros(B, max_new_tokens, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        eos = torch.tensor(self.eos_ids, device=dev)
+        logits = self.model.lm_head(h)[:, 0]                                   # h is already normed
+        g = 0
+        for g in range(max_new_tokens):
+            tok = self.next_tokens(logits, seen, g, temperature, top_k, repetition_penalty, do_sample,
+                                   min_new_tokens)
+            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
+            lp = torch.log_softmax(logits.float() / temperature, -1)           # [B, V]
+            logp[:, g] = lp.gather(1, tok[:, None])[:, 0] * ~done
+            entropy[:, g] = -(lp.exp() * lp).sum(-1) * ~done
+            gen[:, g] = tok
+            seen.scatter_(1, tok[:, None], True)
+            done |= torch.isin(tok, eos)
+            if g + 1 == max_new_tokens or (g % 4 == 3 and bool(done.all())):   # one sync per 4 tokens
+                break
+            logits = self._decode_step(tok, pos + g, P + g, K, V, valid)
+        n = g + 1
+        return gen[:, :n].cpu(), logp[:, :n].cpu(), entropy[:, :n].cpu(), values
+
+    def _decode_step(self, tok, pos, col: int, K, V, valid):
+        """One position per row through the language model: tok [B] at rotary position pos [B], written
+        to cache column col. Returns the next logits [B, V]."""
+        lm = self.model.model.language_model
+        B = tok.shape[0]
+        x = lm.embed_tokens(tok[:, None])                                       # [B, 1, H]
+        cos, sin = lm.rotary_emb(x, pos.view(1, B, 1).expand(3, B, 1))
+        for i, layer in enumerate(lm.layers):
+            att = layer.self_attn
+            r = layer.input_layernorm(x)
+            q = att.q_proj(r).view(B, 1, -1, att.head_dim).transpose(1, 2)    # [B, heads, 1, head_dim]
+            k = att.k_proj(r).view(B, 1, -1, att.head_dim).transpose(1, 2)    # [B, kv_heads, 1, head_dim]
+            v = att.v_proj(r).view(B, 1, -1, att.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            K[i][:, :, col] = k[:, :, 0]
+            V[i][:, :, col] = v[:, :, 0]
+            kv = K[i].shape[1]   # query heads h = kv_head * group + r share kv_head (repeat_kv's order)
+            q = q.reshape(B, kv, -1, att.head_dim).to(K[i].dtype)             # [B, kv_heads, group, head_dim]
+            s = q @ K[i][:, :, :col + 1].transpose(-1, -2) * att.scaling         # [B, kv_heads, group, col+1]
+            s = s.float().masked_fill(~valid[:, None, None, :col + 1], -math.inf)
+            o = torch.softmax(s, -1).to(V[i].dtype) @ V[i][:, :, :col + 1]      # [B, kv_heads, group, head_dim]
+            x = x + att.o_proj(o.reshape(B, 1, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.model.lm_head(lm.norm(x))[:, 0]
 
     def encode(self, images, prompts, answers, temperature: float = 1.0, fill: bool = True) -> Batch:
         """The Batch `sample` would give if it had generated `answers` (each terminated by <|im_end|>):

@@ -17,8 +17,9 @@ Deliberately left out: gym-sokoban's reverse-play level generator (random placem
 and fast at these sizes), ALFWorld (a text world far too heavy for a laptop), any rendering beyond
 what a 16-px-patch vision tower needs to read the state.
 
-Coordinates in thoughts are "row r col c", 0-based, counting the border walls (row 0 is the top wall),
-so they match the cells of the image one to one.
+Coordinates in thoughts are "r,c" (row, column), 0-based, counting the border walls (row 0 is the top
+wall), so they match the cells of the image one to one. Turns are compact (a prompt of about 30 tokens
+with the image, an answer of about 30): every turn's tokens are paid for by sampling, scoring and PPO.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ CELL = 16  # px per grid cell: one cell per 16 px vision patch of Qwen2.5-VL
 
 # Answers longer than this are never a well-formed answer of a 256-token generation; the JSON check is
 # skipped for them so that a megabyte of garbage costs no more than a linear scan.
+FORMAT_VERSION = 2  # of prompts and expert answers; a cached SFT agent of another version is not reused
 MAX_JSON_CHARS = 20_000
 MAX_ACTION_VALUE_CHARS = 200
 
@@ -110,21 +112,21 @@ def parse_answer(text, action_names, keys=("thoughts", "action")):
     return None, format_ok
 
 
-_FINAL_MOVE = re.compile(r"so move [a-z0-9]+\.$")
+_FINAL_MOVE = re.compile(r"so [a-z0-9]+\.$")
 
 
 def noisy_answer(answer: str, action_names, rng) -> str:
     """The expert's answer with its decision replaced by a uniformly random legal move: the thought's
-    facts (positions, plan) stay true, only its last clause `so move X.` and the action change. SFT on
+    facts (positions, plan) stay true, only its last clause `so X.` and the action change. SFT on
     such answers aims at a start that reads the board reliably and chooses its move noisily, so that the
     randomness of a sampled answer sits in its decision tokens rather than its perception tokens (README,
     "Acid test, round 2", measures whether RL then lifts it). Answers without that clause (Points24) keep
     their thought and change the action."""
     obj = json.loads(answer)
     move = action_names[int(rng.integers(len(action_names)))]
-    obj["thoughts"] = _FINAL_MOVE.sub(f"so move {move}.", obj["thoughts"])
+    obj["thoughts"] = _FINAL_MOVE.sub(f"so {move}.", obj["thoughts"])
     obj["action"] = move
-    return json.dumps(obj)
+    return answer_json(obj)
 
 
 _THOUGHT_VALUE = re.compile(r'"thoughts"\s*:\s*"((?:[^"\\]|\\.)*)"')
@@ -203,18 +205,23 @@ def _neighbours(passable: np.ndarray):
     return nbr
 
 
-_POSITION_FACT = re.compile(r"\b(player|box|target|goal) at row (\d+) col (\d+)")
+_POSITION_FACT = re.compile(r"\b(player|box|target|goal) (\d+),(\d+)")
 
 
 def position_facts(thought: str) -> list[tuple[str, int, int]]:
-    """(kind, row, col) of every "<kind> at row R col C" in a thought. A coordinate of more than 6 digits
+    """(kind, row, col) of every "<kind> R,C" in a thought. A coordinate of more than 6 digits
     (off any board) reads as 10**6, so a 5,000-digit number is a false fact, not an int() overflow."""
     num = lambda s: int(s) if len(s) <= 6 else 10 ** 6  # noqa: E731
     return [(k, num(r), num(c)) for k, r, c in _POSITION_FACT.findall(thought[:MAX_JSON_CHARS])]
 
 
 def _pos(p: int, w: int) -> str:
-    return f"row {p // w} col {p % w}"
+    return f"{p // w},{p % w}"
+
+
+def answer_json(obj: dict) -> str:
+    """An answer as compact JSON (no spaces after separators): the paper's keys, fewer tokens."""
+    return json.dumps(obj, separators=(",", ":"))
 
 
 class _TurnEnv(gym.Env):
@@ -394,7 +401,7 @@ def solve_sokoban(nbr, targets, boxes, player, max_nodes=200_000, max_depth=None
     return None
 
 
-_PUSH_SIDE = {"up": "below", "down": "above", "left": "right of", "right": "left of"}
+_PUSH_SIDE = {"up": "below", "down": "above", "left": "right", "right": "left"}
 
 
 class SokobanEnv(_TurnEnv):
@@ -541,18 +548,17 @@ class SokobanEnv(_TurnEnv):
         return best
 
     def prompt(self) -> str:
-        return ('Sokoban: you are the blue square; push every brown box onto a red target (no pulling). '
-                'Actions: up, down, left, right. Answer in JSON: {"thoughts": "...", "action": "..."}')
+        return "Sokoban: you blue, push brown boxes onto red targets. JSON thoughts, action."
 
     def expert_answer(self) -> str:
         """A JSON answer: the positions the image shows, the next push and the first optimal move."""
-        facts = [f"player at {_pos(self.player, self.w)}."]
-        facts += [f"box at {_pos(b, self.w)}." for b in sorted(self.boxes)]
-        facts += [f"target at {_pos(t, self.w)}." for t in sorted(self.targets)]
+        facts = [f"player {_pos(self.player, self.w)}"]
+        facts += [f"box {_pos(b, self.w)}" for b in sorted(self.boxes)]
+        facts += [f"target {_pos(t, self.w)}" for t in sorted(self.targets)]
         sol = self.solve()
         if not sol:
             move = 0
-            facts.append("no solution, move up." if sol is None else "all boxes on targets, move up.")
+            facts.append("no solution so up." if sol is None else "all boxes on targets so up.")
         else:
             move = sol[0]
             # Find the first push of the plan: the thought says which push the move prepares.
@@ -562,13 +568,13 @@ class SokobanEnv(_TurnEnv):
                 if pushed is not None:
                     break
                 p, bx = p2, bx2
-            box = "the box" if len(self.boxes) == 1 else f"the box at {_pos(pushed[0], self.w)}"
+            box = "" if len(self.boxes) == 1 else f" box {_pos(pushed[0], self.w)}"
             d = MOVES[a]
             if p == self.player:
-                facts.append(f"push {box} {d} now, so move {d}.")
+                facts.append(f"push{box} {d} now so {d}.")
             else:
-                facts.append(f"push {box} {d}: go {_PUSH_SIDE[d]} it first, so move {MOVES[move]}.")
-        return json.dumps({"thoughts": " ".join(facts), "action": MOVES[move]})
+                facts.append(f"push{box} {d} from {_PUSH_SIDE[d]} so {MOVES[move]}.")
+        return answer_json({"thoughts": " ".join(facts), "action": MOVES[move]})
 
     def grounding(self, thought):
         """Fraction of stated positions (player/box/target) that are true now; None if none stated."""
@@ -694,15 +700,14 @@ class GridWorldEnv(_TurnEnv):
         return {a for a, q in steps if q >= 0 and self.dist.get(q) == d - 1}
 
     def prompt(self) -> str:
-        return ('GridWorld: you are the blue square; walk to the green goal, gray cells block you. '
-                'Actions: up, down, left, right. Answer in JSON: {"thoughts": "...", "action": "..."}')
+        return "GridWorld: you blue, walk to the green goal; gray blocks. JSON thoughts, action."
 
     def expert_answer(self) -> str:
         opt = self.optimal_actions()
         move = min(opt) if opt else 0
-        thought = (f"player at {_pos(self.player, self.w)}. goal at {_pos(self.goal, self.w)}. "
-                   f"shortest path starts {MOVES[move]}, so move {MOVES[move]}.")
-        return json.dumps({"thoughts": thought, "action": MOVES[move]})
+        thought = (f"player {_pos(self.player, self.w)} goal {_pos(self.goal, self.w)} "
+                   f"path starts {MOVES[move]} so {MOVES[move]}.")
+        return answer_json({"thoughts": thought, "action": MOVES[move]})
 
     def grounding(self, thought):
         """Fraction of stated player/goal positions that are true now; None if none stated."""
@@ -1052,15 +1057,14 @@ class Points24Env(_TurnEnv):
 
     def prompt(self) -> str:
         formula = self.formula_text() or "(empty)"
-        return ("Points24: make 24 using each card once (A=1, J/Q/K=10), one token per turn; = submits. "
-                f"Actions: 1-10 + - * / ( ) =. Formula: {formula}. Answer in JSON: "
-                '{"cards": [...], "formula": "...", "thoughts": "...", "action": "..."}')
+        return (f"Points24: make 24 with each card once (A=1, JQK=10), one token a turn, = submits. "
+                f"Formula: {formula}. JSON cards, formula, thoughts, action.")
 
     def expert_answer(self) -> str:
         labels = [rank_label(r) for r, _ in self.cards]
         formula = self.formula_text()
         cons = self._consistent()
-        thought = f"cards {' '.join(labels)}. formula {formula or 'empty'}."
+        thought = f"cards {' '.join(labels)}."
         if cons:
             tokens, target = cons[0]
             n = len(self.formula)
@@ -1070,7 +1074,7 @@ class Points24Env(_TurnEnv):
             nxt = "="
             where = "" if not _solutions(self.hand) else " from here"
             thought += f" no solution{where}. next =."
-        return json.dumps({"cards": labels, "formula": formula, "thoughts": thought, "action": nxt})
+        return answer_json({"cards": labels, "formula": formula, "thoughts": thought, "action": nxt})
 
     def grounding(self, thought):
         """Fraction true of: stated cards (multiset of values), stated formula, stated target (a 24

@@ -574,8 +574,10 @@ def rl_optimizer(agent, args, new_run: bool = True):
 
 
 def sft_cache_dir(args) -> str:
+    from env import FORMAT_VERSION
     noise = f"-z{args.sft_noise:g}" if args.sft_noise > 0 else ""
-    return os.path.join("runs", "sft-cache", f"{args.task}-{args.model}-s{args.seed}-n{args.sft_steps}{noise}")
+    return os.path.join("runs", "sft-cache",
+                        f"{args.task}-{args.model}-s{args.seed}-n{args.sft_steps}{noise}-f{FORMAT_VERSION}")
 
 
 def warmup_moments(args) -> dict:
@@ -736,9 +738,10 @@ def teacher_kl(agent, teacher, batch, args):
 def write_action(answer: str, action: str) -> str:
     """The SFT target keeps the guide's thought but the action the agent executed (sections 3, 4.3);
     those action tokens are masked out of the loss anyway."""
+    from env import answer_json
     obj = json.loads(answer)
     obj["action"] = action
-    return json.dumps(obj)
+    return answer_json(obj)
 
 
 def gtr_labels(experts, optimal, actions, grounding, envs):

@@ -14,12 +14,19 @@ Every number is timed through the project's own code on real environments (Sokob
                Share = teacher work / (rollout + PPO + teacher work); ppo has none.
   merge        MergeHistory (TIES, SMA) time and peak memory against the number of checkpoints, each
                count in a fresh process (scripts/bench_merge.py does the measuring).
+  loop         env turns/s of train.py's whole default update (turbo-kl, small model, Sokoban, 32 envs x 16
+               turns, rollout + teacher + PPO + merge + checkpoint), old against new in one invocation: the
+               code of commit --loop-base (exported with git archive) and this checkout, each in its own
+               process (scripts/bench_loop.py), with the split of one update; the ratio is new / old.
 A random-init agent stops at once, so generation is forced to `--new-tokens` tokens (a trained agent writes
 ~45). Median of `--repeats` after one warm-up. Usage: python scripts/bench.py [--threads 2] [--quick]
 """
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -65,6 +72,33 @@ def dagger_step(agent, images, prompts, answers):
     agent.model.zero_grad(set_to_none=True)
 
 
+LOOP_BASE = "7effb7d"   # the last commit before the KV-cache decoder and compact turns
+
+
+def loop_rows(base: str, threads: int, updates: int) -> list[tuple[str, dict]]:
+    """train.py's default update timed in the tree of commit `base` and in this checkout."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(f"git -C '{ROOT}' archive {base} | tar -x -C '{tmp}'", shell=True, check=True)
+        for label, root in ((f"old ({base})", tmp), ("new (this checkout)", ROOT)):
+            cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench_loop.py"), "--root", root,
+                   "--threads", str(threads), "--updates", str(updates)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            rows.append((label, json.loads(out.strip().splitlines()[-1])))
+    return rows
+
+
+def print_loop(rows):
+    print("| loop | tree | tokens / answer | env turns/s | s / update | generate | scoring | teacher | ppo | env |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for label, r in rows:
+        s = r["seconds_per_update"]
+        print(f"| loop | {label} | {r['tokens_per_answer']} | {r['turns_per_s']:.1f} | {r['wall_per_update']:.1f} | "
+              + " | ".join(f"{s[k]:.1f}" for k in ("generate", "scoring", "teacher", "ppo", "env")) + " |")
+    print(f"| loop | new / old | | {rows[1][1]['turns_per_s'] / rows[0][1]['turns_per_s']:.2f}x | | | | | | |",
+          flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="tiny,small")
@@ -74,7 +108,17 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)")
     p.add_argument("--merge-counts", default="1,4,16,64")
     p.add_argument("--quick", action="store_true", help="tiny only, batches 1,16, merge counts 1,4 (a smoke run)")
+    p.add_argument("--only", default="", help="loop: only the training-loop comparison")
+    p.add_argument("--loop-base", default=LOOP_BASE, help="commit whose train.py is the old row of the loop section")
+    p.add_argument("--loop-updates", type=int, default=4, help="updates of 512 turns per tree (the first warms up)")
     args = p.parse_args()
+    if args.only not in ("", "loop"):
+        p.error("--only: loop or nothing")
+    threads = args.threads or torch.get_num_threads()
+    if args.only == "loop" or not args.quick:
+        print_loop(loop_rows(args.loop_base, threads, args.loop_updates))
+    if args.only == "loop":
+        return
     if args.quick:
         args.sizes, args.batches, args.merge_counts, args.repeats = "tiny", "1,16", "1,4", 1
     if args.threads:

@@ -19,7 +19,7 @@ from agent import Agent  # noqa: E402
 PROMPT = ("You are playing Sokoban on a 6x6 grid. Push every box onto a target. Walls are dark, boxes are "
           "brown, targets are red, you are green. Legal actions: up, down, left, right. Answer in JSON: "
           '{"thoughts": "...", "action": "..."}')
-ANSWER = '{"thoughts": "player at row 2 col 4. box at row 2 col 2. target at row 2 col 1. so move left.", "action": "left"}'
+ANSWER = '{"thoughts":"player 2,4 box 2,2 target 2,1 push left now so left.","action":"left"}'
 
 
 def timed(fn, repeats):

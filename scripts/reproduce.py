@@ -11,8 +11,10 @@ the same cached SFT warm-up per (task, seed), so all rows start from the same mo
 so an interrupted reproduction continues where it stopped. Ends with `eval.py compare` per task:
 docs/results_<task>.md and docs/curves_<task>.png.
 
-On 2 cores, two reproductions side by side with one thread each finish sooner than one with two threads
-(generation scales poorly past one thread), about 7.5 hours for everything (README, Points24):
+Processes side by side must not oversubscribe the cores: keep threads x processes <= cores (on 2 cores, two
+2-thread processes run 5-7x slower than one; torch's default is every core, so pass --threads). On 2 cores,
+two reproductions side by side with one thread each finish sooner than one with two threads (generation
+scales poorly past one thread), about 7.5 hours for everything (README, Points24):
     python scripts/reproduce.py --tasks sokoban --seed-list 1 --train-args '--threads 1' &
     python scripts/reproduce.py --tasks sokoban --seed-list 2 --train-args '--threads 1'
 """

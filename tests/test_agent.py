@@ -12,10 +12,10 @@ import torch
 
 from agent import Agent, Batch, CheckpointError, lora_modules
 
-ANSWERS = ['{"thoughts": "player at row 2 col 4. box at row 2 col 2. so move left.", "action": "left"}',
-           '{"thoughts": "player at row 1 col 1. box at row 3 col 1. so move down.", "action": "down"}',
-           '{"cards": ["3", "8", "3", "8"], "formula": "8/(3", "thoughts": "need 3-8/3.", "action": "-"}',
-           '{"thoughts": "player at row 4 col 3. box at row 2 col 3. so move up.", "action": "up"}']
+ANSWERS = ['{"thoughts":"player 2,4 box 2,2 so left.","action":"left"}',
+           '{"thoughts":"player 1,1 box 3,1 so down.","action":"down"}',
+           '{"cards":["3","8","3","8"],"formula":"8/(3","thoughts":"need 3-8/3.","action":"-"}',
+           '{"thoughts":"player 4,3 box 2,3 so up.","action":"up"}']
 PROMPTS = ["Sokoban. Push every box onto a target. Legal actions: up, down, left, right. Answer in JSON.",
            "Sokoban. Legal actions: up, down, left, right.",
            "Points24. Make 24 from the four cards. Legal actions: 1-9, +, -, *, /, (, ), =.",
@@ -139,6 +139,76 @@ def test_score_equals_sample_logp(agent):
     lp2, _, _ = agent.score(b, temperature=1.0)
     ref1 = torch.log_softmax(ref_logits, -1).gather(-1, b.gen_ids[..., None]).squeeze(-1) * b.gen_mask
     assert (lp2 - ref1).abs().max() < 1e-4
+
+
+def slow_decode(agent, imgs, prompts, n, **opts):
+    """Reference sampler without a cache: a full forward over prompt + tokens so far for every new token,
+    the same `next_tokens` rule. Returns gen ids [B, n] (pad after EOS)."""
+    enc = agent.encode_prompts(imgs, prompts)
+    B = len(prompts)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    seen = torch.zeros(B, agent.model.config.text_config.vocab_size, dtype=torch.bool)
+    for b in range(B):
+        seen[b, ids[b][mask[b] > 0]] = True
+    gen, done = [], torch.zeros(B, dtype=torch.bool)
+    for g in range(n):
+        x = dict(enc, input_ids=torch.cat([ids] + [t[:, None] for t in gen], 1),
+                 attention_mask=torch.cat([mask, torch.ones(B, g, dtype=mask.dtype)], 1),
+                 mm_token_type_ids=torch.cat([enc["mm_token_type_ids"], torch.zeros(B, g, dtype=torch.long)], 1))
+        with torch.no_grad():
+            logits = agent.model(**agent._model_inputs(x)).logits[:, -1]
+        tok = agent.next_tokens(logits, seen, g, **opts)
+        tok = torch.where(done, torch.full_like(tok, agent.pad_id), tok)
+        seen[torch.arange(B), tok] = True
+        done |= torch.isin(tok, torch.tensor(agent.eos_ids))
+        gen.append(tok)
+    return torch.stack(gen, 1)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_kv_decoder_equals_slow_loop_and_full_forward(agent, lora, tmp_path):
+    a = agent
+    if lora:   # a saved and reloaded LoRA agent: the decoder calls the wrapped projections
+        la = Agent.build("tiny", CORPUS, seed=0, lora_rank=4, lora_alpha=8)
+        with torch.no_grad():
+            for m in lora_modules(la.model).values():
+                m.lora_B.normal_(0, 0.05)
+        la.save(tmp_path / "lora")
+        a = Agent.load(tmp_path / "lora")
+    imgs = images(4, seed=11)
+    opts = dict(temperature=1.3, top_k=20, repetition_penalty=1.2, do_sample=True, min_new_tokens=3)
+    torch.manual_seed(5)
+    b = a.sample(imgs, PROMPTS, max_new_tokens=30, **opts)
+    torch.manual_seed(5)
+    ref = slow_decode(a, imgs, PROMPTS, b.gen_ids.shape[1], **opts)
+    real = b.gen_mask.bool()
+    assert torch.equal(b.gen_ids[real], ref[real])      # same seed, same tokens
+    assert b.gen_mask.sum(1).min() >= 3                  # min_new_tokens held EOS back
+    # the decoding pass's numbers equal one full teacher-forced forward over the finished sequences
+    with torch.no_grad():
+        logp, values, logits = a.score(b, return_logits=True)
+    assert (logp - b.logp).abs().max() < 1e-5 and (values - b.values).abs().max() < 1e-5
+    lp = torch.log_softmax(logits / 1.3, -1)
+    ent = -(lp.exp() * lp).sum(-1)
+    full = (ent * b.thought_mask).sum(1) / b.thought_mask.sum(1).clamp(min=1)
+    assert (full - b.thought_entropy).abs().max() < 1e-5
+
+
+def test_kv_decoder_samples_like_generate(agent):
+    """Same seed, same rules (repetition penalty, banned tokens, temperature, top-k): generate's tokens."""
+    imgs, T = images(4, seed=3), 1.5
+    torch.manual_seed(9)
+    b = agent.sample(imgs, PROMPTS, temperature=T, top_k=30, repetition_penalty=1.3, max_new_tokens=30)
+    enc = agent.encode_prompts(imgs, PROMPTS)
+    torch.manual_seed(9)
+    with torch.no_grad():
+        out = agent.model.generate(**agent._model_inputs(enc), do_sample=True, temperature=T, top_k=30,
+                                   top_p=1.0, repetition_penalty=1.3, max_new_tokens=30,
+                                   suppress_tokens=agent.suppress_ids, pad_token_id=agent.pad_id,
+                                   eos_token_id=agent.eos_ids)
+    gen = out[:, enc["input_ids"].shape[1]:][:, :b.gen_ids.shape[1]]
+    real = b.gen_mask.bool()
+    assert torch.equal(gen[real], b.gen_ids[real])
 
 
 def test_left_padding_invariance(agent):

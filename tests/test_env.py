@@ -312,16 +312,15 @@ def test_expert_solves_every_env(task, kw):
 def test_expert_phrasing_and_wrong_facts():
     e = load("######\n#    #\n# $@ #\n# .  #\n######")
     thought = json.loads(e.expert_answer())["thoughts"]
-    assert thought == ("player at row 2 col 3. box at row 2 col 2. target at row 3 col 2. "
-                       "push the box down: go above it first, so move up.")
-    assert e.grounding(thought.replace("box at row 2 col 2", "box at row 1 col 2")) == pytest.approx(2 / 3)
+    assert thought == "player 2,3 box 2,2 target 3,2 push down from above so up."
+    assert e.grounding(thought.replace("box 2,2", "box 1,2")) == pytest.approx(2 / 3)
     assert e.grounding("I will move up") is None and e.grounding(None) is None
-    assert e.grounding("player at row 99 col 2.") == 0.0
+    assert e.grounding("player 99,2") == 0.0
     p = p24([3, 8, 3, 8])
     play(p, list("8/(3"))
     ans = json.loads(p.expert_answer())
     assert ans == {"cards": ["3", "8", "3", "8"], "formula": "8/(3",
-                   "thoughts": "cards 3 8 3 8. formula 8/(3. target 8/(3-8/3). next -.", "action": "-"}
+                   "thoughts": "cards 3 8 3 8. target 8/(3-8/3). next -.", "action": "-"}
     assert p.grounding("cards 3 8 8 8. formula 8/(3. target 8/(3-8/3). next -.") == pytest.approx(2 / 3)
     assert p.grounding("cards 3 8 3 8. formula 8/(3. target 8/(3+8/3). next +.") == pytest.approx(2 / 3)
     assert p.grounding("cards 3 8 3 8. formula 8/3. target 8/3*3*8. next -.") == pytest.approx(1 / 3)
@@ -330,7 +329,7 @@ def test_expert_phrasing_and_wrong_facts():
     g = E.GridWorldEnv()
     g.reset(seed=4)
     th = json.loads(g.expert_answer())["thoughts"]
-    assert g.grounding(th) == 1.0 and g.grounding(th.replace("goal at", "goal at row 0 col 0. x")) < 1.0
+    assert g.grounding(th) == 1.0 and g.grounding(th.replace("goal ", "goal 0,0 x ")) < 1.0
 
 
 # ------------------------------------------------------------------ LockstepEnvs
@@ -388,8 +387,8 @@ def test_noisy_demonstrator_keeps_the_facts_and_randomises_only_the_move():
     changed = 0
     for c, n, env in zip(clean, noisy, envs.envs):
         c, n = json.loads(c), json.loads(n)
-        head = c["thoughts"].rsplit("so move", 1)[0]
-        assert n["thoughts"] == f"{head}so move {n['action']}." and n["action"] in env.action_names
+        head = c["thoughts"].rsplit("so ", 1)[0]
+        assert n["thoughts"] == f"{head}so {n['action']}." and n["action"] in env.action_names
         assert env.grounding(n["thoughts"]) == 1.0  # every stated position is still true
         changed += n["action"] != c["action"]
     # a uniform draw over 4 moves keeps the expert's move 1/4 of the time: 48 of 64 changed on average
