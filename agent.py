@@ -174,6 +174,7 @@ class Batch:
     thought_entropy: torch.Tensor    # [B] float: mean entropy over thought tokens at `temperature`
     temperature: float
     pad_id: int
+    teacher_logp: torch.Tensor | None = None   # [B, G] the frozen teacher's log-probs of these tokens (turbo-kl)
 
     @property
     def gen_ids(self) -> torch.Tensor:
@@ -205,7 +206,8 @@ class Batch:
                      gen_mask=row(self.gen_mask), thought_mask=row(self.thought_mask),
                      action_mask=row(self.action_mask), logp=row(self.logp), values=row(self.values),
                      texts=[self.texts[i] for i in idx.tolist()], thought_entropy=row(self.thought_entropy),
-                     temperature=self.temperature, pad_id=self.pad_id)
+                     temperature=self.temperature, pad_id=self.pad_id,
+                     teacher_logp=None if self.teacher_logp is None else row(self.teacher_logp))
 
     @staticmethod
     def cat(batches: list["Batch"]) -> "Batch":
@@ -242,7 +244,8 @@ class Batch:
                      thought_mask=gen("thought_mask"), action_mask=gen("action_mask"), logp=gen("logp"),
                      values=flat("values"), texts=[t for b in batches for t in b.texts],
                      thought_entropy=flat("thought_entropy"), temperature=batches[0].temperature,
-                     pad_id=pad)
+                     pad_id=pad,
+                     teacher_logp=gen("teacher_logp") if all(b.teacher_logp is not None for b in batches) else None)
 
 
 # ----------------------------------------------------------------------------------------------------

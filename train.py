@@ -124,6 +124,10 @@ class Args:
     sft_coef: float = arg(1.0, "gtr / turbo-sft: weight of the CE on one DAgger sample per PPO sample (paper 1)")
     teacher_retries: int = arg(3, "turbo-sft: resample an invalid teacher answer up to N times, temperature x1.1 each")
     kl_coef: float = arg(1.0, "beta, the reverse-KL penalty coefficient (paper 1)")
+    kl_mode: str = arg("shaping", "turbo-kl: shaping (the paper: beta x KL subtracted from the turn's return) | loss "
+                                  "(a dense k3 reverse-KL loss to the teacher on the guided tokens, weight "
+                                  "--kl-loss-coef, no shaping) | both")
+    kl_loss_coef: float = arg(0.1, "--kl-mode loss/both: weight of the per-token KL loss in the PPO objective")
     kl_clip: float = arg(10.0, "per-token clip of log pi_agent - log pi_teacher to [0, kl_clip] (paper 10)")
     kl_invalid: float = arg(100.0, "KL penalty of a turn whose format is invalid (paper 100)")
     merge: str = arg("ties", "merge of the checkpoint history: ties | linear")
@@ -180,9 +184,12 @@ class Args:
                               ("ratio", ("token", "turn")), ("baseline", ("group", "critic")),
                               ("eval_split", ("eval", "train")), ("merge", ("ties", "linear")),
                               ("weighting", ("sma", "ema")),
-                              ("kl_estimator", ("clip", "k1", "abs", "k3", "exact", "forward"))):
+                              ("kl_estimator", ("clip", "k1", "abs", "k3", "exact", "forward")),
+                              ("kl_mode", ("shaping", "loss", "both"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.kl_mode != "shaping" and self.kl_estimator in ("exact", "forward"):
+            raise ValueError(f"--kl-mode {self.kl_mode} needs a sampled-token --kl-estimator, not {self.kl_estimator}")
         if self.baseline == "group" and self.num_envs % self.group_size:
             raise ValueError(f"--num-envs {self.num_envs} must be a multiple of --group-size {self.group_size}")
         if self.sft_steps < 0:
@@ -732,6 +739,7 @@ def teacher_kl(agent, teacher, batch, args):
         kl = exact_reverse_kl if args.kl_estimator == "exact" else forward_kl
         return kl(agent_logits, teacher_logits, mask, temperature=batch.temperature)
     teacher_logp, _, _ = teacher.score(batch)
+    batch.teacher_logp = teacher_logp.float()  # for --kl-mode loss: the teacher is fixed for the whole update
     return reverse_kl_penalty(batch.logp, teacher_logp, mask, estimator=args.kl_estimator, lo=0.0, hi=args.kl_clip)
 
 
@@ -867,7 +875,7 @@ def shaping(buf, args):
     fmt = buf["format_ok"]
     reward = fmt * args.format_valid + (1 - fmt) * args.format_invalid
     penalty = torch.zeros_like(reward)
-    if args.method == "turbo-kl":
+    if args.method == "turbo-kl" and args.kl_mode != "loss":
         penalty = args.kl_coef * torch.where(fmt > 0, buf["kl"], torch.full_like(buf["kl"], args.kl_invalid))
     return reward, penalty
 
@@ -939,6 +947,14 @@ def ppo_data(batches, buf, last_value, args):
             "values": buf["values"][act]}
 
 
+def teacher_kl_loss(logp, teacher_logp, mask):
+    """--kl-mode loss: the k3 estimate of KL(agent || teacher) on the sampled tokens, exp(d) - 1 - d with
+    d = log pi_teacher - log pi_agent, a mean over the guided tokens; its gradient (1 - exp(d)) grad log pi_agent
+    pulls every guided token toward the teacher at every step (logp, teacher_logp, mask: [B, G])."""
+    d = teacher_logp - logp
+    return ((torch.expm1(d) - d) * mask).sum() / mask.sum().clamp_min(1.0)
+
+
 def dagger_loss(agent, dagger, n, args):
     """CE on the guided tokens of n samples drawn uniformly from the whole DAgger buffer (sections 3, 4.3)."""
     from distill import sft_loss
@@ -980,6 +996,10 @@ def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, kee
                 vl = value_loss(values, old_values, returns, args.vf_clip)
             vf_coef = args.vf_coef if args.baseline == "critic" else 0.0  # group: no critic to fit
             loss = pg + vf_coef * vl + args.sft_coef * sft.float()
+            kl = torch.zeros((), device=agent.device)
+            if mb.teacher_logp is not None and args.kl_mode != "shaping":
+                kl = teacher_kl_loss(logp, mb.teacher_logp.float(), guide_mask(mb, args))
+                loss = loss + args.kl_loss_coef * kl
             opt.zero_grad(set_to_none=True)
             finite = bool(torch.isfinite(loss))  # one sync per minibatch, not per token
             if finite:
@@ -997,10 +1017,10 @@ def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, kee
                 continue
             stats["skips_in_row"] = 0
             opt.step()
-            logs.append(torch.stack([pg.detach(), vl.detach(), approx_kl, clipfrac, sft.detach().float()]))
+            logs.append(torch.stack([pg.detach(), vl.detach(), approx_kl, clipfrac, sft.detach().float(), kl.detach()]))
         if keep_states:
             states.append(agent.trainable_state())
-    means = all_reduce_mean(torch.stack(logs).mean(0)).tolist() if logs else [float("nan")] * 5
+    means = all_reduce_mean(torch.stack(logs).mean(0)).tolist() if logs else [float("nan")] * len(LOSS_KEYS)
     # how much of the returns' variance the rollout-time values explained: ~0 means A is little more than G
     ev = 1 - (data["returns"] - data["values"]).var() / data["returns"].var().clamp_min(1e-8)
     if args.baseline == "group":  # no critic is trained: no value loss, nothing to explain
@@ -1008,7 +1028,7 @@ def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, kee
     return states, {**dict(zip(LOSS_KEYS, means)), "losses/explained_variance": all_reduce_mean(ev).item()}
 
 
-LOSS_KEYS = ("losses/policy", "losses/value", "losses/approx_kl", "losses/clipfrac", "losses/sft")
+LOSS_KEYS = ("losses/policy", "losses/value", "losses/approx_kl", "losses/clipfrac", "losses/sft", "losses/teacher_kl")
 
 
 def sft_update(agent, opt, params, demos, args, stats):

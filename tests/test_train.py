@@ -192,7 +192,7 @@ METRIC_KEYS = {"update", "env_steps", "charts/success_rate", "charts/episodic_re
 
 
 EXTRA_KEYS = {"charts/episodic_length", "teacher/labels", "losses/sft", "losses/explained_variance",
-              "charts/skipped_steps"}
+              "charts/skipped_steps", "losses/teacher_kl"}
 
 
 @pytest.mark.parametrize("method", ["ppo", "gtr", "turbo-sft", "turbo-kl", "sft"])
@@ -451,3 +451,21 @@ def test_sft_baseline_stops_on_its_time_budget(tmp_path):
     assert rows[-1]["charts/wall_time"] >= 2 and all(row["charts/wall_time"] < 2 for row in rows[:-1])
     assert rows[-1]["losses/sft"] > 0 and rows[-1]["losses/policy"] is None
 
+
+
+def test_kl_mode_loss_is_k3_on_guided_tokens_and_replaces_the_shaping():
+    # two tokens, the second not guided: d = log 0.25 - log 0.5 = -log 2 on the first
+    logp = torch.log(torch.tensor([[0.5, 0.9]])).requires_grad_()
+    teacher = torch.log(torch.tensor([[0.25, 0.1]]))
+    mask = torch.tensor([[1.0, 0.0]])
+    kl = train.teacher_kl_loss(logp, teacher, mask)
+    assert math.isclose(kl.item(), 0.5 - 1 + math.log(2), rel_tol=1e-6)       # exp(d) - 1 - d
+    kl.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[0.5, 0.0]]))             # (1 - exp(d)) on guided tokens only
+    buf = {"format_ok": torch.ones(2, 3), "kl": torch.full((2, 3), 0.4)}
+    for mode, want in (("shaping", 0.4), ("both", 0.4), ("loss", 0.0)):
+        args = train.Args(method="turbo-kl", kl_mode=mode)
+        _, penalty = train.shaping(buf, args)
+        assert torch.allclose(penalty, torch.full((2, 3), want))
+    with pytest.raises(ValueError, match="sampled-token"):
+        train.Args(method="turbo-kl", kl_mode="loss", kl_estimator="exact")
