@@ -120,8 +120,8 @@ def noisy_answer(answer: str, action_names, rng) -> str:
     facts (positions, plan) stay true, only its last clause `so X.` and the action change. SFT on
     such answers aims at a start that reads the board reliably and chooses its move noisily, so that the
     randomness of a sampled answer sits in its decision tokens rather than its perception tokens (README,
-    "Acid test, round 2", measures whether RL then lifts it). Answers without that clause (Points24) keep
-    their thought and change the action."""
+    "Acid test", measures that RL then lifts it). Answers without that clause (Points24) keep their thought
+    and change the action."""
     obj = json.loads(answer)
     move = action_names[int(rng.integers(len(action_names)))]
     obj["thoughts"] = _FINAL_MOVE.sub(f"so {move}.", obj["thoughts"])

@@ -18,7 +18,7 @@ level and evaluation envs (split="eval") deal only them, so no evaluated level w
 episode seeds are also offset (EVAL_SEED_OFFSET) from a run's training seeds. `--eval-split train` (and
 train.py's) plays fresh episodes from the training distribution instead: the paper's protocol for Points24,
 where a level is a hand of four cards and only 715 hands exist, so a held-out hand tests arithmetic a ~5M
-model does not learn (README), while the paper scores random deals.
+model does not learn (docs/results_history.md, Points24), while the paper scores random deals.
 
 CLI:
     python eval.py runs/X [--episodes 100] [--gif K]   final agent (+ teacher), sampled at the run's temperature

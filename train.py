@@ -101,7 +101,7 @@ class Args:
     lr: float = arg(2e-5, "Adam learning rate, cosine decay to 0 (paper 1e-5 on a LoRA 7B; 2e-5 here: the oracle acid "
                           "test passes within the default budget, README)")
     ppo_epochs: int = arg(1, "PPO epochs per update (paper 4; 1 here: on 2 cores it triples the env turns per second, "
-                             "and 4 epochs learned no more per turn in our Sokoban runs, see README)")
+                             "and 4 epochs learned no more per turn on Sokoban, docs/results_history.md)")
     minibatch: int = arg(32, "PPO minibatch size in turns")
     clip: float = arg(0.1, "PPO ratio clip, also the value clip (paper 0.1)")
     vf_coef: float = arg(0.5, "value-loss coefficient (paper 0.5)")

@@ -14,7 +14,7 @@ docs/results_<task>.md and docs/curves_<task>.png.
 Processes side by side must not oversubscribe the cores: keep threads x processes <= cores (on 2 cores, two
 2-thread processes run 5-7x slower than one; torch's default is every core, so pass --threads). On 2 cores,
 two reproductions side by side with one thread each finish sooner than one with two threads (generation
-scales poorly past one thread), about 7.5 hours for everything (README, Points24):
+scales poorly past one thread), about 7.5 hours for everything (docs/results_history.md, Points24):
     python scripts/reproduce.py --tasks sokoban --seed-list 1 --train-args '--threads 1' &
     python scripts/reproduce.py --tasks sokoban --seed-list 2 --train-args '--threads 1'
 """
@@ -29,7 +29,7 @@ ROWS = [("ppo", "ppo", []), ("gtr", "gtr", []), ("turbo-sft", "turbo-sft", []), 
         ("turbo-kl-static", "turbo-kl", ["--teacher", "static"]),   # ablation: the SFT model as the teacher
         ("turbo-kl-linear", "turbo-kl", ["--merge", "linear"])]      # claim (e): TIES against a plain average
 # Points24 is scored as in the paper, on fresh deals of the game's own distribution: only 715 hands exist and a
-# ~5M model memorises formulas per hand, so on held-out hands every row would score 0 (README, Points24).
+# ~5M model memorises formulas per hand, so on held-out hands every row would score 0 (docs/results_history.md, Points24).
 TASK_ARGS = {"points24": ["--eval-split", "train"]}
 
 
