@@ -116,10 +116,6 @@ class LoRALinear(nn.Module):
         d = (self.lora_B @ self.lora_A) * self.scale
         return d if self.delta is None else d + self.delta.float()
 
-    def effective_weight(self) -> torch.Tensor:
-        """[out, in] in the base dtype: what an equivalent plain nn.Linear would hold."""
-        return (self.base.weight.float() + self.delta_weight()).to(self.base.weight.dtype)
-
     def set_delta(self, delta: torch.Tensor) -> None:
         """Make the effective weight base + delta exactly (up to the base dtype); zero B."""
         with torch.no_grad():
