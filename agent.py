@@ -48,7 +48,7 @@ from transformers.utils import logging as hf_logging
 
 hf_logging.disable_progress_bar()  # a checkpoint every update would print "Writing model shards" bars
 
-from distill import token_logprobs
+from distill import masked_mean, token_logprobs
 
 ACTION_KEY = '"action":'   # the paper's split point: text after the LAST occurrence is the action
 SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>",
@@ -715,8 +715,7 @@ class Agent:
             logp, values, logits = self.score(batch, return_logits=True)
             lp = torch.log_softmax(logits.float() / batch.temperature, -1)           # [B, G, V]
             ent = -(lp.exp() * lp).sum(-1)                                            # [B, G]
-            n = batch.thought_mask.sum(1)
-            batch.thought_entropy = (ent * batch.thought_mask).sum(1) / n.clamp(min=1)  # 0 if no thought
+            batch.thought_entropy = masked_mean(ent, batch.thought_mask)                # 0 if no thought
             batch.logp, batch.values = logp.detach(), values.detach()
         return batch
 
@@ -733,11 +732,10 @@ class Agent:
         gen, logp, entropy, values = self.decode(enc, temperature, top_k, repetition_penalty, max_new_tokens,
                                                  do_sample, min_new_tokens)
         batch = self._make_batch(enc, gen, temperature)
-        G, dev = batch.gen_mask.shape[1], batch.gen_mask.device
-        batch.logp = logp[:, :G].to(dev) * batch.gen_mask
-        ent = entropy[:, :G].to(dev) * batch.thought_mask
-        batch.thought_entropy = ent.sum(1) / batch.thought_mask.sum(1).clamp(min=1)   # 0 if no thought
-        batch.values = values.to(dev)
+        G = batch.gen_mask.shape[1]
+        batch.logp = logp[:, :G] * batch.gen_mask
+        batch.thought_entropy = masked_mean(entropy[:, :G], batch.thought_mask)   # 0 if no thought
+        batch.values = values
         return batch
 
     # ---- the decoder: prefill once, then one token per step against a preallocated KV cache ------------
@@ -780,13 +778,11 @@ class Agent:
         values = self.value_head(h[:, 0].float()).squeeze(-1)
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         S = P + max_new_tokens
-        K = [h.new_zeros(0)] * len(lm.layers)
-        V = list(K)
-        for i, layer in enumerate(cache.layers):                              # copy the prompt into fixed buffers
-            k, v = layer.keys, layer.values                                     # [B, kv_heads, P, head_dim]
-            K[i] = k.new_zeros(B, k.shape[1], S, k.shape[3])
-            V[i] = v.new_zeros(B, v.shape[1], S, v.shape[3])
-            K[i][:, :, :P], V[i][:, :, :P] = k, v
+        K, V = [], []   # per layer [B, kv_heads, S, head_dim]; the prompt's keys/values copied into columns :P
+        for layer in cache.layers:
+            for buf, t in ((K, layer.keys), (V, layer.values)):
+                buf.append(t.new_zeros(B, t.shape[1], S, t.shape[3]))
+                buf[-1][:, :, :P] = t
         del cache, out
         valid = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)        # [B, S]
         # [B] rotary position of gen token 0: real prompt tokens + rope_delta (= the prompt's max position + 1)
@@ -814,7 +810,7 @@ class Agent:
                 break
             logits = self._decode_step(tok, pos + g, P + g, K, V, valid)
         n = g + 1
-        return gen[:, :n].cpu(), logp[:, :n].cpu(), entropy[:, :n].cpu(), values
+        return gen[:, :n].cpu(), logp[:, :n], entropy[:, :n], values   # ids on the CPU: they are decoded there
 
     def _decode_step(self, tok, pos, col: int, K, V, valid):
         """One position per row through the language model: tok [B] at rotary position pos [B], written

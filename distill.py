@@ -32,7 +32,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B, G] values, [B, G] mask -> [B] mean over masked entries; 0 for a row with none.
 
     `where` rather than multiply: padded positions may hold -inf/nan log-probs, and nan * 0 = nan.
@@ -72,7 +72,7 @@ def reverse_kl_penalty(agent_logp: torch.Tensor, teacher_logp: torch.Tensor, tho
         per_token = d.abs()
     else:  # k3 = exp(-d) - 1 + d, with expm1 for accuracy at small d; clamp only absorbs rounding
         per_token = (torch.expm1(-d) + d).clamp_min(0)
-    return _masked_mean(per_token, thought_mask)  # [B]
+    return masked_mean(per_token, thought_mask)  # [B]
 
 
 def _full_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -85,7 +85,7 @@ def _full_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor,
     # p = 0 contributes 0 even where log_p or log_q is -inf (0 * inf would be nan)
     terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros((), device=p.device))
     kl = terms.sum(-1).clamp_min(0)  # [B, G]; KL >= 0, the clamp only absorbs rounding
-    return _masked_mean(kl, mask)
+    return masked_mean(kl, mask)
 
 
 def exact_reverse_kl(agent_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,

@@ -18,8 +18,8 @@ and fast at these sizes), ALFWorld (a text world far too heavy for a laptop), an
 what a 16-px-patch vision tower needs to read the state.
 
 Coordinates in thoughts are "r,c" (row, column), 0-based, counting the border walls (row 0 is the top
-wall), so they match the cells of the image one to one. Turns are compact (a prompt of about 30 tokens
-with the image, an answer of about 30): every turn's tokens are paid for by sampling, scoring and PPO.
+wall), so they match the cells of the image one to one. Turns are compact (a Sokoban prompt is 41 tokens
+with the image, an answer about 27): every turn's tokens are paid for by sampling, scoring and PPO.
 """
 from __future__ import annotations
 
@@ -45,9 +45,9 @@ MOVE_DELTAS = [(-1, 0), (1, 0), (0, -1), (0, 1)]
 SPLITS = (None, "train", "eval")
 CELL = 16  # px per grid cell: one cell per 16 px vision patch of Qwen2.5-VL
 
+FORMAT_VERSION = 2  # of prompts and expert answers; a cached SFT agent of another version is not reused
 # Answers longer than this are never a well-formed answer of a 256-token generation; the JSON check is
 # skipped for them so that a megabyte of garbage costs no more than a linear scan.
-FORMAT_VERSION = 2  # of prompts and expert answers; a cached SFT agent of another version is not reused
 MAX_JSON_CHARS = 20_000
 MAX_ACTION_VALUE_CHARS = 200
 

@@ -57,7 +57,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from env import extract_thought as env_extract_thought
+from env import answer_json, extract_thought as env_extract_thought
 
 EVAL_SEED_OFFSET = 1_000_000  # evaluation episode seeds never coincide with a training run's seeds
 SPLITS = ("eval", "train")
@@ -189,7 +189,7 @@ class RandomActor:
             env = envs.envs[i]
             answer = {k: "" for k in env.answer_keys}
             answer["action"] = env.action_names[self.rng.integers(len(env.action_names))]
-            texts.append(json.dumps(answer))
+            texts.append(answer_json(answer))
         nan = np.full(len(rows), np.nan)  # no model: no entropy, no tokens
         return texts, nan, nan.copy()
 

@@ -739,7 +739,8 @@ def teacher_kl(agent, teacher, batch, args):
         kl = exact_reverse_kl if args.kl_estimator == "exact" else forward_kl
         return kl(agent_logits, teacher_logits, mask, temperature=batch.temperature)
     teacher_logp, _, _ = teacher.score(batch)
-    batch.teacher_logp = teacher_logp.float()  # for --kl-mode loss: the teacher is fixed for the whole update
+    if args.kl_mode != "shaping":  # the KL loss reads them in PPO: the teacher is fixed for the whole update
+        batch.teacher_logp = teacher_logp.float()
     return reverse_kl_penalty(batch.logp, teacher_logp, mask, estimator=args.kl_estimator, lo=0.0, hi=args.kl_clip)
 
 

@@ -1,7 +1,7 @@
 """Env turns per second of train.py's own default update (rollout + teacher + PPO + merge), and its split.
 
 Runs `train.main` of the source tree given by --root (this checkout, or an exported older commit: see
-`scripts/bench.py --loop`) on a random-init small agent saved to disk and passed with --init, so the SFT
+`scripts/bench.py --only loop`) on a random-init small agent saved to disk and passed with --init, so the SFT
 warm-up is skipped and both trees play the same envs with the same batch. A random-init model does not
 write its format, so every answer is forced to the mean token length of that tree's expert answers
 (min_new_tokens = max_new_tokens): each tree pays for the turns its own format makes. Prints one JSON line:
