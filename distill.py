@@ -2,7 +2,7 @@
 
 Implements:
 - `token_logprobs`: per-token log-probs with next-token alignment (shared with agent.py);
-- `reverse_kl_penalty`: GTR_TURBO.md 4.2, the per-turn KL penalty of the KL variant,
+- `reverse_kl_penalty`: docs/method.md 4.2, the per-turn KL penalty of the KL variant,
   mean over the agent's own thought tokens of clip(log pi_agent - log pi_teacher, 0, 10);
   the estimators k1 / abs / k3 / clip for the ablations;
 - `exact_reverse_kl` / `forward_kl`: full-vocabulary KL per token (ablations of 4.2);
@@ -50,7 +50,7 @@ def _check_same_shape(**tensors) -> None:
 
 def reverse_kl_penalty(agent_logp: torch.Tensor, teacher_logp: torch.Tensor, thought_mask: torch.Tensor,
                        estimator: str = "clip", lo: float = 0.0, hi: float = 10.0) -> torch.Tensor:
-    """Per-turn KL penalty on the agent's sampled thought tokens (GTR_TURBO.md 4.2) -> [B].
+    """Per-turn KL penalty on the agent's sampled thought tokens (docs/method.md 4.2) -> [B].
 
     agent_logp, teacher_logp: [B, G] log-probs of the same generated tokens (same temperature);
     thought_mask: [B, G] bool/float, true on thought tokens. With d = agent_logp - teacher_logp per token:
@@ -107,7 +107,7 @@ def forward_kl(agent_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: t
 
 
 def sft_loss(logits: torch.Tensor, target_ids: torch.Tensor, thought_mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on thought tokens only (GTR_TURBO.md 3 and 4.3) -> scalar.
+    """Cross-entropy on thought tokens only (docs/method.md 3 and 4.3) -> scalar.
 
     logits: [B, G, V] already aligned, logits[:, g] predicts target_ids[:, g] [B, G]; thought_mask: [B, G].
     Token mean over every thought token of the batch (not a mean of per-row means). Action and padding

@@ -1,46 +1,24 @@
-"""eval.py: how well an agent plays and how it thinks, on held-out levels; run comparison; GIF replays.
+"""eval.py: how well an agent plays and how it thinks (docs/method.md section 5); run comparison; GIF replays.
 
-What is measured (GTR_TURBO.md section 5 reports success and return; sections 2-4 describe thought collapse,
-which the thought columns make visible), one row per (model, decoding):
-    success        fraction of episodes solved          return       mean episode return (env rewards only)
-    length         mean turns per episode               format_rate  answers that are one JSON object with all keys
-    invalid_rate   answers naming no legal action       grounding    mean fraction of stated facts that are true
-    distinct2      distinct / all word bigrams over all thoughts (low = templated)
-    self_bleu2     mean BLEU-2 of each thought against the others (high = templated; 1.0 = all identical)
-    thought_entropy  mean per-token entropy over thought tokens, at the sampling temperature (also for greedy)
-    tokens         generated tokens per answer (EOS included)
-Reference rows come from no model: `random` (empty thought, uniformly random legal action) and `expert` (the
-privileged solver answer, env.expert_answer). For them entropy and tokens are nan.
+Metrics, one row per (model, decoding). Section 5 reports the first two; the thought columns show the thought
+collapse that GTR and GTR-Turbo guard against (sections 2-4):
+    success, return   fraction of episodes solved, mean episode return (env rewards only); length in turns
+    format_rate       answers that are one JSON object with all keys;  invalid_rate: answers naming no legal action
+    grounding         mean fraction of the facts a thought states that are true (env.grounding)
+    distinct2         distinct / all word bigrams over all thoughts (low = templated)
+    self_bleu2        mean BLEU-2 of each thought against the others (high = templated; 1.0 = all identical)
+    thought_entropy   mean per-token entropy of thought tokens at the sampling temperature (also for greedy)
+    tokens            generated tokens per answer (EOS included)
+Reference rows from no model: `random` (empty thought, random legal action) and `expert` (env.expert_answer).
+Levels are held out (env.in_eval_split; training envs never deal one) and episode seeds are offset by
+EVAL_SEED_OFFSET from training seeds; `--eval-split train` plays fresh training-distribution episodes instead
+(the paper's protocol for Points24, where only 715 hands exist).
 
-Held-out split (env.py, `in_eval_split`): a level (Sokoban/GridWorld layout, Points24 hand) belongs to the
-evaluation set iff crc32 of its canonical text is 0 mod 10. Training envs (split="train") never deal such a
-level and evaluation envs (split="eval") deal only them, so no evaluated level was ever trained on. Evaluation
-episode seeds are also offset (EVAL_SEED_OFFSET) from a run's training seeds. `--eval-split train` (and
-train.py's) plays fresh episodes from the training distribution instead: the paper's protocol for Points24,
-where a level is a hand of four cards and only 715 hands exist, so a held-out hand tests arithmetic a ~5M
-model does not learn (docs/results_history.md, Points24), while the paper scores random deals.
-
-CLI:
-    python eval.py runs/X [--episodes 100] [--gif K]   final agent (+ teacher), sampled at the run's temperature
-                                                        and greedy, + random and expert rows -> a markdown table
-                                                        and runs/X/eval_full.json; K GIFs runs/X/replay_k.gif
-    python eval.py --agent DIR --task sokoban [--out D] any directory Agent.load accepts (a real Qwen2.5-VL too)
-    python eval.py compare runs/A runs/B ... [--out compare.png] [--table FILE.md]
-                                                        runs grouped by method and every other setting that
-                                                        differs (only seeds pooled: mean and std) -> a markdown
-                                                        table and a 2x2 PNG of learning curves
-Any bad input (a missing run directory, a run without checkpoint, an unloadable agent, a bad flag or value, a
-bad value in the run's args.json, an output directory that does not exist) exits with status 2 and one line
-`eval.py: error: ...` naming the flag or path, before any model is loaded where it can be.
-
-JSON written here holds no NaN/Infinity (json_safe: null instead, train.py uses it too); readers take null,
-and the bare NaN of older files, as a missing number.
-
-GIF replays: one frame per turn (the state the agent saw, captioned with its thought and action) plus one final
-frame showing the state the episode ended in (captioned with the outcome): frames = turns + 1. Replay k plays
-the k-th episode of the evaluation level stream (the level of evaluation episode k when k < 16).
-
-Left out: statistical tests between methods, videos (GIF only), per-level breakdowns.
+CLI: `python eval.py [run] runs/X` (or `--agent DIR --task T`): agent (+ teacher) sampled and greedy, random and
+expert rows -> a table, eval_full.json (null for NaN), replay_k.gif with --gif K; `python eval.py compare runs/A
+runs/B ... [--out PNG] [--table MD]`: seeds of a setting pooled -> a markdown table (from each run's eval.json)
+and learning curves. A bad input exits 2 with one line `eval.py: error: ...`, before any model is loaded.
+Left out: statistical tests, videos (GIF only), per-level results.
 """
 from __future__ import annotations
 
@@ -52,16 +30,23 @@ import math
 import os
 import re
 import sys
+import textwrap
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from env import answer_json, extract_thought as env_extract_thought
+from env import (BOX, BOX_ON_TARGET, CELL, GOAL, PLAYER, TARGET, TASKS, WALL, LockstepEnvs, answer_json, draw_grid,
+                 extract_thought, font)
 
 EVAL_SEED_OFFSET = 1_000_000  # evaluation episode seeds never coincide with a training run's seeds
-SPLITS = ("eval", "train")
+EVAL_SPLITS = ("eval", "train")
 GIF_SCALE = 4                 # env image enlarged 4x (nearest neighbour) in replays
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics
 
 
 def json_safe(obj):
@@ -70,10 +55,8 @@ def json_safe(obj):
         return obj if math.isfinite(obj) else None  # json.dumps would write NaN/Infinity: not JSON
     if isinstance(obj, dict):
         return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(json_safe(v) for v in obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(json_safe(v) for v in obj)
     return obj
 
 
@@ -82,20 +65,9 @@ def num(x) -> float:
     return float("nan") if x is None else float(x)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Thought diversity (own code, word level)
-
-
-def extract_thought(text: str) -> str:
-    """The value of "thoughts" in an answer (env.extract_thought: JSON escapes decoded); for broken JSON, the
-    text before the last "action" key, so a malformed answer still counts with what it said."""
-    if not isinstance(text, str):
-        return ""
-    thought = env_extract_thought(text)
-    if thought is not None:
-        return thought
-    cut = text.rfind('"action"')
-    return text[:cut] if cut >= 0 else text
+def _mean(xs) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return float(np.mean(xs)) if xs else float("nan")
 
 
 def ngrams(words, n):
@@ -108,184 +80,149 @@ def distinct_n(texts, n=2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def _max_counts(counters):
-    """Elementwise max of Counters: BLEU clips a hypothesis n-gram count at its max count in any reference."""
-    out = Counter()
-    for c in counters:
-        for g, k in c.items():
-            if k > out[g]:
-                out[g] = k
-    return out
-
-
-def bleu2(hyp, refs, _ref_counts=None) -> float:
-    """Sentence BLEU-2 of one word list against several: geometric mean of the clipped 1- and 2-gram precisions
-    times the brevity penalty exp(1 - r/c) when c <= r (r = the reference length closest to c, ties to the
-    shorter). No smoothing: a zero precision gives 0."""
-    if not hyp or not refs:
-        return 0.0
-    logs = []
-    for n in (1, 2):
-        h = Counter(ngrams(hyp, n))
-        if not h:
-            return 0.0
-        max_ref = _ref_counts[n] if _ref_counts else _max_counts(Counter(ngrams(r, n)) for r in refs)
-        clipped = sum(min(c, max_ref[g]) for g, c in h.items())
-        if clipped == 0:
-            return 0.0
-        logs.append(math.log(clipped / sum(h.values())))
-    ref_len = min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
-    bp = 1.0 if len(hyp) > ref_len else math.exp(1 - ref_len / len(hyp))
-    return bp * math.exp(sum(logs) / 2)
-
-
 def self_bleu2(texts, max_texts=200) -> float:
-    """Mean BLEU-2 of each text against all the others (Zhu et al. 2018); 1.0 = all identical, nan for < 2
-    texts. Over more than `max_texts` texts an evenly spaced subsample is used (the cost is quadratic)."""
+    """Mean sentence BLEU-2 of each text against all the others (Zhu et al. 2018); 1.0 = all identical, nan for
+    < 2 texts. BLEU-2: geometric mean of the clipped 1- and 2-gram precisions times the brevity penalty
+    exp(1 - r/c) when c <= r (r = the other length closest to c, ties to the shorter); no smoothing, so a zero
+    precision gives 0. Over more than `max_texts` texts an evenly spaced subsample is used (the cost is quadratic)."""
     if len(texts) > max_texts:
         texts = [texts[i] for i in np.linspace(0, len(texts) - 1, max_texts).round().astype(int)]
     words = [t.split() for t in texts]
     if len(words) < 2:
         return float("nan")
-    counts = {n: [Counter(ngrams(w, n)) for w in words] for n in (1, 2)}  # each text's n-grams counted once
+    counts = [[Counter(ngrams(w, n)) for n in (1, 2)] for w in words]  # each text's 1- and 2-grams, once
     scores = []
-    for i, w in enumerate(words):
-        refs = words[:i] + words[i + 1:]
-        ref_counts = {n: _max_counts(c for j, c in enumerate(counts[n]) if j != i) for n in (1, 2)}
-        scores.append(bleu2(w, refs, ref_counts))
+    for i, hyp in enumerate(words):
+        others = [j for j in range(len(words)) if j != i]
+        logs = []
+        for n in (0, 1):
+            clip = Counter()  # an n-gram counts at most as often as in the other text that has it most
+            for j in others:
+                clip |= counts[j][n]
+            hits = sum(min(c, clip[g]) for g, c in counts[i][n].items())
+            logs.append(math.log(hits / sum(counts[i][n].values())) if hits else None)
+        if None in logs:  # no n-gram matched (or the text has none): BLEU 0
+            scores.append(0.0)
+            continue
+        ref_len = min((abs(len(words[j]) - len(hyp)), len(words[j])) for j in others)[1]
+        bp = 1.0 if len(hyp) > ref_len else math.exp(1 - ref_len / len(hyp))
+        scores.append(bp * math.exp(sum(logs) / 2))
     return float(np.mean(scores))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Actors: (images, prompts, envs, rows) -> (answer texts, thought entropy [len(rows)], tokens [len(rows)])
-
-
-class AgentActor:
-    """Answers with an Agent: sampled at `temperature` (with the run's top-k / repetition penalty), or greedy.
-    Greedy still reports the thought entropy of the distribution at `temperature`."""
-
-    def __init__(self, agent, temperature=1.0, greedy=False, max_new_tokens=64, top_k=0, repetition_penalty=1.0):
-        self.agent, self.temperature, self.greedy, self.max_new_tokens = agent, temperature, greedy, max_new_tokens
-        self.top_k, self.repetition_penalty = top_k, repetition_penalty
-
-    def __call__(self, images, prompts, envs, rows):
-        with torch.no_grad():
-            b = self.agent.sample(images, prompts, temperature=self.temperature, do_sample=not self.greedy,
-                                  max_new_tokens=self.max_new_tokens, top_k=self.top_k,
-                                  repetition_penalty=self.repetition_penalty)
-        # one device->host copy per turn for the whole batch, not per row
-        return b.texts, b.thought_entropy.float().cpu().numpy(), b.gen_mask.sum(-1).float().cpu().numpy()
-
-
-class RandomActor:
-    """A valid answer with an empty thought and a uniformly random legal action."""
-
-    def __init__(self, seed):
-        self.rng = np.random.default_rng(seed)
-
-    def __call__(self, images, prompts, envs, rows):
-        texts = []
-        for i in rows:
-            env = envs.envs[i]
-            answer = {k: "" for k in env.answer_keys}
-            answer["action"] = env.action_names[self.rng.integers(len(env.action_names))]
-            texts.append(answer_json(answer))
-        nan = np.full(len(rows), np.nan)  # no model: no entropy, no tokens
-        return texts, nan, nan.copy()
-
-
-class ExpertActor:
-    """The privileged solver answer (env.expert_answer): an upper reference, grounding 1 by construction."""
-
-    def __call__(self, images, prompts, envs, rows):
-        texts = [envs.envs[i].expert_answer() for i in rows]
-        nan = np.full(len(rows), np.nan)
-        return texts, nan, nan.copy()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Playing episodes
-
-
-def play(actor, task, episodes, seed, num_envs=16, env_kwargs=None, record=None, split="eval"):
-    """Run exactly `episodes` episodes, held-out ones by default (split="eval"; "train" deals from the training
-    distribution, the paper's protocol for Points24). Env i plays episodes i, i+num_envs, ...; an env that has
-    met its quota idles, so short episodes are not over-represented. Returns (episode dicts, turn dicts).
-
-    `record`: a list to which env 0's turns are appended as dicts {"episode", "frame" (HxWx3 uint8, scaled
-    GIF_SCALE), "caption", "final"}; after each of env 0's episodes one more entry with final=True shows the
-    state the episode ended in (the envs auto-reset, so it is replayed on a copy of env 0)."""
-    from env import LockstepEnvs
-    if episodes < 1:
-        raise ValueError(f"episodes must be >= 1, got {episodes}")
-    num_envs = max(1, min(num_envs, episodes))
-    envs = LockstepEnvs(task, num_envs, seed=seed + EVAL_SEED_OFFSET, split=split, **(env_kwargs or {}))
-    quota = np.array([len(range(i, episodes, num_envs)) for i in range(num_envs)])
-    done_count = np.zeros(num_envs, dtype=int)
-    eps, turns = [], []
-    turn_in_episode = 0
-    while (done_count < quota).any():
-        rows = [i for i in range(num_envs) if done_count[i] < quota[i]]
-        images, prompts = envs.observe()
-        texts, entropy, ntok = actor([images[i] for i in rows], [prompts[i] for i in rows], envs, rows)
-        all_texts = [""] * num_envs  # idle envs get an empty answer: their extra turns are never counted
-        for j, i in enumerate(rows):
-            all_texts[i] = texts[j]
-        recording = record is not None and done_count[0] < quota[0]
-        if recording:
-            env0 = envs.envs[0]
-            before = copy.deepcopy(env0)
-            frame = env0.render_image(scale=GIF_SCALE)
-        out = envs.step_texts(all_texts)
-        if recording:
-            turn_in_episode += 1
-            a = int(out["action"][0])
-            name = env0.action_names[a] if a >= 0 else "INVALID (turn skipped)"
-            record.append({"episode": int(done_count[0]), "frame": frame, "final": False,
-                           "caption": f"turn {turn_in_episode}: {extract_thought(all_texts[0]).strip()} "
-                                      f"-> action: {name} (reward {out['reward'][0]:+.1f})"})
-        for j, i in enumerate(rows):
-            turns.append({"format_ok": bool(out["format_ok"][i]), "action_valid": bool(out["action_valid"][i]),
-                          "grounding": float(out["grounding"][i]), "entropy": float(entropy[j]),
-                          "tokens": float(ntok[j]), "thought": extract_thought(texts[j])})
-        for e in out["episodes"]:
-            i = e["env"]
-            if done_count[i] >= quota[i]:
-                continue
-            eps.append(e)
-            if recording and i == 0:
-                a = int(out["action"][0])
-                before.step(a) if a >= 0 else before.skip_turn()  # the terminal state, lost to auto-reset
-                outcome = "solved" if e["success"] else "not solved"
-                record.append({"episode": int(done_count[0]), "frame": before.render_image(scale=GIF_SCALE),
-                               "final": True, "caption": f"end: {outcome} in {e['length']} turns, "
-                                                         f"return {e['return']:+.1f}"})
-                turn_in_episode = 0
-            done_count[i] += 1
-    return eps, turns
-
-
-def _mean(xs) -> float:
-    xs = [x for x in xs if not math.isnan(x)]
-    return float(np.mean(xs)) if xs else float("nan")
-
-
-def summarize(eps, turns) -> dict:
+def episode_metrics(eps, turns) -> dict:
     """Episode and turn dicts (from `play`) -> one row of the metrics in the module docstring."""
     thoughts = [t["thought"] for t in turns if t["thought"].strip()]
     return {
         "episodes": len(eps),
-        "success": float(np.mean([e["success"] for e in eps])) if eps else float("nan"),
-        "return": float(np.mean([e["return"] for e in eps])) if eps else float("nan"),
-        "length": float(np.mean([e["length"] for e in eps])) if eps else float("nan"),
-        "format_rate": float(np.mean([t["format_ok"] for t in turns])) if turns else float("nan"),
-        "invalid_rate": 1.0 - float(np.mean([t["action_valid"] for t in turns])) if turns else float("nan"),
+        "success": _mean([e["success"] for e in eps]),
+        "return": _mean([e["return"] for e in eps]),
+        "length": _mean([e["length"] for e in eps]),
+        "format_rate": _mean([t["format_ok"] for t in turns]),
+        "invalid_rate": 1.0 - _mean([t["action_valid"] for t in turns]),
         "grounding": _mean([t["grounding"] for t in turns]),   # turns that state no checkable fact are nan
         "distinct2": distinct_n(thoughts, 2),
         "self_bleu2": self_bleu2(thoughts),
         "thought_entropy": _mean([t["entropy"] for t in turns]),
         "tokens": _mean([t["tokens"] for t in turns]),
     }
+
+
+COLUMNS = ("success", "return", "length", "format_rate", "invalid_rate", "grounding", "distinct2", "self_bleu2",
+           "thought_entropy", "tokens")
+
+
+def format_table(rows: dict) -> str:
+    """{name: metrics row} -> a markdown table a user can paste (n/a where a metric does not apply)."""
+    cell = lambda x: "n/a" if x is None or math.isnan(x) else f"{x:.3f}"  # noqa: E731
+    head = "| | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
+    return head + "".join(f"| {name} | " + " | ".join(cell(r.get(c, float("nan"))) for c in COLUMNS) + " |\n"
+                          for name, r in rows.items())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Playing episodes. An actor maps (images, prompts, envs, rows) -> (answer texts, thought entropy [len(rows)],
+# generated tokens [len(rows)]) for the envs envs.envs[i], i in rows.
+
+
+def agent_actor(agent, greedy=False, **decoding):
+    """Answers of an Agent: sampled (decoding: temperature, max_new_tokens, top_k, repetition_penalty) or
+    greedy; greedy still reports the thought entropy of the distribution at the temperature."""
+
+    def act(images, prompts, envs, rows):
+        with torch.no_grad():
+            b = agent.sample(images, prompts, do_sample=not greedy, **decoding)
+        # one device->host copy per turn for the whole batch, not per row
+        return b.texts, b.thought_entropy.float().cpu().numpy(), b.gen_mask.sum(-1).float().cpu().numpy()
+    return act
+
+
+def random_actor(seed):
+    """A valid answer with an empty thought and a uniformly random legal action (no model: entropy, tokens nan)."""
+    rng = np.random.default_rng(seed)
+
+    def act(images, prompts, envs, rows):
+        texts = []
+        for env in (envs.envs[i] for i in rows):
+            action = env.action_names[rng.integers(len(env.action_names))]
+            texts.append(answer_json({**dict.fromkeys(env.answer_keys, ""), "action": action}))
+        return texts, np.full(len(rows), np.nan), np.full(len(rows), np.nan)
+    return act
+
+
+def expert_actor(images, prompts, envs, rows):
+    """The privileged solver answer (env.expert_answer): an upper reference, grounding 1 by construction."""
+    return [envs.envs[i].expert_answer() for i in rows], np.full(len(rows), np.nan), np.full(len(rows), np.nan)
+
+
+def play(actor, task, episodes, seed, num_envs=16, record=None, split="eval", desc="eval"):
+    """Exactly `episodes` episodes of `split` ("eval": held-out levels; "train": the training distribution) ->
+    (episode dicts, turn dicts). Env i plays episodes i, i+num_envs, ...; an env that has met its quota idles, so
+    short episodes are not over-represented. `record`: a list that gets env 0's turns as {"episode", "frame"
+    (board_frame), "caption"}, and after each of its episodes one more: the state the episode ended in."""
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    num_envs = max(1, min(num_envs, episodes))
+    envs = LockstepEnvs(task, num_envs, seed=seed + EVAL_SEED_OFFSET, split=split)
+    quota = np.array([len(range(i, episodes, num_envs)) for i in range(num_envs)])
+    done = np.zeros(num_envs, dtype=int)  # episodes counted per env
+    eps, turns, turn = [], [], 0
+    bar = tqdm(total=episodes, desc=desc, unit="ep", leave=False)
+    while (done < quota).any():
+        rows = [i for i in range(num_envs) if done[i] < quota[i]]
+        images, prompts = envs.observe()
+        texts, entropy, ntok = actor([images[i] for i in rows], [prompts[i] for i in rows], envs, rows)
+        answers = dict(zip(rows, texts))  # idle envs answer "": their extra turns are never counted
+        recording = record is not None and done[0] < quota[0]
+        if recording:  # the envs auto-reset, so the state an episode ends in is replayed on a copy
+            before, frame = copy.deepcopy(envs.envs[0]), board_frame(envs.envs[0], task)
+        out = envs.step_texts([answers.get(i, "") for i in range(num_envs)])
+        a = int(out["action"][0])
+        if recording:
+            turn += 1
+            name = before.action_names[a] if a >= 0 else "INVALID (turn skipped)"
+            record.append({"episode": int(done[0]), "frame": frame,
+                           "caption": f"turn {turn}: {(extract_thought(answers[0]) or '').strip()} "
+                                      f"-> action: {name} (reward {out['reward'][0]:+.1f})"})
+        for j, i in enumerate(rows):
+            turns.append({"format_ok": bool(out["format_ok"][i]), "action_valid": bool(out["action_valid"][i]),
+                          "grounding": float(out["grounding"][i]), "entropy": float(entropy[j]),
+                          "tokens": float(ntok[j]), "thought": extract_thought(texts[j]) or ""})
+        for e in out["episodes"]:
+            i = e["env"]
+            if done[i] >= quota[i]:
+                continue
+            eps.append(e)
+            bar.update(1)
+            if recording and i == 0:
+                before.step(a) if a >= 0 else before.skip_turn()
+                record.append({"episode": int(done[0]), "frame": board_frame(before, task),
+                               "caption": f"end: {'solved' if e['success'] else 'not solved'} in {e['length']} "
+                                          f"turns, return {e['return']:+.1f}"})
+                turn = 0
+            done[i] += 1
+    bar.close()
+    return eps, turns
 
 
 @contextlib.contextmanager
@@ -296,121 +233,26 @@ def seeded(seed, device):
         yield
 
 
-def evaluate(agent, task, episodes=100, seed=0, temperature=1.0, greedy=False, max_new_tokens=64, env_kwargs=None,
-             top_k=0, repetition_penalty=1.0, num_envs=16, split="eval"):
-    """Held-out evaluation of an Agent -> the summary dict above. Same seed -> same levels (and samples)."""
-    actor = AgentActor(agent, temperature, greedy, max_new_tokens, top_k, repetition_penalty)
+def evaluate(agent, task, episodes=100, seed=0, temperature=1.0, greedy=False, max_new_tokens=64, top_k=0,
+             repetition_penalty=1.0, num_envs=16, split="eval", desc="eval") -> dict:
+    """Evaluation of an Agent -> one row of episode_metrics. Same seed -> same levels (and samples)."""
+    actor = agent_actor(agent, greedy, temperature=temperature, max_new_tokens=max_new_tokens, top_k=top_k,
+                        repetition_penalty=repetition_penalty)
     with seeded(seed, agent.device):
-        return summarize(*play(actor, task, episodes, seed, num_envs=num_envs, env_kwargs=env_kwargs, split=split))
+        return episode_metrics(*play(actor, task, episodes, seed, num_envs=num_envs, split=split, desc=desc))
 
 
-def reference_rows(task, episodes=100, seed=0, env_kwargs=None, split="eval") -> dict:
+def reference_rows(task, episodes=100, seed=0, split="eval") -> dict:
     """Rows from no model: the random-action agent and the expert (solver) agent, on the same levels."""
-    return {"random": summarize(*play(RandomActor(seed), task, episodes, seed, env_kwargs=env_kwargs, split=split)),
-            "expert": summarize(*play(ExpertActor(), task, episodes, seed, env_kwargs=env_kwargs, split=split))}
-
-
-COLUMNS = ("success", "return", "length", "format_rate", "invalid_rate", "grounding", "distinct2", "self_bleu2",
-           "thought_entropy", "tokens")
-
-
-def _fmt(x, digits=3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def format_table(rows: dict) -> str:
-    """{name: summary} -> a markdown table a user can paste (n/a where a metric does not apply)."""
-    head = "| | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
-    return head + "".join(f"| {name} | " + " | ".join(_fmt(r.get(c, float("nan"))) for c in COLUMNS) + " |\n"
-                          for name, r in rows.items())
+    return {name: episode_metrics(*play(actor, task, episodes, seed, split=split, desc=f"eval {name}"))
+            for name, actor in (("random", random_actor(seed)), ("expert", expert_actor))}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# GIF replays
-
-
-def _font():
-    from PIL import ImageFont
-    try:
-        return ImageFont.load_default(size=12)
-    except TypeError:  # Pillow < 10.1: the bitmap font, no size
-        return ImageFont.load_default()
-
-
-def wrap_pixels(text, font, width) -> list[str]:
-    """Greedy word wrap to `width` pixels of `font`; a word longer than a line is cut by characters."""
-    lines = []
-    for para in text.split("\n"):
-        line = ""
-        for word in para.split(" "):
-            cand = word if not line else line + " " + word
-            if font.getlength(cand) <= width:
-                line = cand
-                continue
-            if line:
-                lines.append(line)
-            while font.getlength(word) > width and len(word) > 1:  # hard-cut an over-long token
-                k = max(1, int(len(word) * width / font.getlength(word)))
-                lines.append(word[:k])
-                word = word[k:]
-            line = word
-        lines.append(line)
-    return lines
-
-
-def captioned_frames(entries, min_width=320, max_lines=12) -> list:
-    """Record entries -> PIL images of one size: the frame on top (centred), the wrapped caption below."""
-    from PIL import Image, ImageDraw
-    font = _font()
-    width = max(min_width, max(e["frame"].shape[1] for e in entries))
-    line_h = font.getbbox("Hg")[3] + 3
-    wrapped = []
-    for e in entries:
-        lines = wrap_pixels(e["caption"], font, width - 8)
-        wrapped.append(lines[:max_lines - 1] + ["..."] if len(lines) > max_lines else lines)
-    frame_h = max(e["frame"].shape[0] for e in entries)
-    height = frame_h + 8 + line_h * max(len(w) for w in wrapped)  # every frame the same size (GIF)
-    images = []
-    for e, lines in zip(entries, wrapped):
-        img = Image.new("RGB", (width, height), (255, 255, 255))
-        f = e["frame"]
-        img.paste(Image.fromarray(f), ((width - f.shape[1]) // 2, 0))
-        draw = ImageDraw.Draw(img)
-        for k, line in enumerate(lines):
-            draw.text((4, frame_h + 4 + k * line_h), line, fill=(0, 0, 0), font=font)
-        images.append(img)
-    return images
-
-
-def write_gif(entries, path, ms_per_frame=900) -> int:
-    """One episode's record entries -> an animated GIF that loops; returns the number of frames written.
-    Captions carry the turn number, so no two frames are identical (Pillow would merge identical ones)."""
-    images = captioned_frames(entries)
-    images[0].save(path, save_all=True, append_images=images[1:], duration=ms_per_frame, loop=0)
-    return len(images)
-
-
-def write_replays(actor, task, n, seed, out_dir, env_kwargs=None, split="eval") -> list[dict]:
-    """Play the first `n` episodes of the evaluation stream one at a time and write out_dir/replay_k.gif for each.
-    Returns [{file, length, success, return, frames}]."""
-    record = []
-    eps, _ = play(actor, task, n, seed, num_envs=1, env_kwargs=env_kwargs, record=record, split=split)
-    out = []
-    for k, e in enumerate(eps):
-        path = os.path.join(out_dir, f"replay_{k}.gif")
-        frames = write_gif([r for r in record if r["episode"] == k], path)
-        out.append({"file": path, "length": e["length"], "success": e["success"], "return": e["return"],
-                    "level": e["level"], "frames": frames})
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Comparing runs
-
+# Comparing runs: held-out results from each run's eval.json, learning curves from its metrics.jsonl
 
 # args.json settings that do not define the experiment: runs differing only in these are seeds of one setting
-# (seed is what a group pools; the rest say where and how fast a run ran, and how much of it was logged;
-# budget_seconds is the sft baseline's per-seed match of another run's wall-clock, set by scripts/reproduce.py)
+# (where and how fast a run ran, how much of it was logged; budget_seconds matches another run's wall-clock)
 NOT_SETTINGS = ("seed", "out", "resume", "threads", "device", "world_size", "eval_episodes", "log_episodes",
                 "max_skips", "budget_seconds")
 CURVES = (("charts/success_rate", "success rate"), ("charts/thought_grounding", "thought grounding"),
@@ -418,58 +260,24 @@ CURVES = (("charts/success_rate", "success rate"), ("charts/thought_grounding", 
 
 
 def read_run(run_dir) -> dict:
-    """args.json + metrics.jsonl (+ eval.json if present). Raises FileNotFoundError/ValueError with the path.
-    Values may be null (json_safe's NaN) or, in old files, a bare NaN: readers turn both into NaN via num()."""
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"{run_dir}: no such run directory")
-    paths = {k: os.path.join(run_dir, k) for k in ("args.json", "metrics.jsonl", "eval.json")}
-    for k in ("args.json", "metrics.jsonl"):
-        if not os.path.isfile(paths[k]):
-            raise FileNotFoundError(f"{run_dir}: no {k}, not a run directory written by train.py")
+    """{dir, args, metrics, eval}: args.json, metrics.jsonl (a dict per update), eval.json (None if absent);
+    ValueError naming the run if one is missing or unreadable. num() reads null and bare NaN values as NaN."""
+    d = Path(run_dir)
     try:
-        with open(paths["args.json"]) as f:
-            args = json.load(f)
-        with open(paths["metrics.jsonl"]) as f:
-            metrics = [json.loads(line) for line in f if line.strip()]
-        ev = None
-        if os.path.isfile(paths["eval.json"]):
-            with open(paths["eval.json"]) as f:
-                ev = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{run_dir}: unreadable run files ({e})") from None
+        metrics = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        run = {"dir": run_dir, "args": json.loads((d / "args.json").read_text()), "metrics": metrics,
+               "eval": json.loads((d / "eval.json").read_text()) if (d / "eval.json").is_file() else None}
+    except (OSError, ValueError) as e:  # a file missing: not a run directory written by train.py
+        raise ValueError(f"{run_dir}: not a readable run directory ({e})") from None
     if not metrics:
         raise ValueError(f"{run_dir}: metrics.jsonl is empty (no update finished yet)")
-    return {"dir": run_dir, "args": args, "metrics": metrics, "eval": ev}
-
-
-def run_summary(run) -> dict:
-    """One run's numbers for the comparison table: held-out agent row from eval.json if present, else the
-    mean over the last 5 updates of the training metrics; the SFT start's and the teacher's held-out success
-    from the same eval.json (NaN where the run has none)."""
-    m = run["metrics"]
-    last5 = lambda key: _mean([num(r.get(key)) for r in m[-5:]])  # noqa: E731
-    ev = (run["eval"] or {}).get("agent")
-    if ev is not None:
-        src = {k: num(ev.get(k)) for k in ("success", "return", "grounding", "thought_entropy")}
-        src["source"] = "held-out" if run["args"].get("eval_split", "eval") == "eval" else "train split"
-    else:
-        src = {"success": last5("charts/success_rate"), "return": last5("charts/episodic_return"),
-               "grounding": last5("charts/thought_grounding"), "thought_entropy": last5("charts/thought_entropy"),
-               "source": "train, last 5"}
-    held = lambda row: num(((run["eval"] or {}).get(row) or {}).get("success"))  # noqa: E731
-    src["start"], src["teacher"] = held("start (SFT)"), held("teacher")  # same held-out levels as the agent
-    wall, teacher = num(m[-1].get("charts/wall_time")), num(m[-1].get("teacher/time"))
-    src["wall_time"] = wall
-    src["teacher_share"] = teacher / wall if wall > 0 else float("nan")
-    src["env_steps"] = m[-1].get("env_steps")
-    return src
+    return run
 
 
 def group_runs(runs) -> dict:
-    """{label: [runs]} in first-seen order. Runs are seeds of one group only if every args.json setting but
-    NOT_SETTINGS agrees; the label is the method plus "(key=value, ...)" for each setting that differs between
-    the runs given, and the task joins it when the runs span several tasks. Raises ValueError when a group
-    would pool one seed twice (the same run given twice, or a copy)."""
+    """{label: [runs]} in first-seen order; runs are seeds of one group if every args.json setting but NOT_SETTINGS
+    agrees. Label: the method, "(key=value, ...)" for each setting that differs between the runs, the task if they
+    span several. ValueError if a group would pool one seed twice (the same run given twice, or a copy)."""
     keys = sorted({k for r in runs for k in r["args"]} - set(NOT_SETTINGS) - {"method", "task"})
     differ = [k for k in keys if any(r["args"].get(k) != runs[0]["args"].get(k) for r in runs)]
     with_task = len({r["args"].get("task") for r in runs}) > 1
@@ -489,30 +297,31 @@ def group_runs(runs) -> dict:
     return groups
 
 
-def _pm(xs, digits=3) -> str:
-    """mean ± sample std over seeds (no ± for a single seed); nan (or null) seeds are left out."""
-    xs = [num(x) for x in xs]
+def mean_sd(xs, digits=3) -> str:
+    """mean ± sample std over seeds (no ± for a single seed); nan seeds are left out, none left is n/a."""
     xs = [x for x in xs if not math.isnan(x)]
-    if not xs:
-        return "n/a"
-    if len(xs) == 1:
-        return f"{xs[0]:.{digits}f}"
+    if len(xs) < 2:
+        return f"{xs[0]:.{digits}f}" if xs else "n/a"
     return f"{np.mean(xs):.{digits}f} ± {np.std(xs, ddof=1):.{digits}f}"
 
 
 def compare_table(groups) -> str:
+    """One line per group: mean ± sd over its seeds of the agent, SFT-start and teacher rows of each run's
+    eval.json (a run without one is n/a there, its curves are drawn all the same) and of the final wall-clock."""
     head = ("| method | seeds | SFT start | success | source | teacher success | return | grounding "
-            "| thought entropy | wall-clock (s) | teacher time share |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "| thought entropy | wall-clock (s) |\n" + "|---" * 10 + "|\n")
     lines = []
     for label, runs in groups.items():
-        s = [run_summary(r) for r in runs]
-        seeds = ",".join(str(r["args"].get("seed", "?")) for r in runs)
-        sources = sorted({x["source"] for x in s})
-        lines.append(f"| {label} | {seeds} | {_pm([x['start'] for x in s])} | {_pm([x['success'] for x in s])} "
-                     f"| {' + '.join(sources)} | {_pm([x['teacher'] for x in s])} "
-                     f"| {_pm([x['return'] for x in s], 2)} | {_pm([x['grounding'] for x in s])} "
-                     f"| {_pm([x['thought_entropy'] for x in s])} | {_pm([x['wall_time'] for x in s], 0)} "
-                     f"| {_pm([x['teacher_share'] for x in s], 3)} |")
+        evs = [r["eval"] or {} for r in runs]
+        cell = lambda row, key="success", digits=3: mean_sd(  # noqa: E731
+            [num((ev.get(row) or {}).get(key)) for ev in evs], digits)
+        source = {"not evaluated" if ev.get("agent") is None else "held-out"
+                  if r["args"].get("eval_split", "eval") == "eval" else "train split" for r, ev in zip(runs, evs)}
+        wall = mean_sd([num(r["metrics"][-1].get("charts/wall_time")) for r in runs], 0)
+        lines.append(f"| {label} | {','.join(str(r['args'].get('seed', '?')) for r in runs)} "
+                     f"| {cell('start (SFT)')} | {cell('agent')} | {' + '.join(sorted(source))} | {cell('teacher')} "
+                     f"| {cell('agent', 'return', 2)} | {cell('agent', 'grounding')} "
+                     f"| {cell('agent', 'thought_entropy')} | {wall} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -532,6 +341,7 @@ def plot_curves(groups, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     colors = plt.get_cmap("tab10").colors
+    legend = {}  # label -> line, from every panel: a group may have no points in the first one
     for ax, (key, title) in zip(axes.flat, CURVES):
         for g, (label, runs) in enumerate(groups.items()):
             curves = [c for c in (curve(r, key) for r in runs) if len(c[0])]
@@ -540,189 +350,236 @@ def plot_curves(groups, path):
             grid = min((c[0] for c in curves), key=lambda s: s[-1])
             ys = np.stack([np.interp(grid, s, v) for s, v in curves])   # [seeds, K]
             color = colors[g % len(colors)]
-            ax.plot(grid, ys.mean(0), color=color, label=f"{label} (n={len(curves)})", marker="." if len(grid) < 20 else None)
+            line, = ax.plot(grid, ys.mean(0), color=color, marker="." if len(grid) < 20 else None)
+            legend.setdefault(f"{label} (n={len(curves)})", line)
             if len(curves) > 1:
                 ax.fill_between(grid, ys.min(0), ys.max(0), color=color, alpha=0.2, linewidth=0)
         if not ax.lines:  # an empty box would read as a plotting bug
             ax.text(0.5, 0.5, f"no data: no run logged a finite {key}", ha="center", va="center",
                     transform=ax.transAxes, color="0.4")
-        ax.set_title(title)
-        ax.set_xlabel("env steps")
+        ax.set(title=title, xlabel="env steps")
         ax.grid(alpha=0.3)
-    legend = {}  # label -> handle, from every panel: a group may have no points in the first one
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(lab, h)
-    handles, labels = list(legend.values()), list(legend)
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False)
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(4, len(legend)), frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=100, format="png")  # without format, "x.jpg" or "x" would change what is written
     plt.close(fig)
 
 
-def check_output_file(flag, path):
-    """An output file's directory must exist (a typo must not create a tree) and the path must not be one."""
-    folder = os.path.dirname(path) or "."
-    if not os.path.isdir(folder):
-        raise ValueError(f"{flag} {path}: directory {folder} does not exist")
-    if os.path.isdir(path):
-        raise ValueError(f"{flag} {path}: is a directory, not a file")
-
-
 def compare(run_dirs, png="compare.png", table_path=None) -> str:
-    """Read runs, group them (group_runs), write the PNG (and the table if asked); returns the markdown table."""
-    check_output_file("--out", png)
-    if table_path:
-        check_output_file("--table", table_path)
+    """Read runs (one or more), group them, write the PNG (and the table if asked); returns the markdown table."""
+    for flag, path in (("--out", png), ("--table", table_path)):  # checked first: a typo must not cost the plot
+        if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(path) or ".")):
+            raise ValueError(f"{flag} {path}: not a file in an existing directory")
     groups = group_runs([read_run(d) for d in run_dirs])
     table = compare_table(groups)
     plot_curves(groups, png)
     if table_path:
-        with open(table_path, "w") as f:
-            f.write(table)
+        Path(table_path).write_text(table)
     return table
 
 
 # ----------------------------------------------------------------------------------------------------------
-# CLI
+# GIF replays: one frame per turn (the state the agent saw, captioned with its thought and action) plus the
+# state the episode ended in (captioned with the outcome). Replay k plays episode k of the level stream.
+
+LEGEND = {"sokoban": (("player", PLAYER), ("box", BOX), ("target", TARGET), ("box on target", BOX_ON_TARGET),
+                      ("wall", WALL)),
+          "gridworld": (("player", PLAYER), ("goal", GOAL), ("wall", WALL))}
+LABEL_LEFT, LABEL_TOP, LEGEND_H = 20, 16, 24  # px: row numbers, column numbers, legend line
 
 
-class InputError(Exception):
-    """Bad user input: reported in one line, exit status 2."""
+def board_frame(env, task) -> np.ndarray:
+    """[H, W, 3] uint8: the env image enlarged GIF_SCALE times. Grid tasks get 0-based row numbers down the
+    left and column numbers along the top (thoughts say "player R,C") and a legend line below: each kind's
+    tile as the env draws it, then its name."""
+    board = env.render_image(scale=GIF_SCALE)
+    if task not in LEGEND:
+        return board  # Points24: cards, no grid
+    from PIL import Image, ImageDraw
+    f, side, ink = font(12), CELL * GIF_SCALE, (0, 0, 0)   # side: px per grid cell in the frame
+    tiles = draw_grid(np.array([[kind for _, kind in LEGEND[task]]]))   # [32, >= 16 * kinds, 3], padded
+    legend_w = sum(CELL + 14 + int(f.getlength(name)) for name, _ in LEGEND[task])
+    h, w = board.shape[:2]
+    img = Image.new("RGB", (max(LABEL_LEFT + w, int(legend_w) + 4), LABEL_TOP + h + LEGEND_H), (255, 255, 255))
+    img.paste(Image.fromarray(board), (LABEL_LEFT, LABEL_TOP))
+    draw = ImageDraw.Draw(img)
+    for r in range(env.h):
+        draw.text((LABEL_LEFT / 2, LABEL_TOP + (r + 0.5) * side), str(r), fill=ink, font=f, anchor="mm")
+    for c in range(env.w):
+        draw.text((LABEL_LEFT + (c + 0.5) * side, LABEL_TOP / 2), str(c), fill=ink, font=f, anchor="mm")
+    x, y = 4, LABEL_TOP + h + (LEGEND_H - CELL) // 2
+    for k, (name, _) in enumerate(LEGEND[task]):
+        img.paste(Image.fromarray(tiles[:CELL, k * CELL:(k + 1) * CELL]), (x, y))
+        draw.text((x + CELL + 4, y + CELL / 2), name, fill=ink, font=f, anchor="lm")
+        x += CELL + 14 + int(f.getlength(name))
+    return np.asarray(img)
 
 
-def find_run_agents(run_dir):
-    """(agent dir, teacher dir or None) of a run's last checkpoint: ckpt/, else the previous one ckpt.prev/
-    (there alone after a crash during the checkpoint swap), else ckpt.old/ (older versions of train.py)."""
-    if not os.path.isdir(run_dir):
-        raise InputError(f"{run_dir}: no such run directory")
-    for d in ("ckpt", "ckpt.prev", "ckpt.old"):
-        agent = os.path.join(run_dir, d, "agent")
-        if os.path.isdir(agent):
-            teacher = os.path.join(run_dir, d, "teacher")
-            return agent, (teacher if os.path.isdir(teacher) else None)
-    raise InputError(f"{run_dir}: no checkpoint (ckpt/agent) in it; has the run finished an update?")
+def captioned_frames(entries, min_width=320, max_lines=12, size=12) -> list:
+    """Record entries -> PIL images of one size (a GIF needs it): the frame on top (centred), the caption below,
+    wrapped at 0.6 * size px a character (Pillow's font: a digit is 0.58 em, most letters less)."""
+    from PIL import Image, ImageDraw
+    f = font(size)
+    width = max(min_width, max(e["frame"].shape[1] for e in entries))
+    line_h = f.getbbox("Hg")[3] + 3
+    wrapped = [textwrap.wrap(e["caption"], int((width - 8) / (0.6 * size))) for e in entries]
+    wrapped = [lines[:max_lines - 1] + ["..."] if len(lines) > max_lines else lines for lines in wrapped]
+    frame_h = max(e["frame"].shape[0] for e in entries)
+    images = []
+    for e, lines in zip(entries, wrapped):
+        img = Image.new("RGB", (width, frame_h + 8 + line_h * max(map(len, wrapped))), (255, 255, 255))
+        img.paste(Image.fromarray(e["frame"]), ((width - e["frame"].shape[1]) // 2, 0))
+        draw = ImageDraw.Draw(img)
+        for k, line in enumerate(lines):
+            draw.text((4, frame_h + 4 + k * line_h), line, fill=(0, 0, 0), font=f)
+        images.append(img)
+    return images
 
 
-def load_agent(path, device, dtype):
-    from agent import Agent, CheckpointError
-    try:
-        return Agent.load(path, device=device, dtype=dtype)
-    except (CheckpointError, OSError, ValueError) as e:
-        raise InputError(str(e).splitlines()[0]) from None
+def write_replays(actor, task, n, seed, out_dir, split="eval") -> list[dict]:
+    """Play the first `n` episodes of the evaluation stream one at a time and write out_dir/replay_k.gif for
+    each (looping, 0.9 s a frame). Returns [{file, length, success, return, level, frames}]."""
+    record = []
+    eps, _ = play(actor, task, n, seed, num_envs=1, record=record, split=split, desc="replays")
+    out = []
+    for k, e in enumerate(eps):
+        path = os.path.join(out_dir, f"replay_{k}.gif")
+        # captions carry the turn number, so no two frames are identical (Pillow would merge them)
+        images = captioned_frames([r for r in record if r["episode"] == k])
+        images[0].save(path, save_all=True, append_images=images[1:], duration=900, loop=0)
+        out.append({"file": path, "length": e["length"], "success": e["success"], "return": e["return"],
+                    "level": e["level"], "frames": len(images)})
+    return out
 
 
-# Every number the eval CLI takes (also from a run's args.json): (type, test, rule in the message)
-LIMITS = {"episodes": (int, lambda v: v >= 1, ">= 1"), "gif": (int, lambda v: v >= 0, ">= 0"),
-          "num_envs": (int, lambda v: v >= 1, ">= 1"), "seed": (int, lambda v: v >= 0, ">= 0"),
-          "max_new_tokens": (int, lambda v: v >= 1, ">= 1"), "top_k": (int, lambda v: v >= 0, ">= 0 (0 = off)"),
-          "temperature": (float, lambda v: 0 < v < math.inf, "> 0 and finite"),
-          "repetition_penalty": (float, lambda v: 0 < v < math.inf, "> 0 and finite")}
+# ----------------------------------------------------------------------------------------------------------
+# CLI. Every value goes through its flag's argparse type, a setting read from a run's args.json too: a bad one
+# is refused in one line before any model is loaded.
 
 
-def check_number(name, value, where=""):
-    """InputError naming the flag and the value unless `value` passes LIMITS[name]; `where` says where a value
-    not given as a flag came from. A bool or a string from args.json is refused, not converted."""
-    typ, ok, rule = LIMITS[name]
-    right_type = not isinstance(value, bool) and isinstance(value, int if typ is int else (int, float))
-    if not (right_type and ok(value)):
-        kind = "an integer" if typ is int else "a number"
-        raise InputError(f"--{name.replace('_', '-')} must be {kind} {rule}, got {value!r}{where}")
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block, exit status 2 ("eval.py run" says "eval.py" too)
+        self.exit(2, f"{self.prog.split()[0]}: error: {' '.join(message.splitlines())}\n")
 
 
-def check_device(device):
-    """cpu, cuda or cuda:N, and CUDA only where this torch sees it: else Agent.load would fail after minutes."""
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise InputError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: this torch build sees no CUDA device (use --device cpu)")
-        if int(device[5:] or 0) >= torch.cuda.device_count():
-            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+def checked(typ, ok, rule):
+    """argparse type: typ(text), refused as "must be <rule>, got <value>" unless ok(value)."""
+    def parse(text):
+        if not ok(value := typ(text)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value!r}")
+        return value
+    parse.__name__ = typ.__name__  # a text typ() refuses: argparse says "invalid int value: 'abc'"
+    return parse
 
 
-def eval_cli(ns):
-    """Evaluate a run (agent + teacher) or a bare agent directory: table, eval_full.json, optional GIFs.
-    Every input is checked before a model is loaded."""
-    from env import TASKS
-    settings = {"task": None, "seed": 0, "temperature": 1.0, "max_new_tokens": 64, "top_k": 0,
-                "repetition_penalty": 1.0, "eval_split": "eval"}
-    saved, args_path = {}, None
-    if ns.run and ns.agent:
-        raise InputError("give a run directory or --agent DIR, not both")
-    if ns.run:
-        agent_dir, teacher_dir = find_run_agents(ns.run)
-        args_path = os.path.join(ns.run, "args.json")
-        if os.path.isfile(args_path):
-            try:
-                with open(args_path) as f:
-                    saved = json.load(f)
-            except (OSError, ValueError) as e:
-                raise InputError(f"{args_path}: unreadable ({e})") from None
+POSITIVE = (lambda v: 0 < v < math.inf, "> 0 and finite")  # nan fails both comparisons
+SETTINGS = {  # `run` settings a run's args.json supplies unless a flag does: name -> (argparse type, default, help)
+    "task": (checked(str, TASKS.__contains__, "one of " + ", ".join(sorted(TASKS))), None, "task"),
+    "seed": (checked(int, lambda v: v >= 0, ">= 0"), 0, "evaluation seed"),
+    "temperature": (checked(float, *POSITIVE), 1.0, "sampling temperature"),
+    "max_new_tokens": (checked(int, lambda v: v >= 1, ">= 1"), 64, "answer length cap"),
+    "top_k": (checked(int, lambda v: v >= 0, ">= 0"), 0, "top-k at sampling, 0 = off"),
+    "repetition_penalty": (checked(float, *POSITIVE), 1.0, "repetition penalty at sampling"),
+    "eval_split": (checked(str, EVAL_SPLITS.__contains__, "eval or train"), "eval",
+                   "eval: held-out levels | train: the training distribution")}
+
+
+def join_negative_numbers(argv) -> list[str]:
+    """["--seed", "-1e-5"] -> ["--seed=-1e-5"]: argparse takes "-1e-5" or "-inf" for a flag and would report a
+    missing value instead of letting the flag's type name the bad number. train.py's command line too."""
+    def is_number(text):
+        try:
+            return float(text) is not None
+        except ValueError:
+            return False
+
+    out = []
+    for a in map(str, argv):
+        if out and re.fullmatch(r"--[^=]+", out[-1]) and a.startswith("-") and is_number(a):
+            out[-1] += "=" + a
+        else:
+            out.append(a)
+    return out
+
+
+def read_settings(ns, error):
+    """(settings, agent dir, teacher dir or None, out dir) of `run`. A flag wins over the run's args.json, which
+    wins over the SETTINGS defaults; a value from args.json goes through its flag's type, the file named if bad."""
+    if bool(ns.run) == bool(ns.agent):
+        error("give a run directory or --agent DIR, not both" if ns.run else
+              "give a run directory (python eval.py run runs/X) or --agent DIR --task TASK")
+    agent, teacher, saved, src = ns.agent, None, {}, os.path.join(ns.run or "", "args.json")
+    if ns.agent and not os.path.isdir(ns.agent):
+        error(f"{ns.agent}: no such agent directory")
+    if ns.run:  # its last checkpoint: ckpt/, else ckpt.prev/ (alone after a crash during the swap)
+        ckpt = next((c for c in (os.path.join(ns.run, d) for d in ("ckpt", "ckpt.prev"))
+                     if os.path.isdir(os.path.join(c, "agent"))), None)
+        if ckpt is None:
+            error(f"{ns.run}: " + ("no checkpoint (ckpt/agent) in it; has the run finished an update?"
+                                   if os.path.isdir(ns.run) else "no such run directory"))
+        agent, teacher = os.path.join(ckpt, "agent"), os.path.join(ckpt, "teacher")
+        teacher = teacher if os.path.isdir(teacher) and not ns.no_teacher else None
+        try:
+            saved = json.loads(Path(src).read_text()) if os.path.isfile(src) else {}
             if not isinstance(saved, dict):
-                raise InputError(f"{args_path}: not a JSON object of settings")
-        out_dir = ns.out or ns.run
-    elif ns.agent:
-        if ns.task is None:
-            raise InputError(f"--task is required with --agent (one of {', '.join(sorted(TASKS))})")
-        if not os.path.isdir(ns.agent):
-            raise InputError(f"{ns.agent}: no such agent directory")
-        agent_dir, teacher_dir, out_dir = ns.agent, None, ns.out or "."
-    else:
-        raise InputError("give a run directory (python eval.py runs/X) or --agent DIR --task TASK")
-    where = {}  # setting -> " (from RUN/args.json)" when the value was not given as a flag
-    for k in settings:
-        if getattr(ns, k) is not None:  # flags override the run's saved settings
-            settings[k] = getattr(ns, k)
-        elif k in saved:
-            settings[k], where[k] = saved[k], f" (from {args_path})"
-    if settings["task"] not in TASKS:
-        raise InputError(f"--task must be one of {', '.join(sorted(TASKS))}, got {settings['task']!r}"
-                         f"{where.get('task', '')}")
-    split = settings["eval_split"]
-    if split not in SPLITS:
-        raise InputError(f"--eval-split must be one of {', '.join(SPLITS)}, got {split!r}{where.get('eval_split', '')}")
-    for k in ("seed", "temperature", "max_new_tokens", "top_k", "repetition_penalty"):
-        check_number(k, settings[k], where.get(k, ""))
-    for k in ("episodes", "gif", "num_envs"):
-        check_number(k, getattr(ns, k))
-    check_device(ns.device)
-    if ns.out and os.path.exists(ns.out) and not os.path.isdir(ns.out):
-        raise InputError(f"--out {ns.out}: is a file, not a directory")
+                raise ValueError("not a JSON object of settings")
+        except (OSError, ValueError) as e:
+            error(f"{src}: unreadable ({e})")
+    settings = {}
+    for k, (parse, default, _) in SETTINGS.items():
+        value = getattr(ns, k)
+        if value is None and k in saved:
+            try:  # via str(): a bool, or a float where an int belongs, is refused as it would be as a flag
+                value = parse(str(saved[k]))
+            except (ValueError, argparse.ArgumentTypeError) as e:
+                error(f"--{k.replace('_', '-')}: {e} (from {src})")
+        settings[k] = default if value is None else value
+    if settings["task"] is None:
+        error(f"--task is required {'with --agent' if ns.agent else f'({src} names none)'}: one of "
+              + ", ".join(sorted(TASKS)))
+    out = ns.out or ns.run or "."
     try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"--out {out_dir}: cannot create it ({e.strerror})") from None
-    task, seed, T = settings["task"], settings["seed"], float(settings["temperature"])
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[ns.dtype]
-    models = {"agent": load_agent(agent_dir, ns.device, dtype)}
-    if teacher_dir and not ns.no_teacher:
-        models["teacher"] = load_agent(teacher_dir, ns.device, dtype)
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:  # a file of that name, no permission
+        error(f"--out {out}: cannot make that directory ({e.strerror})")
+    return settings, agent, teacher, out
 
+
+def run_cli(ns, error) -> dict:
+    """`eval.py run`: agent (+ teacher) sampled and greedy, random and expert rows -> table, eval_full.json, GIFs."""
+    settings, agent_dir, teacher_dir, out_dir = read_settings(ns, error)
+    task, seed, split, T = settings["task"], settings["seed"], settings["eval_split"], settings["temperature"]
+    from agent import Agent, CheckpointError  # here: transformers loads in seconds, a bad flag is answered at once
+    models = {}
+    for name, path in (("agent", agent_dir), ("teacher", teacher_dir)):
+        if path:
+            try:
+                models[name] = Agent.load(path, device=ns.device, dtype=getattr(torch, ns.dtype))
+            except (CheckpointError, OSError, ValueError) as e:  # a corrupt or missing file, named
+                error(str(e).splitlines()[0])
+    decoding = dict(temperature=T, max_new_tokens=settings["max_new_tokens"], top_k=settings["top_k"],
+                    repetition_penalty=settings["repetition_penalty"])
     rows = {}
-    kw = dict(max_new_tokens=settings["max_new_tokens"], top_k=settings["top_k"],
-              repetition_penalty=float(settings["repetition_penalty"]), num_envs=ns.num_envs, split=split)
     for name, model in models.items():
         for greedy in (False, True):
             label = f"{name} ({'greedy' if greedy else f'T={T:g}'})"
-            rows[label] = evaluate(model, task, ns.episodes, seed=seed, temperature=T, greedy=greedy, **kw)
+            rows[label] = evaluate(model, task, ns.episodes, seed=seed, greedy=greedy, num_envs=ns.num_envs,
+                                   split=split, desc=f"eval {label}", **decoding)
             print(f"{label}: success {rows[label]['success']:.3f}", file=sys.stderr)
     rows.update(reference_rows(task, ns.episodes, seed, split=split))
-    table = format_table(rows)
-    what, split_meta = (("held-out episodes (split=eval)", "eval (crc32 % 10 == 0)") if split == "eval" else
-                        ("episodes from the training distribution (split=train)", "train"))
-    print(f"{task}, {ns.episodes} {what}, seed {seed}\n\n{table}")
-
+    what = ("held-out episodes (split=eval)" if split == "eval" else
+            "episodes from the training distribution (split=train)")
+    print(f"{task}, {ns.episodes} {what}, seed {seed}\n\n{format_table(rows)}")
     replays = []
     if ns.gif:
-        actor = AgentActor(models["agent"], T, False, kw["max_new_tokens"], kw["top_k"], kw["repetition_penalty"])
         with seeded(seed, ns.device):
-            replays = write_replays(actor, task, ns.gif, seed, out_dir, split=split)
+            replays = write_replays(agent_actor(models["agent"], **decoding), task, ns.gif, seed, out_dir, split=split)
         for r in replays:
             print(f"wrote {r['file']}: {r['length']} turns + final frame, success {r['success']}")
-    result = {"meta": {"task": task, "episodes": ns.episodes, "seed": seed, "split": split_meta,
-                       "agent": agent_dir, "teacher": teacher_dir if "teacher" in models else None, **settings},
+    result = {"meta": {"task": task, "episodes": ns.episodes, "seed": seed,
+                       "split": "eval (crc32 % 10 == 0)" if split == "eval" else "train",
+                       "agent": agent_dir, "teacher": teacher_dir, **settings},
               "rows": rows, "replays": replays}
     path = os.path.join(out_dir, "eval_full.json")
     with open(path, "w") as f:  # NaN metrics (e.g. entropy of the random row) become null: valid JSON
@@ -731,85 +588,45 @@ def eval_cli(ns):
     return result
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose own errors (unknown flag, `--episodes abc`, a missing value) are one InputError line
-    instead of a usage block."""
-
-    def error(self, message):
-        raise InputError(message)
-
-
-def _is_number(text) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-def join_negative_numbers(argv) -> list[str]:
-    """["--seed", "-1e-5"] -> ["--seed=-1e-5"]: argparse takes "-1e-5" or "-inf" for a flag and would report
-    a missing value instead of letting the check name the bad number."""
-    out = []
-    for a in map(str, argv):
-        prev = out[-1] if out else ""
-        if prev.startswith("--") and len(prev) > 2 and "=" not in prev and a.startswith("-") and _is_number(a):
-            out[-1] = f"{prev}={a}"
-        else:
-            out.append(a)
-    return out
-
-
-def eval_parser():
-    p = Parser(prog="eval.py", description="Held-out evaluation of a run or an agent directory "
-               "(python eval.py compare ... compares runs).")
-    p.add_argument("run", nargs="?", help="run directory written by train.py (runs/X)")
-    p.add_argument("--agent", help="evaluate a bare agent directory instead (anything Agent.load accepts)")
-    p.add_argument("--task", help="task (default: the run's; required with --agent)")
-    p.add_argument("--episodes", type=int, default=100, help="held-out episodes per row")
-    p.add_argument("--seed", type=int, help="evaluation seed (default: the run's seed, 0 with --agent)")
-    p.add_argument("--temperature", type=float, help="sampling temperature (default: the run's, 1.0 with --agent)")
-    p.add_argument("--max-new-tokens", type=int, help="answer length cap (default: the run's, 64 with --agent)")
-    p.add_argument("--top-k", type=int, help="top-k at sampling, 0 = off (default: the run's)")
-    p.add_argument("--repetition-penalty", type=float, help="(default: the run's, 1.0 with --agent)")
-    p.add_argument("--eval-split", help="eval: held-out levels | train: the training distribution "
-                                        "(default: the run's, eval with --agent)")
-    p.add_argument("--gif", type=int, default=0, help="write this many GIF replays replay_k.gif")
-    p.add_argument("--out", help="where eval_full.json and GIFs go (default: the run dir; cwd with --agent)")
-    p.add_argument("--no-teacher", action="store_true", help="skip the teacher rows")
-    p.add_argument("--num-envs", type=int, default=16, help="episodes played in parallel (batch size)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights dtype")
-    return p
-
-
-def compare_parser():
-    p = Parser(prog="eval.py compare", description="Compare runs: table + learning curves.")
-    p.add_argument("runs", nargs="+", help="run directories")
-    p.add_argument("--out", default="compare.png", help="PNG of the learning curves (its directory must exist)")
-    p.add_argument("--table", help="also write the markdown table to this file (its directory must exist)")
-    return p
-
-
-def main(argv=None) -> int:
+def main(argv=None):
+    """Command line -> `run` or `compare`; a bad input exits 2 with one line (SystemExit, also in-process)."""
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = checked(str, lambda d: d == "cpu" or bool(re.fullmatch(r"cuda(:\d+)?", d)) and int(d[5:] or 0) < cuda,
+                     f"cpu or one of the {cuda} CUDA devices this torch build sees (cuda, cuda:N)")
+    at_least = lambda lo: checked(int, lambda v: v >= lo, f">= {lo}")  # noqa: E731
+    p = OneLineParser(prog="eval.py", description="Evaluate a run or an agent directory (run), or compare runs.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="evaluate a run or an agent directory")
+    r.add_argument("run", nargs="?", help="run directory written by train.py (runs/X)")
+    r.add_argument("--agent", help="evaluate a bare agent directory instead (anything Agent.load accepts)")
+    for name, (parse, default, text) in SETTINGS.items():  # None: the run's args.json decides, else `default`
+        r.add_argument("--" + name.replace("_", "-"), type=parse, help=f"{text} (default: the run's; "
+                       + ("required with --agent)" if default is None else f"{default} with --agent)"))
+    r.add_argument("--episodes", type=at_least(1), default=100, help="episodes per row")
+    r.add_argument("--gif", type=at_least(0), default=0, help="write this many GIF replays replay_k.gif")
+    r.add_argument("--out", help="where eval_full.json and GIFs go (default: the run dir; cwd with --agent)")
+    r.add_argument("--no-teacher", action="store_true", help="skip the teacher rows")
+    r.add_argument("--num-envs", type=at_least(1), default=16, help="episodes played in parallel (batch size)")
+    r.add_argument("--device", type=device, default="cuda" if cuda else "cpu", help="cpu | cuda | cuda:N")
+    r.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights dtype")
+    c = sub.add_parser("compare", help="compare runs: a markdown table and learning curves")
+    c.add_argument("runs", nargs="+", help="run directories")
+    c.add_argument("--out", default="compare.png", help="PNG of the learning curves (its directory must exist)")
+    c.add_argument("--table", help="also write the markdown table to this file (its directory must exist)")
     argv = join_negative_numbers(sys.argv[1:] if argv is None else argv)
+    if argv[:1] not in (["run"], ["compare"], ["-h"], ["--help"]):
+        argv = ["run", *argv]  # `eval.py runs/X` is `eval.py run runs/X`
+    ns = p.parse_args(argv)
+    if ns.command == "run":
+        with torch.no_grad():  # not set_grad_enabled: main() is also called in-process (tests)
+            run_cli(ns, p.error)
+        return
     try:
-        if argv[:1] == ["compare"]:
-            ns = compare_parser().parse_args(argv[1:])
-            try:
-                table = compare(ns.runs, ns.out, ns.table)
-            except (OSError, ValueError) as e:
-                raise InputError(str(e)) from None
-            print(table)
-            print(f"wrote {ns.out}" + (f" and {ns.table}" if ns.table else ""), file=sys.stderr)
-        else:
-            with torch.no_grad():  # not set_grad_enabled: main() is also called in-process (tests)
-                eval_cli(eval_parser().parse_args(argv))
-    except InputError as e:
-        print("eval.py: error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # one line, always
-        return 2
-    return 0
+        print(compare(ns.runs, ns.out, ns.table))
+    except (OSError, ValueError) as e:
+        p.error(str(e))
+    print(f"wrote {ns.out}" + (f" and {ns.table}" if ns.table else ""), file=sys.stderr)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,50 +1,38 @@
 """merge.py: the free teacher of GTR-Turbo, built by merging the agent's own checkpoints.
 
-Implements GTR_TURBO.md section 4.1:
-- task vectors `tau_i = theta_i - theta_0` relative to the SFT-initialised weights theta_0;
-- `ties_merge`: TIES (trim to the top `density` fraction by magnitude, elect a sign per entry from the
-  weighted sum, disjoint weighted mean over the entries that agree), and `linear_merge` for the ablation;
-- `MergeHistory`: the base weights plus a *running* merge that is carried forward update after update
-  (SMA or EMA over the history), so `theta_teacher = theta_0 + tau_merged` costs O(model) memory however
-  many checkpoints have been folded in;
-- `exact_ties_merge`: one TIES over every checkpoint kept on disk, streamed tensor by tensor;
-- `save_state` / `load_state`: atomic safetensors files for trainable states (the on-disk history).
+Implements docs/method.md section 4.1:
+- task vectors `tau_i = theta_i - theta_0`, relative to the SFT-initialised weights theta_0;
+- `ties_merge`: TIES (trim each tau to its top `density` fraction by magnitude, elect a sign per entry from
+  the weighted sum, disjoint weighted mean over the entries that agree); `linear_merge` for the ablation;
+- `MergeHistory`: theta_0 plus a *running* merge carried forward update after update (SMA or EMA over the
+  history), so `theta_teacher = theta_0 + tau_merged` costs O(model) memory however many checkpoints
+  have been folded in.
 
 How TIES is computed here (one pass, O(one tensor) extra memory): after trimming, the entries that agree
 with the elected sign are exactly the positive ones (elected +) or the negative ones (elected -), so it is
 enough to accumulate, per entry, P = sum_i w_i max(t_i, 0), N = sum_i w_i min(t_i, 0) and the weights
 W+ / W- of the strictly positive / negative entries. Elected sign = sign(P + N) (0 counts as +), and the
-merged value is P / W+ or N / W- (0 where that weight is 0). The members can therefore be a generator
-(tensors read from disk one at a time), and no stack of all members is ever built.
+merged value is P / W+ or N / W- (0 where that weight is 0). So the members can come from a generator,
+one at a time, and no stack of all members is ever built.
 
 Left out on purpose: per-tensor densities, DARE-style random dropping, rescaling after the trim, windows
 over the history (the paper uses all of it), and any knowledge of LoRA: for a LoRA agent the trainable
-"state" is already the effective delta `B @ A * scale` with base zeros (see agent.py).
+"state" is already the effective delta `B @ A * scale` with base zeros (see agent.py). One TIES over every
+checkpoint kept on disk, streamed from files, is in scripts/bench_merge.py (`exact_ties_merge`).
 """
 from __future__ import annotations
 
-import contextlib
-import json
+import itertools
 import math
-import os
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-State = Mapping[str, torch.Tensor]
-_FORMAT = "gtr-turbo-merge-history/1"
-_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+State = Mapping[str, torch.Tensor]  # {parameter name: tensor}, a trainable state or a task vector
 
 
 # ----------------------------------------------------------------------------------------------------
 # TIES on one tensor
-
-
-def _keep_count(density: float, numel: int) -> int:
-    """k = max(1, floor(density * numel)); the 1e-9 guards float error (0.29 * 100 = 28.999...)."""
-    return max(1, math.floor(density * numel + 1e-9))
 
 
 def trim(x: torch.Tensor, density: float) -> torch.Tensor:
@@ -54,7 +42,7 @@ def trim(x: torch.Tensor, density: float) -> torch.Tensor:
     deterministic. A threshold of 0 needs no tie-break: kept zeros and dropped zeros are the same.
     """
     n = x.numel()
-    k = _keep_count(density, n)
+    k = max(1, math.floor(density * n + 1e-9))  # 1e-9: 0.29 * 100 is 28.999... in floats
     if k >= n:
         return x
     a = x.abs().flatten()
@@ -69,10 +57,11 @@ def trim(x: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(keep.view_as(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def _ties_tensor(members: Iterable[torch.Tensor], weights: Sequence[float], density: float) -> torch.Tensor:
-    """TIES over one tensor name. `members` may be a lazy iterable (read from disk one by one).
+def ties_tensor(members: Iterable[torch.Tensor], weights: Sequence[float], density: float) -> torch.Tensor:
+    """TIES over the task vectors of one tensor (trim, elect, disjoint mean), in fp32.
 
-    Returns fp32. See the module docstring for why four accumulators are enough.
+    `members` may be a generator (read one at a time); see the module docstring for why four
+    accumulators of the tensor's shape are enough.
     """
     pos = neg = wpos = wneg = None
     count = 0
@@ -95,8 +84,8 @@ def _ties_tensor(members: Iterable[torch.Tensor], weights: Sequence[float], dens
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def _linear_tensor(members: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """Weighted mean sum_i w_i x_i / sum_i w_i over one tensor name, fp32, streamed."""
+def linear_tensor(members: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Weighted mean sum_i w_i x_i / sum_i w_i over the task vectors of one tensor, in fp32."""
     acc = None
     count = 0
     for x, w in zip(members, weights):
@@ -108,7 +97,7 @@ def _linear_tensor(members: Iterable[torch.Tensor], weights: Sequence[float]) ->
 
 
 # ----------------------------------------------------------------------------------------------------
-# checks shared by the public functions
+# merges of whole task vectors {name: tensor}
 
 
 def _check_weights(weights: Sequence[float], n: int) -> list[float]:
@@ -127,209 +116,70 @@ def _check_density(density: float) -> None:
         raise ValueError(f"density must be in (0, 1], got {density}")
 
 
-def _check_keys(keys, reference, what: str) -> None:
-    keys, reference = set(keys), set(reference)
-    if keys != reference:
-        missing, extra = sorted(reference - keys)[:5], sorted(keys - reference)[:5]
+def _check_state(state: State, reference: State, what: str) -> None:
+    """Same keys as `reference`, and every tensor a float tensor of the reference's shape."""
+    if set(state.keys()) != set(reference.keys()):
+        missing = sorted(set(reference.keys()) - set(state.keys()))[:5]
+        extra = sorted(set(state.keys()) - set(reference.keys()))[:5]
         raise ValueError(f"{what}: keys differ from the base (missing {missing}, unexpected {extra})")
+    for name, ref in reference.items():
+        x = state[name]
+        if x.shape != ref.shape:
+            raise ValueError(f"{what}: tensor {name!r} has shape {tuple(x.shape)}, expected {tuple(ref.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{what}: tensor {name!r} has dtype {x.dtype}; only floating tensors can be merged")
 
 
-def _check_tensor(x: torch.Tensor, ref: torch.Tensor, name: str, what: str) -> None:
-    if x.shape != ref.shape:
-        raise ValueError(f"{what}: tensor {name!r} has shape {tuple(x.shape)}, expected {tuple(ref.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{what}: tensor {name!r} has dtype {x.dtype}; only floating tensors can be merged")
-
-
-def _merge_dicts(deltas: Sequence[State], weights, fn) -> dict[str, torch.Tensor]:
+def _merge_dicts(deltas: Sequence[State], weights, merge_one) -> dict[str, torch.Tensor]:
     weights = _check_weights(weights, len(deltas))
-    first = deltas[0]
-    for i, d in enumerate(deltas[1:], 1):
-        _check_keys(d.keys(), first.keys(), f"delta {i}")
-    out = {}
-    for name, ref in first.items():  # tensor by tensor: peak extra memory ~ a few copies of one tensor
-        for i, d in enumerate(deltas):
-            _check_tensor(d[name], ref, name, f"delta {i}")
-        out[name] = fn((d[name] for d in deltas), weights).to(ref.dtype)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# public merges
+    for i, d in enumerate(deltas):
+        _check_state(d, deltas[0], f"delta {i}")
+    # tensor by tensor: peak extra memory is a few copies of one tensor
+    return {name: merge_one([d[name] for d in deltas], weights).to(ref.dtype) for name, ref in deltas[0].items()}
 
 
 def ties_merge(deltas: Sequence[State], weights: Sequence[float], density: float = 0.8) -> dict[str, torch.Tensor]:
-    """TIES merge of task vectors (GTR_TURBO.md 4.1). deltas: list of {name: tensor}, same keys and shapes.
+    """TIES merge of task vectors (docs/method.md 4.1). deltas: list of {name: tensor}, same keys and shapes.
 
     Per tensor: trim each delta to its top k = max(1, floor(density * numel)) magnitudes; elect the sign of
     sum_i w_i trimmed_i (0 -> +); result = sum_i w_i kept_i / sum_i w_i [kept_i != 0] over the entries
     whose sign equals the elected one (0 where none does). fp32 inside, returned in deltas[0]'s dtypes.
     """
     _check_density(density)
-    return _merge_dicts(deltas, weights, lambda xs, ws: _ties_tensor(xs, ws, density))
+    return _merge_dicts(deltas, weights, lambda xs, ws: ties_tensor(xs, ws, density))
 
 
 def linear_merge(deltas: Sequence[State], weights: Sequence[float]) -> dict[str, torch.Tensor]:
     """Weighted mean sum_i w_i delta_i / sum_i w_i (the "linear" ablation of 4.1)."""
-    return _merge_dicts(deltas, weights, _linear_tensor)
-
-
-def ema_weights(n: int, alpha: float = 0.5) -> list[float]:
-    """The weights a *linear* EMA gives n checkpoints in order: (1-a)^(n-1), then a (1-a)^(n-i) for i >= 2.
-
-    Handy for `exact_ties_merge(paths, base, weights=ema_weights(len(paths)))`. They sum to 1.
-    """
-    if n < 1 or not 0 < alpha <= 1:
-        raise ValueError(f"need n >= 1 and alpha in (0, 1], got n={n}, alpha={alpha}")
-    return [(1 - alpha) ** (n - 1)] + [alpha * (1 - alpha) ** (n - i) for i in range(2, n + 1)]
+    return _merge_dicts(deltas, weights, linear_tensor)
 
 
 # ----------------------------------------------------------------------------------------------------
-# trainable states on disk
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors write to a temp file beside `path`, then os.replace: a crash never leaves half a file."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    seen, clean = set(), {}
-    for name, t in tensors.items():
-        t = t.detach().to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:  # tied weights / fused views share storage; safetensors refuses shared tensors
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        clean[name] = t
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        save_file(clean, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _open(path, stack: contextlib.ExitStack):
-    """safe_open a file, turning a corrupt/unreadable file into an error that names it."""
-    try:
-        return stack.enter_context(safe_open(os.fspath(path), framework="pt", device="cpu"))
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for bad headers/truncation
-        raise ValueError(f"cannot read safetensors file {os.fspath(path)!r}: {e}") from e
-
-
-def save_state(state: State, path) -> None:
-    """Write a trainable state {name: tensor} to a safetensors file, atomically."""
-    _atomic_save(dict(state), path)
-
-
-def load_state(path) -> dict[str, torch.Tensor]:
-    """Read a trainable state written by `save_state` (CPU tensors). A corrupt file raises ValueError naming it."""
-    with contextlib.ExitStack() as stack:
-        f = _open(path, stack)
-        try:
-            return {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:
-            raise ValueError(f"cannot read safetensors file {os.fspath(path)!r}: {e}") from e
-
-
-def _sources(items, base: State) -> list[Callable[[str], torch.Tensor]]:
-    """One getter name -> tensor per checkpoint; a checkpoint is a state dict or a safetensors path.
-
-    Every key, shape and dtype is checked here, before any merging, so a bad checkpoint cannot leave a
-    half-updated merge behind. A file getter opens the file for each tensor it reads and closes it again:
-    safe_open memory-maps the file, and keeping 64 maps open would keep every page read so far resident
-    (the 5M benchmark grew to 1.4 GB at 64 files that way); reopening costs one header parse per tensor.
-    """
-    getters = []
-    for i, item in enumerate(items):
-        if isinstance(item, Mapping):
-            _check_keys(item.keys(), base.keys(), f"checkpoint {i}")
-            for name, b in base.items():
-                _check_tensor(item[name], b, name, f"checkpoint {i}")
-            getters.append(item.__getitem__)
-        elif isinstance(item, (str, os.PathLike)):
-            what = f"checkpoint file {os.fspath(item)!r}"
-            with contextlib.ExitStack() as stack:
-                f = _open(item, stack)
-                _check_keys(f.keys(), base.keys(), what)
-                for name, b in base.items():  # shapes from the header only: nothing is loaded yet
-                    sl = f.get_slice(name)
-                    if list(sl.get_shape()) != list(b.shape) or sl.get_dtype() not in _FLOAT_DTYPES:
-                        raise ValueError(f"{what}: tensor {name!r} is {sl.get_dtype()} {sl.get_shape()}, "
-                                         f"expected a float tensor of shape {list(b.shape)}")
-            getters.append(_file_getter(item))
-        else:
-            raise TypeError(f"checkpoint {i}: expected a state dict or a path, got {type(item).__name__}")
-    return getters
-
-
-def _file_getter(path):
-    def get(name):
-        with contextlib.ExitStack() as stack:
-            f = _open(path, stack)
-            try:
-                return f.get_tensor(name)
-            except Exception as e:
-                raise ValueError(f"cannot read tensor {name!r} from {os.fspath(path)!r}: {e}") from e
-    return get
-
-
-def _delta(get, name: str, b: torch.Tensor, what: str) -> torch.Tensor:
-    """tau = theta - theta_0 for one tensor, fp32 on the base's device."""
-    x = get(name)
-    _check_tensor(x, b, name, what)
-    return x.to(device=b.device, dtype=torch.float32) - b.float()
-
-
-def exact_ties_merge(paths: Sequence, base: State, weights: Sequence[float] | None = None,
-                     density: float = 0.8) -> dict[str, torch.Tensor]:
-    """One TIES over every checkpoint on disk (the `exact` option); returns the teacher state base + tau.
-
-    paths: safetensors files, each a full trainable state (same keys as base); weights default to 1 each
-    (SMA; see `ema_weights` for EMA). Streamed: for each tensor name, the files are read one at a time
-    into the one-pass TIES accumulators, so memory is O(model) for base and result + O(one tensor).
-
-    How it differs from the running merge of `MergeHistory` (SMA): the running merge stores only the
-    merged delta and re-trims it, as one member of weight `count`, at every `add`. After one add the two
-    are identical (same members, same weights); after several they differ in general, because (a) the
-    running merge's entries dropped by a later trim are gone for good, and (b) an entry of the running
-    merge is a disjoint mean, so it counts as `count` votes even where fewer checkpoints agreed.
-    tests/test_merge.py::test_exact_and_running_merges works one such case out by hand.
-    """
-    _check_density(density)
-    paths = list(paths)
-    weights = _check_weights([1.0] * len(paths) if weights is None else weights, len(paths))
-    out = {}
-    getters = _sources(paths, base)
-    for name, b in base.items():
-        members = (_delta(g, name, b, f"checkpoint file {os.fspath(p)!r}") for g, p in zip(getters, paths))
-        out[name] = (b.float() + _ties_tensor(members, weights, density)).to(b.dtype)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# the running merge
+# the running merge over the checkpoint history
 
 
 class MergeHistory:
-    """Base weights theta_0 and a running merged delta over all checkpoints added so far.
+    """Base weights theta_0 and a running merged task vector over all checkpoints added so far.
 
     mode="sma" (simple moving average): every checkpoint has weight 1. `add(states)` makes ONE merge whose
     members are the running merge, with weight `count` (the number of checkpoints it already holds), and
-    each new checkpoint's delta, with weight 1:  merged <- merge([merged, tau_1..tau_m], [count, 1..1]).
+    each new checkpoint's task vector, with weight 1:  merged <- merge([merged, tau_1..tau_m], [count, 1..1]).
     The first add has no running member: merged <- merge([tau_1..tau_m], [1..1]).
 
     mode="ema": the new checkpoints are folded in one at a time, in the given order:
         merged_1 = merge([tau_1], [1])                     (the very first checkpoint ever; = trim(tau_1)
                                                              for TIES, tau_1 for linear)
         merged_k = merge([merged_(k-1), tau_k], [1 - alpha, alpha])
-    With method="linear" this is exactly merged_k = alpha tau_k + (1 - alpha) merged_(k-1) (GTR_TURBO.md 4.1);
+    With method="linear" this is exactly merged_k = alpha tau_k + (1 - alpha) merged_(k-1) (docs/method.md 4.1);
     with "ties" the same two weights go into TIES (where only one side survives the trim/sign election,
     the disjoint mean takes its value unscaled).
 
-    method: "ties" (default, `density` 0.8) or "linear". The merged delta is kept in fp32 on the base's
+    With TIES the running merge is not one TIES over the whole history (after the first add they differ in
+    general): the running merge is re-trimmed at every add, so an entry a later trim drops is gone for good,
+    and each of its entries votes with weight `count` even where fewer checkpoints agreed on it.
+    tests/test_merge.py::test_running_merge_is_not_one_ties_over_the_history works a case out by hand.
+
+    method: "ties" (default, `density` 0.8) or "linear". The merged task vector is kept in fp32 on the base's
     device; memory is O(model) however many checkpoints are added. `count` = checkpoints folded in.
     """
 
@@ -344,54 +194,57 @@ class MergeHistory:
         _check_density(density)
         if not base:
             raise ValueError("base state is empty")
-        for name, b in base.items():
-            _check_tensor(b, b, name, "base")
+        _check_state(base, base, "base")
         self.mode, self.alpha, self.method, self.density = mode, float(alpha), method, float(density)
         self.base = {k: v.detach().clone() for k, v in base.items()}  # own copy: the model keeps training
-        self.merged: dict[str, torch.Tensor] | None = None  # fp32 deltas, None before the first add
+        self.merged: dict[str, torch.Tensor] | None = None  # fp32 task vectors, None before the first add
         self.count = 0
 
     def _merge(self, members, weights) -> torch.Tensor:
         if self.method == "ties":
-            return _ties_tensor(members, weights, self.density)
-        return _linear_tensor(members, weights)
+            return ties_tensor(members, weights, self.density)
+        return linear_tensor(members, weights)
 
-    def add(self, states) -> None:
+    def _tau(self, state: State, name: str) -> torch.Tensor:
+        """tau = theta - theta_0 for one tensor, fp32 on the base's device."""
+        b = self.base[name]
+        return state[name].to(device=b.device, dtype=torch.float32) - b.float()
+
+    def add(self, states: State | Sequence[State]) -> None:
         """Fold in the checkpoints of one update (e.g. one per PPO epoch), in order.
 
-        states: a list of full trainable states (dicts with the base's keys) and/or paths to files written
-        by `save_state` (read lazily, tensor by tensor). A single dict or path is taken as a list of one.
-        Keys, shapes and dtypes are all checked before anything changes; only a read error midway (a file
-        whose data is damaged after a valid header) can leave a half-updated merge: reload the last save.
+        states: a list of full trainable states (dicts with the base's keys); a single dict is a list of one.
+        Keys, shapes and dtypes are all checked before anything changes.
         """
-        if isinstance(states, (Mapping, str, os.PathLike)):
+        if isinstance(states, Mapping):
             states = [states]
         states = list(states)
         if not states:
             raise ValueError("add() needs at least one checkpoint")
-        getters = _sources(states, self.base)
+        for i, s in enumerate(states):
+            _check_state(s, self.base, f"checkpoint {i}")
         if self.mode == "sma":
-            self._add_sma(getters)
+            self._add_sma(states)
         else:
-            for get in getters:
-                self._add_ema(get)
+            for s in states:
+                self._add_ema(s)
 
-    def _add_sma(self, getters) -> None:
+    def _add_sma(self, states: list[State]) -> None:
         merged = {}
-        weights = ([float(self.count)] if self.merged is not None else []) + [1.0] * len(getters)
-        for name, b in self.base.items():
-            news = (_delta(g, name, b, f"checkpoint {i}") for i, g in enumerate(getters))
-            members = news if self.merged is None else _chain(self.merged[name], news)
-            merged[name] = self._merge(members, weights)
+        weights = ([float(self.count)] if self.merged is not None else []) + [1.0] * len(states)
+        for name in self.base:
+            running = [] if self.merged is None else [self.merged[name]]
+            taus = (self._tau(s, name) for s in states)  # one fp32 copy at a time, not m of them
+            merged[name] = self._merge(itertools.chain(running, taus), weights)
             if self.merged is not None:
                 self.merged[name] = merged[name]  # drop the old tensor now, not after the loop
         self.merged = merged
-        self.count += len(getters)
+        self.count += len(states)
 
-    def _add_ema(self, get) -> None:
+    def _add_ema(self, state: State) -> None:
         merged = {}
-        for name, b in self.base.items():
-            tau = _delta(get, name, b, "checkpoint")
+        for name in self.base:
+            tau = self._tau(state, name)
             if self.merged is None:
                 merged[name] = self._merge([tau], [1.0])
             else:
@@ -406,7 +259,7 @@ class MergeHistory:
             return {k: v.clone() for k, v in self.base.items()}
         return {k: (b.float() + self.merged[k]).to(b.dtype) for k, b in self.base.items()}
 
-    # --- persistence (for --resume) -----------------------------------------------------------------
+    # --- for --resume: train.py saves state_dict() inside its checkpoint -------------------------------
 
     def _config(self) -> dict:
         return {"mode": self.mode, "alpha": self.alpha, "method": self.method, "density": self.density}
@@ -420,47 +273,10 @@ class MergeHistory:
         if cfg != self._config():
             raise ValueError(f"merge history settings {cfg} differ from this run's {self._config()}")
         base, merged = sd["base"], sd["merged"]
-        _check_keys(base.keys(), self.base.keys(), "saved base")
-        for name, b in self.base.items():
-            _check_tensor(base[name], b, name, "saved base")
+        _check_state(base, self.base, "saved base")
         if merged is not None:
-            _check_keys(merged.keys(), self.base.keys(), "saved merge")
-            for name, b in self.base.items():
-                _check_tensor(merged[name], b, name, "saved merge")
+            _check_state(merged, self.base, "saved merge")
         dev = {k: v.device for k, v in self.base.items()}
         self.base = {k: v.detach().to(dev[k], self.base[k].dtype).clone() for k, v in base.items()}
         self.merged = None if merged is None else {k: v.to(dev[k], torch.float32).clone() for k, v in merged.items()}
         self.count = int(sd["count"])
-
-    def save(self, path) -> None:
-        """One safetensors file: base/<name>, merged/<name> and the settings as metadata; atomic."""
-        tensors = {f"base/{k}": v for k, v in self.base.items()}
-        if self.merged is not None:
-            tensors.update({f"merged/{k}": v for k, v in self.merged.items()})
-        meta = {"format": _FORMAT, "config": json.dumps({**self._config(), "count": self.count})}
-        _atomic_save(tensors, path, metadata=meta)
-
-    @classmethod
-    def load(cls, path, device: str | torch.device = "cpu") -> "MergeHistory":
-        """Rebuild a history written by `save`. A corrupt or foreign file raises ValueError naming the path."""
-        with contextlib.ExitStack() as stack:
-            f = _open(path, stack)
-            meta = f.metadata() or {}
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"{os.fspath(path)!r} is not a saved MergeHistory (format {meta.get('format')!r})")
-            try:
-                cfg = json.loads(meta["config"])
-                tensors = {k: f.get_tensor(k).to(device) for k in f.keys()}
-            except Exception as e:
-                raise ValueError(f"cannot read merge history {os.fspath(path)!r}: {e}") from e
-        base = {k[5:]: v for k, v in tensors.items() if k.startswith("base/")}
-        merged = {k[7:]: v for k, v in tensors.items() if k.startswith("merged/")}
-        count = cfg.pop("count")
-        h = cls(base, **cfg)
-        h.load_state_dict({**cfg, "count": count, "base": base, "merged": merged or None})
-        return h
-
-
-def _chain(first: torch.Tensor, rest: Iterable[torch.Tensor]):
-    yield first
-    yield from rest

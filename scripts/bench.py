@@ -66,7 +66,7 @@ def ppo_step(agent, opt, mb):
 def dagger_step(agent, images, prompts, answers):
     """The extra CE of gtr / turbo-sft in one PPO step: one forward/backward on 32 labelled samples."""
     with bf16():
-        b = agent.encode(images, prompts, answers, fill=False)
+        b = agent.tokenize(images, prompts, answers)
         logp, _, _ = agent.score(b, temperature=1.0)
     (-(logp.float() * b.gen_mask).sum() / b.gen_mask.sum()).backward()
     agent.model.zero_grad(set_to_none=True)
@@ -124,7 +124,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     bench_merge.THREADS = args.threads
-    # merge first, in children of a still-small process: a child's ru_maxrss starts at its parent's size at fork
+    # merge rows come from fresh processes (scripts/bench_merge.py), whose peak memory starts afresh at exec
     merge_rows = bench_merge.run_child("--child", "running", "--size", "5M", "--counts", args.merge_counts)
     from agent import Agent
     from env import LockstepEnvs

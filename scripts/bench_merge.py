@@ -7,7 +7,8 @@ Checkpoint i = base + 0.01 * N(0, 1) noise (seeded), so every entry has sign con
 
 running: one MergeHistory (SMA, TIES, density 0.8), one checkpoint per add(), built in memory just
          before its add; time = the add() calls only; after n adds, teacher_state() is built once.
-exact:   exact_ties_merge over n checkpoint files in a temp dir, streamed tensor by tensor.
+exact:   `exact_ties_merge` (defined here): one TIES over n checkpoint files in a temp dir, all weights 1,
+         streamed tensor by tensor; time = that call only.
 
 Peak memory is measured honestly: every configuration runs in a fresh Python subprocess, and the number
 reported is the kernel's peak resident set size of that process (VmHWM, which sees torch's allocations and
@@ -28,8 +29,48 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
-from merge import MergeHistory, exact_ties_merge, save_state  # noqa: E402
+from merge import MergeHistory, ties_tensor  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints on disk and the exact merge over them
+
+
+def save_tensors(state, path):
+    """Write {name: tensor} to a safetensors file; atomic, so a crash never leaves half a file."""
+    # imported here, not at the top: agent imports transformers, which would raise the memory baseline of
+    # the measuring children (they never write a file)
+    from agent import atomic_write
+    atomic_write(path, lambda tmp: save_file(dict(state), str(tmp)))
+
+
+def read_tensor(path, name):
+    """One tensor from a safetensors file; a corrupt file raises ValueError naming it. The file is opened
+    for each read: safe_open memory-maps it, and n maps held open would keep every page read so far
+    resident, O(n x model) instead of O(model); reopening costs one header parse per tensor."""
+    try:
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+            return f.get_tensor(name)
+    except Exception as e:  # safetensors raises its own error types for bad headers and truncation
+        raise ValueError(f"cannot read tensor {name!r} from {os.fspath(path)!r}: {e}") from e
+
+
+def exact_ties_merge(paths, base, density=0.8):
+    """One TIES over every checkpoint file, all weights 1 (SMA): returns theta_0 + ties(tau_1..tau_n).
+
+    Streamed: for each tensor name the files are read one at a time into merge.ties_tensor's accumulators,
+    so memory is O(model) for base and result + O(one tensor) whatever n. Unlike merge.MergeHistory's
+    running merge, nothing is re-trimmed between checkpoints (see its docstring for how the two differ).
+    """
+    paths = list(paths)
+    out = {}
+    for name, b in base.items():
+        taus = (read_tensor(p, name).float() - b.float() for p in paths)  # [*b.shape] fp32, one at a time
+        out[name] = (b.float() + ties_tensor(taus, [1.0] * len(paths), density)).to(b.dtype)
+    return out
+
 
 SIZES = {  # vocab, hidden, layers, mlp, dtype
     "5M": (512, 256, 5, 1024, torch.float32),
@@ -82,7 +123,7 @@ def child(args):
     if args.child == "write":
         t0 = time.perf_counter()
         for i in range(max(counts)):
-            save_state(make_state(args.size, i + 1, base), os.path.join(args.dir, f"ckpt{i:03d}.safetensors"))
+            save_tensors(make_state(args.size, i + 1, base), os.path.join(args.dir, f"ckpt{i:03d}.safetensors"))
         print(json.dumps({**info, "mode": "write", "n": max(counts), "seconds": time.perf_counter() - t0}))
     elif args.child == "running":
         h = MergeHistory(base, mode="sma", method="ties", density=0.8)
@@ -131,8 +172,8 @@ def main():
     global THREADS
     THREADS = args.threads
     counts = [int(c) for c in args.counts.split(",")]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; peak = ru_maxrss above the "
-          "post-import baseline, fresh process per configuration")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; peak = peak resident memory (VmHWM) "
+          "above the post-import baseline, fresh process per configuration")
     print("| size | dtype | model MB | method | checkpoints | merge s | s / checkpoint | peak MB | peak / model |")
     print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):

@@ -5,7 +5,7 @@ train.py on CUDA the way a local Qwen2.5-VL checkpoint would, resumes, and evalu
 
 Cases (GridWorld, 2 updates of 4 envs x 4 turns each): turbo-kl with LoRA r=8, turbo-kl with full
 fine-tuning, turbo-sft with LoRA, gtr with LoRA; then the first run is extended by 2 updates with --resume and
-evaluated with eval.py. Prints one line per case and exits 1 if any failed. A random-init model writes no
+evaluated with `eval.py run`. Prints one line per case and exits 1 if any failed. A random-init model writes no
 valid answer, so success stays 0: this checks the plumbing (devices, dtypes, LoRA, checkpoints), not learning.
 `--device cpu` runs the same on a machine without a GPU.
 """
@@ -58,7 +58,7 @@ def main():
         lines = len(open(os.path.join(first, "metrics.jsonl")).read().splitlines())
         print(f"metrics lines after resume: {lines} (expected 4)")
         failed += lines != 4
-        run("eval.py", ["eval.py", first, "--episodes", "8", "--device", a.device])
+        run("eval.py run", ["eval.py", "run", first, "--episodes", "8", "--device", a.device])
     sys.exit(1 if failed else 0)
 
 

@@ -1,20 +1,18 @@
-"""Reproduce the paper's comparison at laptop scale (GTR_TURBO.md section 5), then compare the runs.
+"""Reproduce the paper's comparison at laptop scale (docs/method.md section 5), then compare the runs.
 
     python scripts/reproduce.py            # sokoban + points24, 3 seeds, 7 rows: about 14.5 process-hours
     python scripts/reproduce.py --quick    # sokoban, 1 seed, short budgets: minutes
     python scripts/reproduce.py --dry-run  # print the commands only
 
 Rows (equal env-step budgets for the RL methods): ppo, gtr, turbo-sft, turbo-kl, turbo-kl --teacher static,
-turbo-kl --merge linear, and sft alone for the same wall-clock as that seed's turbo-kl RL loop (--budget-by time). Every run reuses
-the same cached SFT warm-up per (task, seed), so all rows start from the same model. Runs already finished
-(eval.json present) are skipped and a run killed midway is resumed from its last checkpoint (train.py --resume),
-so an interrupted reproduction continues where it stopped. Ends with `eval.py compare` per task:
-docs/results_<task>.md and docs/curves_<task>.png.
+turbo-kl --merge linear, and sft alone for the same wall-clock as that seed's turbo-kl RL loop (--budget-by
+time). Every run reuses the same cached SFT warm-up per (task, seed), so all rows start from the same model.
+Runs already finished (eval.json present) are skipped and a run killed midway is resumed from its last
+checkpoint (train.py --resume), so an interrupted reproduction continues where it stopped. Ends with
+`eval.py compare` per task: docs/results_<task>.md and docs/curves_<task>.png.
 
-Processes side by side must not oversubscribe the cores: keep threads x processes <= cores (on 2 cores, two
-2-thread processes run 5-7x slower than one; torch's default is every core, so pass --threads). On 2 cores,
-two reproductions side by side with one thread each finish sooner than one with two threads (generation
-scales poorly past one thread), about 7.5 hours for everything (docs/results_history.md, Points24):
+Processes side by side must not oversubscribe the cores: keep threads x processes <= cores (torch's default
+is every core, so pass --threads). Reproductions side by side, one thread and one seed list each:
     python scripts/reproduce.py --tasks sokoban --seed-list 1 --train-args '--threads 1' &
     python scripts/reproduce.py --tasks sokoban --seed-list 2 --train-args '--threads 1'
 """
@@ -28,8 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = [("ppo", "ppo", []), ("gtr", "gtr", []), ("turbo-sft", "turbo-sft", []), ("turbo-kl", "turbo-kl", []),
         ("turbo-kl-static", "turbo-kl", ["--teacher", "static"]),   # ablation: the SFT model as the teacher
         ("turbo-kl-linear", "turbo-kl", ["--merge", "linear"])]      # claim (e): TIES against a plain average
-# Points24 is scored as in the paper, on fresh deals of the game's own distribution: only 715 hands exist and a
-# ~5M model memorises formulas per hand, so on held-out hands every row would score 0 (docs/results_history.md, Points24).
+# Points24 is scored as in the paper, on fresh deals of the game's own distribution: only 715 hands exist, so a
+# held-out hand asks for arithmetic on cards the small model never combined in training.
 TASK_ARGS = {"points24": ["--eval-split", "train"]}
 
 
@@ -59,7 +57,8 @@ def main():
     p.add_argument("--train-args", default="", help="extra train.py flags for every run, e.g. '--threads 1'")
     a = p.parse_args()
     tasks = a.tasks.split(",") if a.tasks else (["sokoban"] if a.quick else ["sokoban", "points24"])
-    seeds = [int(s) for s in a.seed_list.split(",")] if a.seed_list else range(1, 1 + (a.seeds or (1 if a.quick else 3)))
+    n_seeds = a.seeds or (1 if a.quick else 3)
+    seeds = [int(s) for s in a.seed_list.split(",")] if a.seed_list else range(1, 1 + n_seeds)
     budget = ["--total-steps", "1024", "--eval-episodes", "30"] if a.quick else []  # else train.py's defaults
     budget += a.train_args.split()
     for task in tasks:

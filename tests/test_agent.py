@@ -9,8 +9,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from agent import Agent, Batch, CheckpointError, lora_modules
+from agent import Agent, Batch, CheckpointError, lora_modules, verify_manifest, write_manifest
 
 ANSWERS = ['{"thoughts":"player 2,4 box 2,2 so left.","action":"left"}',
            '{"thoughts":"player 1,1 box 3,1 so down.","action":"down"}',
@@ -29,9 +30,9 @@ def images(n, seed=0, shape=(96, 96, 3)):
 
 
 def sft(agent, imgs, prompts, answers, steps=50, lr=3e-3):
-    """Teacher-forced cross-entropy on whole answers via encode + score."""
+    """Teacher-forced cross-entropy on whole answers via tokenize + score."""
     opt = torch.optim.Adam(agent.parameters(), lr=lr)
-    batch = agent.encode(imgs, prompts, answers)
+    batch = agent.tokenize(imgs, prompts, answers)
     for _ in range(steps):
         logp, _, _ = agent.score(batch)
         loss = -logp.sum() / batch.gen_mask.sum()
@@ -114,13 +115,19 @@ def test_thought_action_split_exact(agent):
     assert b.gen_ids[0, len(ids) - 1] == agent.im_end_id and b.action_mask[0, len(ids) - 1] == 1   # EOS is action
     assert b.texts[0] == text
     assert torch.equal(b.thought_mask[1], b.gen_mask[1]) and b.action_mask[1].sum() == 0   # no key: all thought
+    t = agent.tokenize(images(2), PROMPTS[:2], [text, none])   # the same Batch without the forward
+    assert torch.equal(t.input_ids, b.input_ids) and torch.equal(t.thought_mask, b.thought_mask)
+    assert not t.logp.any() and not t.values.any() and not t.thought_entropy.any()
+    with torch.no_grad():
+        logp, values, _ = agent.score(t)
+    assert torch.equal(logp, b.logp) and torch.equal(values, b.values)
 
 
 def test_score_equals_sample_logp(agent):
     # independent reference: generate's own per-step logits (KV-cache path) at the chosen tokens
     imgs, T = images(4), 0.7
     b = agent.sample(imgs, PROMPTS, temperature=T, do_sample=False, repetition_penalty=1.0, max_new_tokens=40)
-    enc = agent.encode_prompts(imgs, PROMPTS)
+    enc = agent.tokenize_prompts(imgs, PROMPTS)
     with torch.no_grad():
         out = agent.model.generate(**agent._model_inputs(enc), do_sample=False, max_new_tokens=40,
                                    return_dict_in_generate=True, output_logits=True,
@@ -144,7 +151,7 @@ def test_score_equals_sample_logp(agent):
 def slow_decode(agent, imgs, prompts, n, **opts):
     """Reference sampler without a cache: a full forward over prompt + tokens so far for every new token,
     the same `next_tokens` rule. Returns gen ids [B, n] (pad after EOS)."""
-    enc = agent.encode_prompts(imgs, prompts)
+    enc = agent.tokenize_prompts(imgs, prompts)
     B = len(prompts)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     seen = torch.zeros(B, agent.model.config.text_config.vocab_size, dtype=torch.bool)
@@ -199,7 +206,7 @@ def test_kv_decoder_samples_like_generate(agent):
     imgs, T = images(4, seed=3), 1.5
     torch.manual_seed(9)
     b = agent.sample(imgs, PROMPTS, temperature=T, top_k=30, repetition_penalty=1.3, max_new_tokens=30)
-    enc = agent.encode_prompts(imgs, PROMPTS)
+    enc = agent.tokenize_prompts(imgs, PROMPTS)
     torch.manual_seed(9)
     with torch.no_grad():
         out = agent.model.generate(**agent._model_inputs(enc), do_sample=True, temperature=T, top_k=30,
@@ -256,14 +263,35 @@ def test_select_with_different_image_sizes(agent):
 def test_a_flipped_byte_in_a_weight_file_is_named_at_load(agent, tmp_path):
     agent.save(tmp_path / "a")
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert set(manifest) == {"model.safetensors", "value_head.safetensors"}
+    assert set(manifest) == set(os.listdir(tmp_path / "a")) - {"manifest.json"}   # every file, itself not
+    assert {"model.safetensors", "value_head.safetensors", "config.json", "agent.json"} <= set(manifest)
     weights = tmp_path / "a" / "value_head.safetensors"
     assert oct(weights.stat().st_mode & 0o777) == "0o644"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01  # the last byte of the last tensor: the header check alone would pass
     weights.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"value_head.safetensors: damaged, its SHA-256 differs"):
+    with pytest.raises(CheckpointError, match=r"value_head.safetensors is damaged: its SHA-256 differs"):
         Agent.load(tmp_path / "a")
+
+
+def test_manifest_covers_nested_directories(tmp_path):
+    """A checkpoint holding agent directories: one manifest over every file, the agents' own hashes reused."""
+    (tmp_path / "agent").mkdir()
+    (tmp_path / "agent" / "w.bin").write_bytes(b"weights")
+    (tmp_path / "state.pt").write_bytes(b"state")
+    write_manifest(tmp_path / "agent")
+    (tmp_path / "agent" / "w.bin").write_bytes(b"changed")   # a stale nested hash is taken as is
+    write_manifest(tmp_path)
+    top = json.loads((tmp_path / "manifest.json").read_text())
+    inner = json.loads((tmp_path / "agent" / "manifest.json").read_text())
+    assert list(top) == ["agent/w.bin", "state.pt"] and top["agent/w.bin"] == inner["w.bin"]
+    with pytest.raises(CheckpointError, match=r"agent/w.bin is damaged"):
+        verify_manifest(tmp_path)
+    (tmp_path / "state.pt").unlink()
+    (tmp_path / "agent" / "w.bin").write_bytes(b"weights")
+    with pytest.raises(CheckpointError, match=r"state.pt is missing \(listed in .*manifest.json\)"):
+        verify_manifest(tmp_path)
+    verify_manifest(tmp_path / "agent")   # the nested manifest holds on its own
 
 
 def test_save_load_roundtrip(agent, tmp_path):
@@ -313,7 +341,14 @@ def test_bad_checkpoints_raise(agent, tmp_path, monkeypatch):
     weights.write_bytes(data)
     vh = good / "value_head.safetensors"
     vh.write_bytes(vh.read_bytes()[:-3])
-    with pytest.raises(CheckpointError, match="value_head.safetensors"):
+    with pytest.raises(CheckpointError, match="value_head.safetensors is truncated"):
+        Agent.load(good)
+    (good / "manifest.json").unlink()   # no manifest: the shape check on load still names a foreign head
+    save_file({"0.weight": torch.zeros(3, 3)}, str(vh))
+    with pytest.raises(CheckpointError, match="value_head.safetensors does not fit this agent"):
+        Agent.load(good)
+    (good / "tokenizer_config.json").unlink()
+    with pytest.raises(CheckpointError, match="tokenizer_config.json is missing"):
         Agent.load(good)
     cfg = json.loads((good / "config.json").read_text())
     (good / "config.json").write_text(json.dumps(dict(cfg, model_type="llama")))
@@ -350,7 +385,10 @@ def test_lora(agent, tmp_path):
             assert p.grad is not None
     assert all(m.lora_A.grad.abs().sum() == 0 for m in mods.values())   # B = 0 at init, so dL/dA = 0
     assert any(m.lora_B.grad.abs().sum() > 0 for m in mods.values())
-    opt = torch.optim.Adam(la.parameters(), lr=1e-2)
+    params, head = la.parameters(), list(la.value_head.parameters())
+    assert all(p is q for p, q in zip(params[-len(head):], head))   # the body's trainable tensors, then the head
+    assert all("lora_" in n for n, p in la.model.named_parameters() if any(p is q for q in params))
+    opt = torch.optim.Adam(params, lr=1e-2)
     opt.step()
     # trainable_state = real weight change after folding LoRA in
     state = la.trainable_state()
@@ -382,6 +420,10 @@ def test_lora(agent, tmp_path):
     assert back.lora_rank == 4 and back.lora_alpha == 8 and len(lora_modules(back.model)) == len(mods)
     with torch.no_grad():
         assert torch.equal(back.score(b, return_logits=True)[2], lg_trained)
+    (tmp_path / "lora" / "manifest.json").unlink()
+    (tmp_path / "lora" / "lora.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="lora.safetensors is missing"):
+        Agent.load(tmp_path / "lora")
 
 
 def test_full_trainable_state_roundtrip(agent):

@@ -1,4 +1,4 @@
-"""distill.py against hand computations (GTR_TURBO.md 3, 4.2, 4.3)."""
+"""distill.py against hand computations (docs/method.md 3, 4.2, 4.3)."""
 import math
 
 import pytest

@@ -1,7 +1,11 @@
 """Tests for env.py: rules worked out by hand, solvers against brute force, experts, parsing, lockstep."""
+import hashlib
+import importlib.util
 import itertools
 import json
+import os
 import pickle
+import subprocess
 import time
 import warnings
 
@@ -49,16 +53,16 @@ def test_sokoban_push_off_and_onto_target_rewards():
         rewards.append(r)
     assert rewards == pytest.approx([-1.1, -0.1, -0.1, -0.1, -0.1, 10.9])
     assert term and not trunc and info["success"] and info["boxes_on_target"] == 2
-    assert e.render_mode is None and e._text() == "#######\n#  *  #\n# *@  #\n#     #\n#######"
+    assert e.render_mode is None and e.state_text() == "#######\n#  *  #\n# *@  #\n#     #\n#######"
 
 
 def test_sokoban_push_into_wall_and_no_chain_push():
     e = load("#####\n#.@$#\n#####")
     _, r, term, trunc, _ = e.step(RIGHT)  # box against the wall: nothing moves, the step still costs
-    assert r == pytest.approx(-0.1) and not term and e._text() == "#####\n#.@$#\n#####"
+    assert r == pytest.approx(-0.1) and not term and e.state_text() == "#####\n#.@$#\n#####"
     e = load("#######\n#@$$..#\n#######")
     e.step(RIGHT)  # two boxes in a row: no chain push
-    assert e._text() == "#######\n#@$$..#\n#######"
+    assert e.state_text() == "#######\n#@$$..#\n#######"
     assert E.solve_sokoban(e.nbr, e.targets, e.boxes, e.player) is None
 
 
@@ -127,7 +131,6 @@ def test_gridworld_wall_costs_a_step_and_goal_reward():
     e._load(e.walls, e.w + 1, e.w + 3)
     _, r, term, trunc, info = e.step(UP)
     assert r == pytest.approx(-0.1) and e.player == e.w + 1 and info["steps"] == 1 and not term
-    assert E.solve_gridworld(e.nbr, e.player, e.goal) == [RIGHT, RIGHT]
     assert e.optimal_actions() == {RIGHT}
     e.step(RIGHT)
     _, r, term, trunc, info = e.step(RIGHT)
@@ -192,14 +195,14 @@ def test_points24_rules():
 
 
 def test_points24_solver():
-    assert E.shortest_solution([3, 8, 3, 8]) == "8/(3-8/3)"
+    assert E.solve24((3, 3, 8, 8))[0] == (tuple("8/(3-8/3)"), "8/(3-8/3)")  # the shortest first
     assert E.evaluate_formula(E.tokenize_formula("8/(3-8/3)")) == 24
-    sols = E.solve24([4, 6, 1, 1])
+    sols = [s for _, s in E.solve24((1, 1, 4, 6))]
     assert "4*6*1*1" in sols and "(1+1)*4*6" not in sols
     for s in sols:
         toks = E.tokenize_formula(s)
         assert E.evaluate_formula(toks) == 24 and sorted(int(t) for t in toks if t.isdigit()) == [1, 1, 4, 6]
-    assert E.solve24([1, 1, 1, 1]) == []
+    assert E.solve24((1, 1, 1, 1)) == ()
     assert E.evaluate_formula(E.tokenize_formula("(1+2")) is None
     hands = list(itertools.combinations_with_replacement(range(1, 11), 4))[:120]
     # Solvability against an independent brute force: all orders, ops and the five tree shapes.
@@ -450,3 +453,82 @@ def test_garbage_answers_never_raise_and_leave_every_state_unchanged(task):
         assert (out["reward"] == -1.0).all()  # Points24 and Sokoban give 0 for a wall bump; the penalty is -1
         assert all(ep["invalid"] == ep["length"] for ep in out["episodes"])
     assert invalid == turns == 3000
+
+
+# ------------------------------------------------------------------ parity with the reference implementation
+
+REFERENCE_COMMIT = "2c156afcd11eda5fc713a16837bccfafe9442ea6"  # env.py whose behaviour this one must keep exactly
+
+
+@pytest.fixture(scope="module")
+def reference_env(tmp_path_factory):
+    """The reference env.py from git history, imported as its own module (skipped without the history)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        src = subprocess.run(["git", "show", f"{REFERENCE_COMMIT}:env.py"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("git history with the reference env.py is not available")
+    path = tmp_path_factory.mktemp("reference") / "reference_env.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("reference_env", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def digest(image):
+    return hashlib.sha1(image.tobytes()).hexdigest() + str(image.shape)
+
+
+def play_trace(M, task, seeds, **kw):
+    """Everything an env shows over one episode per seed (half expert, half random moves, some skipped turns):
+    image digests, infos, rewards, prompts, expert and noisy answers, optimal actions, grounding scores."""
+    env, rng, noise = M.make_env(task, render_mode="ansi", **kw), np.random.default_rng(0), np.random.default_rng(1)
+    rows = []
+    for seed in seeds:
+        obs, info = env.reset(seed=seed)
+        rows.append((digest(obs), info))
+        done = False
+        while not done:
+            expert = env.expert_answer()
+            thought = json.loads(expert)["thoughts"]
+            rows.append((env.prompt(), expert, M.noisy_answer(expert, env.action_names, noise), env.render(),
+                         sorted(env.optimal_actions()), env.grounding(thought),
+                         env.grounding(thought.replace("1", "2")), env.grounding(thought[: len(thought) // 2])))
+            r = rng.random()
+            if r < 0.1:
+                obs, reward, term, trunc, info = env.skip_turn()
+            else:
+                a = M.parse_answer(expert, env.action_names, env.answer_keys)[0] if r < 0.55 else \
+                    int(rng.integers(env.action_space.n))
+                obs, reward, term, trunc, info = env.step(a)
+            rows.append((digest(obs), reward, term, trunc, info))
+            done = term or trunc
+    return rows
+
+
+def lockstep_trace(M, task, turns, **kw):
+    """step_texts outcomes of 8 envs over `turns` turns of expert, noisy, damaged and garbage answers."""
+    envs, rng = M.LockstepEnvs(task, 8, seed=3, invalid="random", invalid_penalty=-0.5, **kw), np.random.default_rng(2)
+    rows = []
+    for t in range(turns):
+        if t % 25 == 24:
+            envs.reset_groups(4)
+        texts = [e if r < 0.5 else e.replace('"action"', '"act"') if r < 0.6 else e[: len(e) // 2] if r < 0.8
+                 else "garbage" for e, r in zip(envs.expert_texts(noise=0.3), rng.random(8))]
+        out = envs.step_texts(texts, active=None if t % 3 else rng.random(8) < 0.7)
+        images, prompts = envs.observe()
+        rows.append((json.dumps({k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in out.items()}),
+                     [digest(im) for im in images], prompts, envs.state_keys()))
+    return rows
+
+
+@pytest.mark.parametrize("task,seeds,kw", [("sokoban", 300, {}), ("gridworld", 300, {}), ("points24", 200, {}),
+                                           ("points24", 100, {"solvable_only": True, "split": "eval"}),
+                                           ("sokoban", 30, {"dim_room": (7, 7), "num_boxes": 2, "split": "train"})])
+def test_same_behaviour_as_the_reference(reference_env, task, seeds, kw):
+    # levels and their RNG draws, images pixel for pixel, prompts and answers byte for byte, rewards, optimal
+    # actions, grounding, the split, parsing, and the lockstep helper's outcomes
+    assert play_trace(E, task, range(seeds), **kw) == play_trace(reference_env, task, range(seeds), **kw)
+    assert lockstep_trace(E, task, 60, **kw) == lockstep_trace(reference_env, task, 60, **kw)

@@ -1,5 +1,5 @@
-"""eval.py: diversity metrics by hand, the solver/random reference agents on held-out levels, and the CLI
-(`compare` on two tiny runs, `--gif` replays, bad input) run as a script."""
+"""eval.py: diversity metrics by hand, the solver/random reference agents on held-out levels, labelled GIF
+frames, and the CLI (`run` and `compare` on two tiny runs, bad input) run as a script."""
 import json
 import math
 import os
@@ -50,12 +50,6 @@ def test_self_bleu2_by_hand():
     assert math.isnan(E.self_bleu2(["only one"]))
 
 
-def test_extract_thought_from_good_and_broken_answers():
-    assert E.extract_thought('{"thoughts": "box at \\"row 1\\"", "action": "up"}') == 'box at "row 1"'
-    assert E.extract_thought('player left "action": "up"') == "player left "
-    assert E.extract_thought(None) == ""
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Reference agents on held-out levels
 
@@ -70,18 +64,20 @@ def test_expert_solves_every_held_out_level_and_random_does_not(task):
     assert math.isnan(rnd["grounding"])  # an empty thought states no fact
 
 
-def test_eval_split_train_deals_only_training_levels():
+def test_eval_split_train_deals_only_training_levels(capsys):
     """--eval-split train (the paper's Points24 protocol) plays levels from the training side of the crc32 split;
-    the default plays only held-out ones; anything else is refused."""
+    the default plays only held-out ones; anything else is refused. A progress bar counts the episodes."""
     from env import in_eval_split
     levels = {}
     for split in ("eval", "train"):
-        eps, _ = E.play(E.ExpertActor(), "points24", 24, seed=0, num_envs=8, split=split)
+        eps, _ = E.play(E.expert_actor, "points24", 24, seed=0, num_envs=8, split=split, desc="eval expert")
         levels[split] = [e["level"] for e in eps]
         assert len(eps) == 24
     assert all(in_eval_split(x) for x in levels["eval"]) and not any(in_eval_split(x) for x in levels["train"])
+    err = capsys.readouterr().err
+    assert "eval expert" in err and "/24 [" in err  # one bar per play, counting episodes
     with pytest.raises(ValueError, match="split"):
-        E.play(E.ExpertActor(), "points24", 4, seed=0, split="test")
+        E.play(E.expert_actor, "points24", 4, seed=0, split="test")
 
 
 def bfs_length(level: str) -> int:
@@ -102,13 +98,37 @@ def bfs_length(level: str) -> int:
 
 
 def test_expert_replay_gif_has_one_frame_per_turn_plus_the_final_state(tmp_path):
-    replays = E.write_replays(E.ExpertActor(), "gridworld", 2, seed=3, out_dir=str(tmp_path))
+    replays = E.write_replays(E.expert_actor, "gridworld", 2, seed=3, out_dir=str(tmp_path))
     for k, r in enumerate(replays):
         # the expert walks a shortest path: the episode's turns are the BFS distance of its level
         assert r["success"] and r["length"] == bfs_length(r["level"])
         gif = Image.open(tmp_path / f"replay_{k}.gif")
         assert gif.n_frames == r["length"] + 1 == r["frames"]
         assert gif.size[0] >= 96 * E.GIF_SCALE  # the 96x96 GridWorld image scaled 4x, caption below
+
+
+@pytest.mark.parametrize("task", ["sokoban", "gridworld"])
+def test_board_frame_labels_rows_and_columns_so_a_thought_can_be_checked(task):
+    """The frame is the board plus the label margins; the labels are drawn there; the cell that the expert's
+    thought names for the player ("player R,C") is the player's colour at row R, column C of the picture."""
+    from env import PLAYER, draw_grid, make_env, position_facts
+    env = make_env(task, split="eval")
+    env.reset(seed=4)
+    board, frame = env.render_image(scale=E.GIF_SCALE), E.board_frame(env, task)
+    assert frame.shape[0] == board.shape[0] + E.LABEL_TOP + E.LEGEND_H
+    assert frame.shape[1] == board.shape[1] + E.LABEL_LEFT
+    assert (frame[E.LABEL_TOP:, E.LABEL_LEFT:][:board.shape[0]] == board).all()
+    side = 16 * E.GIF_SCALE
+    white = np.array([255, 255, 255])
+    assert (frame[:E.LABEL_TOP, E.LABEL_LEFT:E.LABEL_LEFT + side] != white).any()   # column "0"
+    assert (frame[E.LABEL_TOP:E.LABEL_TOP + side, :E.LABEL_LEFT] != white).any()    # row "0"
+    assert (frame[E.LABEL_TOP + board.shape[0]:] != white).any()                     # the legend line
+    (_, r, c), = [f for f in position_facts(env.expert_answer()) if f[0] == "player"]
+    y, x = E.LABEL_TOP + int((r + 0.5) * side), E.LABEL_LEFT + int((c + 0.5) * side)
+    assert (frame[y, x] == draw_grid(np.array([[PLAYER]]))[8, 8]).all()  # the player's inner square
+    p24 = make_env("points24")
+    p24.reset(seed=0)
+    assert (E.board_frame(p24, "points24") == p24.render_image(scale=E.GIF_SCALE)).all()  # cards: no grid
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -139,10 +159,11 @@ def test_compare_writes_table_and_learning_curve_png(runs, tmp_path):
     # columns: method | seeds | SFT start | success | source | teacher success | ...: read back from eval.json
     # labels carry the settings that differ between the two runs (format_reward's default is per method)
     cells = {line.split("|")[1].split()[0]: [c.strip() for c in line.split("|")[2:-1]] for line in body}
+    ev = {method: json.loads((runs[method] / "eval.json").read_text()) for method in runs}
     for method in ("ppo", "turbo-kl"):
-        ev = json.loads((runs[method] / "eval.json").read_text())
-        assert cells[method][1] == f"{ev['start (SFT)']['success']:.3f}" and cells[method][2] == f"{ev['agent']['success']:.3f}"
-    assert cells["ppo"][4] == "n/a" and cells["turbo-kl"][4] == f"{json.loads((runs['turbo-kl'] / 'eval.json').read_text())['teacher']['success']:.3f}"
+        assert cells[method][1] == f"{ev[method]['start (SFT)']['success']:.3f}"
+        assert cells[method][2] == f"{ev[method]['agent']['success']:.3f}"
+    assert cells["ppo"][4] == "n/a" and cells["turbo-kl"][4] == f"{ev['turbo-kl']['teacher']['success']:.3f}"
     assert table.strip() in r.stdout
     img = np.asarray(Image.open(png).convert("RGB"))
     assert img.shape[0] > 100 and img.shape[1] > 100
@@ -151,7 +172,7 @@ def test_compare_writes_table_and_learning_curve_png(runs, tmp_path):
 
 def test_eval_run_writes_full_json_and_gif_with_one_frame_per_turn(runs):
     run = runs["turbo-kl"]
-    r = run_script("eval.py", run, "--episodes", "2", "--num-envs", "2", "--gif", "1")
+    r = run_script("eval.py", "run", run, "--episodes", "2", "--num-envs", "2", "--gif", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     full = json.load(open(run / "eval_full.json"))
     assert set(full["rows"]) == {"agent (T=1)", "agent (greedy)", "teacher (T=1)", "teacher (greedy)", "random",
@@ -183,44 +204,37 @@ def bad_inputs(tmp_path):
     return {k: str(v) for k, v in paths.items()}
 
 
-AGENT = "--agent {agent} --task gridworld "
+AGENT = "run --agent {agent} --task gridworld "
 BAD = [  # (argv, fragments the one line must contain: the flag or path, and the bad value)
-    (AGENT + "--episodes abc", ["--episodes", "abc"]),
+    (AGENT + "--episodes abc", ["--episodes", "invalid int value: 'abc'"]),
     (AGENT + "--bogus 3", ["--bogus"]),
     (AGENT + "--seed", ["--seed", "expected one argument"]),
     (AGENT + "--dtype float16", ["--dtype", "float16"]),
     (AGENT + "--max-new-tokens -1", ["--max-new-tokens", "-1"]),
-    (AGENT + "--max-new-tokens 0", ["--max-new-tokens", "got 0"]),
-    (AGENT + "--top-k -5", ["--top-k", "-5"]),
-    (AGENT + "--repetition-penalty -1", ["--repetition-penalty", "-1"]),
-    (AGENT + "--repetition-penalty nan", ["--repetition-penalty", "nan"]),
+    (AGENT + "--episodes 0", ["--episodes", ">= 1", "got 0"]),
+    (AGENT + "--gif -1", ["--gif", ">= 0", "-1"]),
     (AGENT + "--repetition-penalty inf", ["--repetition-penalty", "inf"]),
-    (AGENT + "--seed -1", ["--seed", "-1"]),
-    (AGENT + "--episodes 0", ["--episodes", "got 0"]),
-    (AGENT + "--episodes -3", ["--episodes", "-3"]),
-    (AGENT + "--gif -1", ["--gif", "-1"]),
-    (AGENT + "--temperature 0", ["--temperature", "got 0"]),
-    (AGENT + "--temperature -1", ["--temperature", "-1"]),
+    (AGENT + "--temperature 0", ["--temperature", "> 0", "got 0"]),
     (AGENT + "--temperature -1e-5", ["--temperature", "-1e-05"]),  # argparse alone reads "-1e-5" as a flag
     (AGENT + "--temperature nan", ["--temperature", "nan"]),
-    (AGENT + "--temperature inf", ["--temperature", "inf"]),
     (AGENT + "--num-envs 0", ["--num-envs", "got 0"]),
     (AGENT + "--out {file}", ["--out", "{file}"]),
     (AGENT + "--device mps", ["--device", "mps"]),
-    (AGENT + "--device tpu", ["--device", "tpu"]),
-    (AGENT + "--device cuda", ["--device cuda", "no CUDA"]),  # is_available is patched to False below
+    (AGENT + "--device cuda", ["--device", "0 CUDA devices", "'cuda'"]),  # is_available is patched to False below
     (AGENT + "--eval-split test", ["--eval-split", "test"]),
-    ("--agent {agent}", ["--task is required with --agent", "gridworld, points24, sokoban"]),
+    ("run --agent {agent}", ["--task is required with --agent", "gridworld, points24, sokoban"]),
+    ("--agent {agent} --task gridworld --seed -1", ["--seed", "-1"]),  # no subcommand: `run`
+    ("run", ["give a run directory"]),
+    ("{run} --agent {agent}", ["not both"]),
     (AGENT, ["{agent}"]),  # passes every check; Agent.load finds no model there
     ("{missing}", ["{missing}", "no such run"]),
     ("{norun}", ["{norun}", "no checkpoint"]),
-    ("{run} --top-k -5", ["--top-k", "-5"]),
-    ("{run} --out {file}", ["--out", "{file}"]),
+    ("run {run} --top-k -5", ["--top-k", "-5"]),
     ("{saved}", ["--temperature", "got 0", "args.json"]),  # a bad saved value, no flag given
     ("compare {missing}", ["{missing}"]),
-    ("compare {run} --out {missing}/c.png", ["--out", "{missing}", "does not exist"]),
-    ("compare {run} --table {missing}/t.md", ["--table", "{missing}", "does not exist"]),
-    ("compare {run} --out {agent}", ["--out", "{agent}", "is a directory"]),
+    ("compare {run} --out {missing}/c.png", ["--out", "{missing}", "existing directory"]),
+    ("compare {run} --table {missing}/t.md", ["--table", "{missing}", "existing directory"]),
+    ("compare {run} --out {agent}", ["--out", "{agent}"]),
     ("compare {run} --bogus", ["--bogus"]),
 ]
 
@@ -228,10 +242,11 @@ BAD = [  # (argv, fragments the one line must contain: the flag or path, and the
 @pytest.mark.parametrize("argv,fragments", BAD, ids=[a for a, _ in BAD])
 def test_bad_input_exits_2_with_one_line_naming_it(bad_inputs, monkeypatch, capsys, argv, fragments):
     monkeypatch.setattr(E.torch.cuda, "is_available", lambda: False)  # "--device cuda" is bad on any machine
-    rc = E.main(argv.format(**bad_inputs).split())
+    with pytest.raises(SystemExit) as stop:
+        E.main(argv.format(**bad_inputs).split())
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("eval.py: error: "), err
+    assert stop.value.code == 2 and len(lines) == 1 and lines[0].startswith("eval.py: error: "), err
     assert "usage:" not in err and "Traceback" not in err
     for fragment in fragments:
         assert fragment.format(**bad_inputs) in lines[0], (fragment, lines[0])
@@ -256,32 +271,42 @@ def test_json_safe_replaces_nan_and_inf_at_any_depth():
     assert math.isnan(row["a"][0])  # a copy: the caller's row keeps its NaN
 
 
-def fake_run(path, metrics, **settings):
-    """A run directory as compare reads it: args.json + metrics.jsonl (lines written as given)."""
+def fake_run(path, metrics, ev=None, **settings):
+    """A run directory as compare reads it: args.json, metrics.jsonl (lines as given), eval.json if `ev`."""
     path.mkdir()
     args = {"method": "ppo", "task": "gridworld", "seed": 1, "lr": 1e-5, "out": str(path), **settings}
     (path / "args.json").write_text(json.dumps(args))
     (path / "metrics.jsonl").write_text("".join(line + "\n" for line in metrics))
+    if ev is not None:
+        (path / "eval.json").write_text(ev)
     return str(path)
 
 
 def test_compare_groups_by_every_setting_and_reads_null(tmp_path, capsys):
     step = '{{"env_steps": {}, "charts/success_rate": {}}}'.format
-    # a: success 0.2 then null then a bare NaN (an old file): last-5 mean 0.2 (null/NaN left out, not counted 0)
-    a = fake_run(tmp_path / "a", [step(8, 0.2), step(16, "null"), step(24, "NaN")], threads=2, eval_episodes=0)
-    b = fake_run(tmp_path / "b", [step(8, 0.4), step(16, 0.6)], seed=2)   # same setting, other seed: mean 0.5
-    c = fake_run(tmp_path / "c", [step(8, 0.9)], lr=1e-4)                 # differs in lr only: its own group
-    png, md = tmp_path / "curves", tmp_path / "t.md"                      # no .png: written exactly there
-    assert E.main(["compare", a, b, c, "--out", str(png), "--table", str(md)]) == 0
+    agent = '{{"agent": {{"success": {}}}}}'.format  # eval.json as train.py writes it (null for NaN)
+    # a, b, d: one setting (threads, out, eval_episodes do not split a group), seeds 1, 2, 3; d's success is
+    # null: left out, not counted 0. a's curve holds a null and a bare NaN (an old file): dropped from the plot
+    a = fake_run(tmp_path / "a", [step(8, 0.2), step(16, "null"), step(24, "NaN")], agent(0.2), threads=2,
+                 eval_episodes=0)
+    b = fake_run(tmp_path / "b", [step(8, 0.4), step(16, 0.6)], agent(0.5), seed=2)
+    d = fake_run(tmp_path / "d", [step(8, 0.4)], agent("null"), seed=3)
+    c = fake_run(tmp_path / "c", [step(8, 0.9)], lr=1e-4)   # differs in lr only: its own group; no eval.json
+    png, md = tmp_path / "curves", tmp_path / "t.md"         # no .png: written exactly there
+    E.main(["compare", a, b, d, c, "--out", str(png), "--table", str(md)])
     assert f"wrote {png} and {md}" in capsys.readouterr().err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = [line.split("|")[1:4] for line in md.read_text().splitlines()[2:]]
-    # group a+b: success 0.2 and 0.5 -> mean 0.35, sample std |0.5-0.2|/sqrt(2) = 0.212; threads, out,
-    # eval_episodes do not split a group
-    assert [[x.strip() for x in r] for r in rows] == [["ppo (lr=1e-05)", "1,2", "n/a"],
-                                                     ["ppo (lr=0.0001)", "1", "n/a"]]
-    assert "| 0.350 ± 0.212 |" in md.read_text() and "| 0.900 |" in md.read_text()
+    # success 0.2 and 0.5 -> mean 0.35, sample std |0.5-0.2|/sqrt(2) = 0.212; a run without eval.json: n/a
+    assert md.read_text().splitlines()[2:] == [
+        "| ppo (lr=1e-05) | 1,2,3 | n/a | 0.350 ± 0.212 | held-out | n/a | n/a | n/a | n/a | n/a |",
+        "| ppo (lr=0.0001) | 1 | n/a | n/a | not evaluated | n/a | n/a | n/a | n/a | n/a |"]
     # the same run twice, or a copy of it, would count one seed twice: refused, naming both
-    assert E.main(["compare", a, b, a]) == 2
+    with pytest.raises(SystemExit) as stop:
+        E.main(["compare", a, b, a])
+    assert stop.value.code == 2
     assert capsys.readouterr().err == f"eval.py: error: {a} and {a} are the same setting with the same seed 1: " \
                                       "a seed may count only once in a group\n"
+    # one run alone, as train.py draws its own curves: one row, labelled by its method
+    table = E.compare([b], png=str(tmp_path / "one.png"))
+    assert table.splitlines()[2:] == ["| ppo | 2 | n/a | 0.500 | held-out | n/a | n/a | n/a | n/a | n/a |"]
+    assert (tmp_path / "one.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,11 +1,13 @@
-"""merge.py against numbers worked out by hand (GTR_TURBO.md 4.1)."""
+"""merge.py against numbers worked out by hand (docs/method.md 4.1)."""
 import os
+import sys
 
 import pytest
 import torch
 
-from merge import (MergeHistory, ema_weights, exact_ties_merge, linear_merge, load_state, save_state,
-                   ties_merge, trim)
+from merge import MergeHistory, linear_merge, ties_merge, trim
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 
 T = torch.tensor
 
@@ -105,57 +107,62 @@ def test_sma_one_add_of_several_equals_ties_merge():
     assert close(h.teacher_state()["x"], ties_merge(deltas, [1, 1, 1], density=0.5)["x"] + 10)
 
 
-def test_exact_and_running_merges(tmp_path):
+def test_running_merge_is_not_one_ties_over_the_history():
     # density 0.5 on 2 entries -> keep 1 per delta. base 0, deltas d1 [3,1], d2 [1,2], d3 [1,.5]
     base = {"x": T([0.0, 0.0])}
     states = [{"x": T([3.0, 1.0])}, {"x": T([1.0, 2.0])}, {"x": T([1.0, 0.5])}]
-    paths = [tmp_path / f"ckpt{i}.safetensors" for i in range(3)]
-    for s, p in zip(states, paths):
-        save_state(s, p)
     h = MergeHistory(base, density=0.5)
-    h.add(paths[:2])  # one add: identical members -> identical merges ([3,0] and [0,2] -> [3,2])
+    h.add(states[:2])  # one add is one TIES: [3,0] and [0,2] -> [3,2]
     assert close(h.teacher_state()["x"], [3.0, 2.0])
-    assert close(exact_ties_merge(paths[:2], base, density=0.5)["x"], [3.0, 2.0])
-    h.add([states[2]])
+    h.add(states[2:])
     # running: the merge [3,2] (weight 2) is re-trimmed to [3,0]; d3 -> [1,0]: [(2*3+1)/3, 0]
     assert close(h.teacher_state()["x"], [7 / 3, 0.0])
-    # exact: [3,0], [0,2], [1,0] -> [(3+1)/2, 2/1]
-    assert close(exact_ties_merge(paths, base, density=0.5)["x"], [2.0, 2.0])
-    # EMA weights: a linear exact merge with them equals the linear EMA history
-    assert close(T(ema_weights(3, 0.25)), [0.5625, 0.1875, 0.25])
+    # one TIES over all three: [3,0], [0,2], [1,0] -> [(3+1)/2, 2/1]
+    assert close(ties_merge(states, [1, 1, 1], density=0.5)["x"], [2.0, 2.0])
 
 
-def test_save_load_round_trip_and_corrupt_file(tmp_path):
+def test_bench_exact_merge_streams_the_same_ties_from_files(tmp_path):
+    from bench_merge import exact_ties_merge, save_tensors
+    base = {"x": T([10.0, 10.0]), "y": T([[1.0, -1.0]]).bfloat16()}
+    states = [{"x": T([13.0, 11.0]), "y": T([[2.0, 0.0]]).bfloat16()},
+              {"x": T([11.0, 12.0]), "y": T([[0.5, -3.0]]).bfloat16()},
+              {"x": T([11.0, 10.5]), "y": T([[1.0, 1.0]]).bfloat16()}]
+    paths = [tmp_path / f"ckpt{i}.safetensors" for i in range(3)]
+    for s, p in zip(states, paths):
+        save_tensors(s, p)
+    assert sorted(os.listdir(tmp_path)) == [p.name for p in paths]  # no temp file left behind
+    out = exact_ties_merge(paths, base, density=0.5)
+    deltas = [{k: v.float() - base[k].float() for k, v in s.items()} for s in states]
+    want = ties_merge(deltas, [1, 1, 1], density=0.5)
+    assert close(out["x"], [12.0, 12.0]) and close(out["x"], want["x"] + base["x"])
+    assert out["y"].dtype == torch.bfloat16 and close(out["y"], want["y"] + base["y"].float(), atol=1e-2)
+    paths[1].write_bytes(paths[1].read_bytes()[:40])  # truncated: the error names the file
+    with pytest.raises(ValueError, match="ckpt1.safetensors"):
+        exact_ties_merge(paths, base)
+
+
+def test_state_dict_round_trip(tmp_path):
     g = torch.Generator().manual_seed(2)
     base = {"w": torch.randn(4, 3, generator=g).bfloat16(), "v": torch.randn(5, generator=g)}
     h = MergeHistory(base, mode="ema", alpha=0.3, density=0.7)
-    path = tmp_path / "hist.safetensors"
-    h.save(path)  # before any add
-    assert MergeHistory.load(path).merged is None
-    for _ in range(2):
+    path = tmp_path / "state.pt"
+    for adds in range(3):  # before any add (merged is None), then after one and two
+        torch.save(h.state_dict(), path)  # as train.py saves it inside its checkpoint
+        h2 = MergeHistory(base, mode="ema", alpha=0.3, density=0.7)
+        h2.load_state_dict(torch.load(path, weights_only=False))
+        assert h2.count == adds and (h2.merged is None) == (adds == 0)
+        for k in base:
+            assert torch.equal(h2.teacher_state()[k], h.teacher_state()[k])
+            assert h2.teacher_state()[k].dtype == base[k].dtype
         h.add([{k: v + torch.randn(v.shape, generator=g).to(v.dtype) for k, v in base.items()}])
-    h.save(path)
-    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # the temp file was renamed away
-    h2 = MergeHistory.load(path)
-    assert (h2.mode, h2.alpha, h2.method, h2.density, h2.count) == ("ema", 0.3, "ties", 0.7, 2)
-    for k in base:
-        assert torch.equal(h2.teacher_state()[k], h.teacher_state()[k])
-        assert h2.teacher_state()[k].dtype == base[k].dtype
     nxt = {k: v + 1 for k, v in base.items()}
+    h2.load_state_dict(h.state_dict())
     h.add([nxt]), h2.add([nxt])  # and it keeps merging identically
     assert all(torch.equal(h2.merged[k], h.merged[k]) for k in base)
-    h3 = MergeHistory(base, mode="sma")
     with pytest.raises(ValueError, match="settings"):
-        h3.load_state_dict(h.state_dict())
-    # state files: round trip with tied (shared-storage) tensors, and a corrupt file names its path
-    shared = torch.randn(3, 3)
-    save_state({"emb": shared, "lm_head": shared}, tmp_path / "s.safetensors")
-    assert torch.equal(load_state(tmp_path / "s.safetensors")["lm_head"], shared)
-    bad = tmp_path / "bad.safetensors"
-    bad.write_bytes(path.read_bytes()[:100])
-    for fn in (lambda: MergeHistory.load(bad), lambda: load_state(bad), lambda: h.add([bad])):
-        with pytest.raises(ValueError, match="bad.safetensors"):
-            fn()
+        MergeHistory(base, mode="sma").load_state_dict(h.state_dict())
+    with pytest.raises(ValueError, match="shape"):
+        h2.load_state_dict({**h.state_dict(), "base": {"w": torch.zeros(4, 4), "v": base["v"]}})
 
 
 def test_ties_matches_a_direct_stacked_implementation():

@@ -153,6 +153,15 @@ def test_bad_cli_values_exit_2_with_one_line(argv, needle, capsys, tmp_path, mon
     assert e.value.code == 2 and len(err) == 1 and needle in err[0] and "usage" not in err[0]
 
 
+def test_help_opens_with_the_flags_a_student_changes(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0 and len(text.split("\n\n")[0].splitlines()) == 1  # a one-line usage
+    headings = [text.index(h + ":") for h in ("what to train", "PPO (section 2)", "the teacher (section 4)", "ablations")]
+    assert headings == sorted(headings) and text.index("--task") < text.index("--lr") < headings[1]
+
+
 def test_files_where_directories_belong_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "f.txt").write_text("x")
@@ -205,6 +214,10 @@ def test_smoke_two_updates(method, tmp_path):
     assert set(rows[0]) == METRIC_KEYS | EXTRA_KEYS  # every method logs the same keys, so compare can plot them
     ev = json.load(open(tmp_path / method / "eval.json"))
     assert ("teacher" in ev) == method.startswith("turbo") and ev["agent"]["episodes"] == 4
+    run = tmp_path / method  # the last line says where the results are, and they are there
+    assert r.stdout.strip().splitlines()[-1] == (f"results: {run / 'eval.json'}  curves: {run / 'curves.png'}  "
+                                                 f"metrics: {run / 'metrics.jsonl'}")
+    assert (run / "curves.png").stat().st_size > 0
     if method == "gtr":  # an untrained tiny agent is always wrong: every turn gets a corrector label
         assert rows[-1]["teacher/labels"] == 32 and rows[-1]["losses/sft"] > 0
     from agent import Agent
@@ -369,7 +382,7 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
     with pytest.raises(OSError, match="previous checkpoint .* is intact"):
         train.save_checkpoint(args, 2, FakeAgent(True), None, opt, envs, None, {}, None)
     assert open(tmp_path / "ckpt" / "agent" / "weights").read() == "update 1"
-    assert train.load_state(str(tmp_path / "ckpt" / "state.pt"))["update"] == 1
+    assert train.load_train_state(str(tmp_path / "ckpt" / "state.pt"))["update"] == 1
     assert not (tmp_path / "ckpt.tmp").exists()
 
 
