@@ -92,3 +92,32 @@ def test_signal_probe_warm_up_scales_each_step_linearly():
         seen.append(opt.param_groups[0]["lr"])
     assert seen == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1])
     assert abs(w.item() - (1 - 0.1 * (0.25 + 0.5 + 0.75 + 1 + 1))) < 1e-6  # 0.65
+
+
+def test_readme_names_real_functions_and_flags():
+    """Every `module.name` the README's map and walkthrough cite exists, and every train.py flag it names is one."""
+    import re
+    import train
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    names = set(re.findall(r"`((?:env|agent|merge|distill|train|eval|Agent|Batch)\.[A-Za-z_*][\w.*]*)`", readme))
+    names = {n for n in names if not n.endswith(".py")}  # file names, not functions
+    assert len(names) > 30
+    import agent  # noqa: F401  (the Agent / Batch prefixes)
+    missing = []
+    for name in names:
+        head, *rest = name.split(".")
+        obj = getattr(sys.modules["agent"], head) if head in ("Agent", "Batch") else __import__(head)
+        for part in rest:
+            if part == "*":  # env.*.method: every env class
+                obj = __import__("env").SokobanEnv
+            elif part in getattr(obj, "__dataclass_fields__", {}):
+                obj = None
+            elif obj is not None:
+                obj = getattr(obj, part, missing)
+        if obj is missing:
+            missing.append(name)
+    assert not missing
+    flags = {"--help"} | {"--" + f.replace("_", "-") for f in train.Args.__dataclass_fields__}
+    cited = set(re.findall(r"python train\.py[^\n`]*", readme))
+    used = {f for line in cited for f in re.findall(r"--[a-z][a-z0-9-]*", line)}
+    assert used and used <= flags, used - flags
