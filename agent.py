@@ -1,26 +1,21 @@
 """agent.py: the policy of GTR-Turbo, a Qwen2.5-VL model with a value head (docs/method.md sections 1, 2, 6).
 
-One image + a prompt in, one JSON answer out. The agent is
-- a `Qwen2_5_VLForConditionalGeneration`, built tiny in code (random init, a byte-level BPE tokenizer
-  trained on the caller's corpus, an image-only processor; nothing downloaded) or loaded from any
-  Qwen2.5-VL checkpoint; both take the same path afterwards;
-- a value head (section 2): an MLP on the last-layer hidden state of the last prompt token, so V depends
-  only on image + prompt;
-- the token roles of section 1: generated tokens from the one holding the start of the last `"action":`
-  on (and the EOS) are action tokens, those before are thought tokens. The split comes from character
-  offsets of the decoded text, never from token ids. train.py weights the two with lambda in the
-  sequence log-prob of section 2: log pi = lambda * sum(thought log-probs) + sum(action log-probs).
+One image + a prompt in, one JSON answer out. The model is built tiny in code (random init, a byte-level BPE
+tokenizer trained on the caller's corpus, an image-only processor; nothing downloaded) or loaded from any
+Qwen2.5-VL checkpoint; both take the same path afterwards. The value head (section 2) is an MLP on the
+last-layer hidden state of the last prompt token, so V depends on image + prompt only. Token roles (section 1):
+generated tokens from the one holding the start of the last `"action":` on (and the EOS) are action tokens,
+those before are thought tokens; the split comes from character offsets of the decoded text, never from token
+ids. train.py weights them with lambda: log pi = lambda * sum(thought log-probs) + sum(action log-probs).
 
-PPO calls three things: `sample` (roll out, with the per-token log-probs at the sampling temperature,
-the values and the thought entropy from the same pass), `encode` (the same Batch for given answers,
-teacher-forced; `tokenize` builds it without the forward) and `score` (one forward with grad).
-`trainable_state` is what the merge of section 4.1 combines: every weight of a model trained in full,
-the effective LoRA deltas `B @ A * scale` otherwise (hand-written LoRA for large models; the paper uses
-r=128, alpha=256 on the language model and vision tower). Files: `save`/`load` write and read a
-transformers directory + value head; `atomic_write` and the manifest are the project's one way to
-write files and name a damaged one. Left out: the losses (distill.py, train.py), prompts and answer
-format (env.py), sliding-window attention (no Qwen2.5-VL checkpoint uses it), multi-image or video
-input, gradient checkpointing.
+PPO calls `sample` (roll out with a KV cache: tokens, their log-probs at the sampling temperature, values and
+thought entropy from one pass), `encode` (the same Batch for given answers, teacher-forced; `tokenize` builds
+it without the forward) and `score` (one forward with grad). `trainable_state` is what the merge of section
+4.1 combines: every weight of a model trained in full, else the effective LoRA deltas B @ A * scale (the paper:
+r=128, alpha=256 on the language model and vision tower). `save`/`load` write and read a transformers
+directory + value head; `atomic_write` and the manifest are the project's one way to write files and to name
+a damaged one. Left out: the losses (distill.py, train.py), prompts and answer format (env.py),
+sliding-window attention (no Qwen2.5-VL checkpoint uses it), multi-image or video input, gradient checkpointing.
 """
 from __future__ import annotations
 
@@ -146,8 +141,8 @@ class LoRALinear(nn.Module):
     """y = base(x) + x A^T B^T * (alpha / r), the base frozen; B starts at zero so y = base(x) at init.
 
     `delta` (None until `set_delta`) is a dense weight offset for a loaded trainable state (the teacher):
-    the effective weight is then base + delta + B A scale. It costs one dense copy of the layer, so only
-    models that load states pay it. A and B stay fp32 (Adam on bf16 factors is weak).
+    the effective weight is then base + delta + B A scale. Only models that load a state pay for its dense
+    copy. A and B stay fp32 (Adam on bf16 factors is weak).
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
@@ -241,7 +236,7 @@ class Batch:
 
     @staticmethod
     def cat(batches: list["Batch"]) -> "Batch":
-        """Stack batches whose P and G differ: prompts re-padded left, generations right."""
+        """Stack batches whose P and G differ: prompts re-padded on the left, generations on the right."""
         if not batches:
             raise ValueError("Batch.cat needs at least one batch")
         temps = {b.temperature for b in batches}
@@ -249,26 +244,23 @@ class Batch:
             raise ValueError(f"Batch.cat: batches sampled at different temperatures {sorted(temps)}")
         P, G = max(b.prompt_len for b in batches), max(b.gen_ids.shape[1] for b in batches)
 
-        def pad(t, width, fill, left=False):   # [B, w] -> [B, width], filled on the left or the right
-            out = t.new_full((t.shape[0], width), fill)
-            out[:, slice(width - t.shape[1], width) if left else slice(0, t.shape[1])] = t
-            return out
+        def padded(name, fill=0, prompt=False):   # [B_i, P_i+G_i] -> [B, P+G] (prompt=True), else [B_i, G_i] -> [B, G]
+            parts = []
+            for b in batches:
+                t, left = getattr(b, name), (P - b.prompt_len if prompt else 0)
+                parts.append(F.pad(t, (left, (P if prompt else 0) + G - left - t.shape[1]), value=fill))
+            return torch.cat(parts)
 
-        def seq(name, fill):
-            return torch.cat([torch.cat([pad(t[:, :b.prompt_len], P, fill, left=True),
-                                         pad(t[:, b.prompt_len:], G, fill)], 1)
-                              for b in batches for t in [getattr(b, name)]])
-
-        gen = lambda name: torch.cat([pad(getattr(b, name), G, 0) for b in batches])
-        flat = lambda name: torch.cat([getattr(b, name) for b in batches])
-        return Batch(input_ids=seq("input_ids", batches[0].pad_id), attention_mask=seq("attention_mask", 0),
-                     mm_token_type_ids=seq("mm_token_type_ids", 0), pixel_values=flat("pixel_values"),
-                     image_grid_thw=flat("image_grid_thw"), prompt_len=P, gen_mask=gen("gen_mask"),
-                     thought_mask=gen("thought_mask"), action_mask=gen("action_mask"), logp=gen("logp"),
-                     values=flat("values"), texts=[t for b in batches for t in b.texts],
-                     thought_entropy=flat("thought_entropy"), temperature=batches[0].temperature,
-                     pad_id=batches[0].pad_id,
-                     teacher_logp=gen("teacher_logp") if all(b.teacher_logp is not None for b in batches) else None)
+        joined = lambda name: torch.cat([getattr(b, name) for b in batches])
+        teacher = all(b.teacher_logp is not None for b in batches)
+        return replace(batches[0], input_ids=padded("input_ids", batches[0].pad_id, prompt=True),
+                       attention_mask=padded("attention_mask", prompt=True),
+                       mm_token_type_ids=padded("mm_token_type_ids", prompt=True), prompt_len=P,
+                       pixel_values=joined("pixel_values"), image_grid_thw=joined("image_grid_thw"),
+                       gen_mask=padded("gen_mask"), thought_mask=padded("thought_mask"),
+                       action_mask=padded("action_mask"), logp=padded("logp"), values=joined("values"),
+                       texts=[t for b in batches for t in b.texts], thought_entropy=joined("thought_entropy"),
+                       teacher_logp=padded("teacher_logp") if teacher else None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -291,19 +283,17 @@ class Agent:
             apply_lora(self.model, lora_rank, self.lora_alpha)
         tok = self.tokenizer
         tok.padding_side = "left"   # prompts are left-padded so column P-1 is every row's last prompt token
-        im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        self.im_end_id = im_end = tok.convert_tokens_to_ids("<|im_end|>")
         if im_end is None or im_end == tok.unk_token_id:
             raise ValueError("tokenizer has no <|im_end|> token (ChatML is required)")
-        self.im_end_id = im_end
         self.eos_ids = sorted({im_end} | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else im_end
-        # generate() fills every option left unset from model.generation_config; a checkpoint's own (Qwen
-        # ships do_sample, top_p=0.001, top_k=1, repetition_penalty=1.05) would change the sampling rules,
-        # so the model keeps only the token ids and `sample` states everything else.
+        # generate() fills unset options from model.generation_config, and a checkpoint's own (Qwen ships
+        # top_k=1, repetition_penalty=1.05, ...) would change the sampling rules: keep only the token ids.
         self.model.generation_config = GenerationConfig(pad_token_id=self.pad_id, eos_token_id=self.eos_ids,
                                                         bos_token_id=None)
-        # Vision placeholders in an answer would make the next forward expect image features that do not
-        # exist, and an untrained model does emit them: sampling never may (nor pad and <|im_start|>).
+        # A vision placeholder in an answer makes the next forward expect image features that do not exist,
+        # and an untrained model does emit them: sampling never may (nor pad and <|im_start|>).
         cfg = model.config
         banned = {cfg.image_token_id, self.pad_id, tok.convert_tokens_to_ids("<|im_start|>")} | {
             getattr(cfg, k, None) for k in ("video_token_id", "vision_start_token_id", "vision_end_token_id")}
@@ -317,8 +307,8 @@ class Agent:
         `corpus`. Same seed and corpus -> same weights and tokenizer. Full fine-tuning unless lora_rank>0."""
         tok = build_tokenizer(corpus)
         torch.manual_seed(seed)   # weights, value head and LoRA init all draw from here, in this order
-        # _from_config builds in `dtype` but keeps RoPE's inv_freq buffers fp32 (as from_pretrained does);
-        # a later model.to(bf16) would round them too and a saved-then-loaded copy would differ
+        # _from_config builds in `dtype` but keeps RoPE's inv_freq fp32 (as from_pretrained does); a later
+        # model.to(bf16) would round them too, and a saved-then-loaded copy would differ
         model = Qwen2_5_VLForConditionalGeneration._from_config(build_config(size, tok), dtype=dtype).to(device)
         return cls(model, build_processor(tok), size=size, lora_rank=lora_rank, lora_alpha=lora_alpha)
 
@@ -338,8 +328,7 @@ class Agent:
 
     def sample(self, images, prompts, temperature: float = 0.2, top_k: int = 5, repetition_penalty: float = 1.2,
                max_new_tokens: int = 64, do_sample: bool = True, min_new_tokens: int = 0) -> Batch:
-        """Roll out one answer per (image, prompt) with `decode`: one pass gives the tokens, their log-probs
-        at `temperature`, the values and the thought entropy. Seed with torch.manual_seed for reproducible
+        """Roll out one answer per (image, prompt) with `decode`. Seed with torch.manual_seed for reproducible
         samples. do_sample=False is greedy (repetition_penalty still applies; pass 1.0 for plain argmax)."""
         if temperature <= 0:
             raise ValueError("temperature must be > 0 (use do_sample=False for greedy)")
@@ -375,11 +364,10 @@ class Agent:
     def decode(self, enc, temperature, top_k, repetition_penalty, max_new_tokens, do_sample, min_new_tokens):
         """Batched sampling with a hand-written KV cache. The model's own forward reads the prompt (vision
         tower, M-RoPE positions) once; every later token runs the language model's layers on one position
-        against K/V buffers of fixed shape [B, kv_heads, P + max_new_tokens, head_dim]. A generated token
-        has all three M-RoPE components equal to (real prompt tokens + g + rope_delta), as in `generate`.
-        Returns gen [B, G'] (pad after EOS, on the CPU), the log-prob of each token at `temperature` and
-        the entropy of that distribution (both [B, G'], from the logits before repetition penalty and
-        top-k, as `score` computes them), and the values [B]."""
+        against K/V buffers [B, kv_heads, P + max_new_tokens, head_dim]. A generated token has all three
+        M-RoPE components equal to (real prompt tokens + g + rope_delta), as in `generate`. Returns gen
+        [B, G'] (pad after EOS, on the CPU), each token's log-prob at `temperature` and that distribution's
+        entropy (both [B, G'], before repetition penalty and top-k, as `score` computes them), values [B]."""
         dev = self.device
         if getattr(self.model.config.text_config, "use_sliding_window", False):
             raise ValueError("decode: sliding-window attention is not supported")
@@ -425,8 +413,8 @@ class Agent:
         return gen[:, :n].cpu(), logp[:, :n], entropy[:, :n], values   # ids on the CPU: they are decoded there
 
     def _decode_step(self, tok, pos, col: int, K, V, valid):
-        """One position per row through the language model: tok [B] at rotary position pos [B], written
-        to cache column col. Returns the next logits [B, V]."""
+        """tok [B] at rotary position pos [B] through the language model, its K/V written to cache column
+        col. Returns the next logits [B, V]."""
         lm = self.model.model.language_model
         B = tok.shape[0]
         x = lm.embed_tokens(tok[:, None])                                       # [B, 1, H]
@@ -485,8 +473,8 @@ class Agent:
         return lo - 1
 
     def _as_batch(self, enc: dict, gen: torch.Tensor, temperature: float) -> Batch:
-        """Prompts + gen [B, G'] raw generated/answer ids -> Batch with masks; logp, values, entropy zero."""
-        B = gen.shape[0]
+        """Prompts + gen [B, G'] generated or answer ids -> Batch with masks; logp, values, entropy zero."""
+        B, dev = gen.shape[0], self.device
         is_eos = torch.isin(gen, torch.tensor(self.eos_ids, device=gen.device))
         gen_mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0       # up to and incl. the first EOS
         G = max(int(gen_mask.sum(1).max()), 1)
@@ -496,14 +484,14 @@ class Agent:
         texts = self.tokenizer.batch_decode(gen, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         n_thought = torch.tensor([self.split_thought_action(rows[b][:n_real[b]]) for b in range(B)])
         thought = (torch.arange(G)[None] < n_thought[:, None]).to(gen.device) & gen_mask   # [B, G]
-        dev, z = self.device, torch.zeros(B, device=self.device)
-        return Batch(input_ids=torch.cat([enc["input_ids"].to(dev), gen.to(dev)], 1),
-                     attention_mask=torch.cat([enc["attention_mask"].to(dev), gen_mask.long().to(dev)], 1),
-                     mm_token_type_ids=torch.cat([enc["mm_token_type_ids"].to(dev),
-                                                  torch.zeros_like(gen, device=dev)], 1),
-                     pixel_values=enc["pixel_values"].to(dev), image_grid_thw=enc["image_grid_thw"].to(dev),
-                     prompt_len=enc["input_ids"].shape[1], gen_mask=gen_mask.float().to(dev),
-                     thought_mask=thought.float().to(dev), action_mask=(gen_mask & ~thought).float().to(dev),
+        gen, gen_mask, thought = gen.to(dev), gen_mask.to(dev), thought.to(dev)
+        enc, z = {k: v.to(dev) for k, v in enc.items()}, torch.zeros(B, device=dev)
+        return Batch(input_ids=torch.cat([enc["input_ids"], gen], 1),
+                     attention_mask=torch.cat([enc["attention_mask"], gen_mask.long()], 1),
+                     mm_token_type_ids=torch.cat([enc["mm_token_type_ids"], torch.zeros_like(gen)], 1),
+                     pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
+                     prompt_len=enc["input_ids"].shape[1], gen_mask=gen_mask.float(),
+                     thought_mask=thought.float(), action_mask=(gen_mask & ~thought).float(),
                      logp=torch.zeros(B, G, device=dev), values=z, texts=texts, thought_entropy=z.clone(),
                      temperature=float(temperature), pad_id=self.pad_id)
 
@@ -513,10 +501,9 @@ class Agent:
         if len(answers) != len(prompts):
             raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
         enc = self.tokenize_prompts(images, prompts)
-        ids = [self.tokenizer(a, add_special_tokens=False)["input_ids"] + [self.im_end_id] for a in answers]
-        gen = torch.full((len(ids), max(map(len, ids))), self.pad_id, dtype=torch.long)   # [B, G']
-        for b, r in enumerate(ids):
-            gen[b, :len(r)] = torch.tensor(r)
+        ids = [torch.tensor(self.tokenizer(a, add_special_tokens=False)["input_ids"] + [self.im_end_id])
+               for a in answers]
+        gen = nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self.pad_id)   # [B, G']
         return self._as_batch(enc, gen, temperature)
 
     def encode(self, images, prompts, answers, temperature: float = 1.0) -> Batch:
@@ -533,11 +520,10 @@ class Agent:
     # ---- score: the forward PPO differentiates ------------------------------------------------------
 
     def _model_inputs(self, b) -> dict:
-        get = (lambda k: b[k]) if isinstance(b, dict) else (lambda k: getattr(b, k))
-        dev = self.device
-        return dict(input_ids=get("input_ids").to(dev), attention_mask=get("attention_mask").to(dev),
-                    mm_token_type_ids=get("mm_token_type_ids").to(dev),
-                    pixel_values=get("pixel_values").to(dev, self.dtype), image_grid_thw=get("image_grid_thw").to(dev))
+        """The model's keyword inputs from a Batch or a `tokenize_prompts` dict, on the model's device."""
+        get = b.__getitem__ if isinstance(b, dict) else lambda k: getattr(b, k)
+        x = {k: get(k).to(self.device) for k in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")}
+        return dict(x, pixel_values=get("pixel_values").to(self.device, self.dtype))
 
     def score(self, batch: Batch, temperature: float | None = None, return_logits: bool = False):
         """One forward with grad. Returns logp [B, G] at `temperature` (default the batch's; 0 at pad),
@@ -597,33 +583,34 @@ class Agent:
     # ---- save / load ----------------------------------------------------------------------------------
 
     def save(self, path) -> None:
-        """A loadable Qwen2.5-VL directory (the base model without LoRA, processor) + value_head.safetensors,
-        lora.safetensors (LoRA factors and loaded deltas), agent.json and manifest.json, written atomically
-        (`atomic_write`); weight files are 0644 (safetensors writes 0600), readable like the rest of a run."""
-        atomic_write(Path(path).expanduser(), self._write)
-
-    def _write(self, tmp: Path) -> None:
+        """Write, atomically, a loadable Qwen2.5-VL directory (the base model without LoRA, the processor) +
+        value_head.safetensors, lora.safetensors (LoRA factors and loaded deltas), agent.json, manifest.json.
+        Weight files are 0644 (safetensors writes 0600), readable like the rest of a run."""
         mods = lora_modules(self.model)
-        for n, m in mods.items():   # the base model alone is the standard checkpoint
-            self.model.set_submodule(n, m.base)
-        try:
-            self.model.save_pretrained(tmp)
-        finally:
-            for n, m in mods.items():
-                self.model.set_submodule(n, m)
-        self.processor.save_pretrained(tmp)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
-                  str(tmp / "value_head.safetensors"))
-        if mods:
-            lora = {f"{n}.{k}": t for n, m in mods.items()
-                    for k, t in (("lora_A", m.lora_A), ("lora_B", m.lora_B), ("delta", m.delta)) if t is not None}
-            save_file({k: v.detach().cpu().contiguous() for k, v in lora.items()}, str(tmp / "lora.safetensors"))
-        (tmp / "agent.json").write_text(json.dumps(
-            {"size": self.size, "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha,
-             "value_hidden": list(self.value_hidden)}, indent=1))
-        for f in tmp.glob("*.safetensors"):
-            os.chmod(f, 0o644)
-        write_manifest(tmp)
+        to_cpu = lambda d: {k: v.detach().cpu().contiguous() for k, v in d.items()}
+
+        def write(tmp: Path) -> None:
+            for n, m in mods.items():   # the base model alone is the standard checkpoint
+                self.model.set_submodule(n, m.base)
+            try:
+                self.model.save_pretrained(tmp)
+            finally:
+                for n, m in mods.items():
+                    self.model.set_submodule(n, m)
+            self.processor.save_pretrained(tmp)
+            save_file(to_cpu(self.value_head.state_dict()), str(tmp / "value_head.safetensors"))
+            if mods:
+                save_file(to_cpu({f"{n}.{k}": t for n, m in mods.items() for k, t in
+                                 (("lora_A", m.lora_A), ("lora_B", m.lora_B), ("delta", m.delta)) if t is not None}),
+                          str(tmp / "lora.safetensors"))
+            (tmp / "agent.json").write_text(json.dumps(
+                {"size": self.size, "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha,
+                 "value_hidden": list(self.value_hidden)}, indent=1))
+            for f in tmp.glob("*.safetensors"):
+                os.chmod(f, 0o644)
+            write_manifest(tmp)
+
+        atomic_write(Path(path).expanduser(), write)
 
     @classmethod
     def load(cls, path, device="cpu", dtype=torch.float32, lora_rank: int = 0,
@@ -631,16 +618,15 @@ class Agent:
         """A Qwen2.5-VL directory (a saved agent, or a plain `save_pretrained` one, which gets a fresh value
         head) or a hub id. A saved agent's own settings (size, LoRA, value head sizes) win over the
         arguments; a conflicting LoRA rank is an error. Every failure is one CheckpointError naming it."""
-        local, settings = Path(path).expanduser(), {}
+        local = Path(path).expanduser()
         if local.exists():
             check_checkpoint_dir(local)
             verify_manifest(local)
-            if (local / "agent.json").is_file():
-                settings = read_json(local / "agent.json")
         elif not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)):   # not a hub id either
             old = local.parent / f".{local.name}.old"
             hint = f" (an interrupted save left the previous copy at {old})" if old.exists() else ""
             raise CheckpointError(f"{local}: no such checkpoint directory{hint}")
+        settings = read_json(local / "agent.json") if (local / "agent.json").is_file() else {}
         src = str(local) if local.exists() else str(path)
         try:
             model, info = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype, output_loading_info=True)
@@ -687,10 +673,10 @@ class Agent:
 # Files: the one atomic write of the project, manifests, checkpoint checks
 
 def atomic_write(path, write, tmp=None, keep_prev=None) -> None:
-    """`write(tmp)` fills a temporary file or directory beside `path`, which then replaces `path` by rename: a
-    crash leaves the old or the new copy, never half of one. An old directory is renamed aside first (rename
-    cannot replace a non-empty directory) and removed once the new one is in place, or kept under the name
-    `keep_prev`. tmp: a fixed temporary name (other processes write into it too), else a unique one."""
+    """`write(tmp)` fills a temporary file or directory beside `path`, then a rename makes it `path`: a crash
+    leaves the old or the new copy, never half of one. A directory being replaced is renamed aside first
+    (rename cannot replace a non-empty one) and removed afterwards, or kept as `keep_prev`. tmp: a fixed
+    temporary name (other processes write into it too), else a unique one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tmp) if tmp else path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -720,11 +706,8 @@ def atomic_write_text(path, text: str) -> None:
 
 
 def sha256_file(path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_json(path: Path) -> dict:
@@ -735,9 +718,9 @@ def read_json(path: Path) -> dict:
 
 
 def write_manifest(path) -> None:
-    """path/manifest.json: the SHA-256 of every file under `path` (recursively; keys are relative POSIX
-    paths), so a damaged file is named at load, not trained on. A nested manifest.json lends the hashes it
-    lists (those files are not read again); manifest.json files themselves are not listed."""
+    """path/manifest.json: the SHA-256 of every file under `path`, keyed by relative POSIX path, so a damaged
+    file is named at load, not trained on. The hashes a nested manifest.json lists are taken as they are
+    (those files are not read again); manifest.json files themselves are not listed."""
     path, known, files = Path(path), {}, []
     for f in path.rglob("*"):
         if f.name == "manifest.json" and f.parent != path:
@@ -762,17 +745,9 @@ def verify_manifest(path) -> None:
             raise CheckpointError(f"{file} is damaged: its SHA-256 differs from the one saved in {manifest}")
 
 
-def check_safetensors(path: Path) -> None:
-    """safetensors' own header check (8-byte length, JSON header, tensors that exactly fill the file)."""
-    try:
-        with safe_open(str(path), "pt"):
-            pass
-    except Exception as e:
-        raise CheckpointError(f"{path} is truncated or corrupt ({e})") from None
-
-
 def check_checkpoint_dir(path: Path) -> None:
-    """The first problem a user can hit in a checkpoint directory, named before transformers reads it."""
+    """Name the first problem a user can hit in a checkpoint directory before transformers reads it: no
+    config, another model type, a missing or truncated weight file, no image processor or tokenizer."""
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory")
     cfg = path / "config.json"
@@ -784,10 +759,16 @@ def check_checkpoint_dir(path: Path) -> None:
     index = path / "model.safetensors.index.json"
     shards = sorted(set(read_json(index).get("weight_map", {}).values())) if index.is_file() else []
     for name in (shards or ["model.safetensors"]) + ["value_head.safetensors", "lora.safetensors"]:
-        if (path / name).is_file():
-            check_safetensors(path / name)
-        elif not name.startswith(("value_head", "lora")):   # the agent's own files are optional
-            raise CheckpointError(f"{path / name} is missing (the model weights)")
+        file = path / name
+        if not file.is_file():
+            if name.startswith(("value_head", "lora")):   # the agent's own files are optional
+                continue
+            raise CheckpointError(f"{file} is missing (the model weights)")
+        try:   # safetensors' own header check: 8-byte length, JSON header, tensors that exactly fill the file
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as e:
+            raise CheckpointError(f"{file} is truncated or corrupt ({e})") from None
     if not any((path / n).is_file() for n in ("preprocessor_config.json", "processor_config.json")):
         raise CheckpointError(f"{path} has no preprocessor_config.json or processor_config.json (the image processor)")
     if not (path / "tokenizer_config.json").is_file():

@@ -1,23 +1,34 @@
-"""distill.py: the guidance terms of GTR-Turbo, as tensor functions on padded batches.
+"""distill.py: the teacher's guidance (docs/method.md sections 3, 4.2, 4.3, 4.4), on padded batches.
 
-Implements:
-- `token_logprobs`: per-token log-probs with next-token alignment (shared with agent.py);
-- `reverse_kl_penalty`: docs/method.md 4.2, the per-turn KL penalty of the KL variant,
-  mean over the agent's own thought tokens of clip(log pi_agent - log pi_teacher, 0, 10);
-  the estimators k1 / abs / k3 / clip for the ablations;
-- `exact_reverse_kl` / `forward_kl`: full-vocabulary KL per token (ablations of 4.2);
-- `sft_loss`: 3 / 4.3, token-mean cross-entropy on thought tokens only (GTR and the SFT variant).
+    token_logprobs        per-token log-probs with next-token alignment (shared with agent.py)
+    4.2, the KL variant:
+      reverse_kl_penalty  mean over the guided tokens of clip(log pi_agent - log pi_teacher, 0, 10);
+                          the k1 / abs / k3 estimators of its ablation
+      exact_reverse_kl, forward_kl   full-vocabulary KL per token (ablations)
+      guide_mask          4.4: the tokens guided, the thoughts (or thought + action, ablation)
+      teacher_kl          the frozen teacher scores the agent's sampled tokens -> one penalty per turn
+      teacher_kl_loss     --kl-mode loss: the k3 KL as a loss instead of reward shaping
+    3 and 4.3, SFT on guided thoughts:
+      sft_loss            cross-entropy on the guided tokens
+      gtr_labels          GTR's privileged corrector relabels the wrong turns (section 3)
+      teacher_answers, turbo_sft_labels   the teacher answers itself (section 4.3)
+      dagger_loss         the CE on a uniform draw from the DAgger buffer of those labels
 
 Sign convention: d = log pi_agent(token) - log pi_teacher(token) on tokens *sampled by the agent*, so
 E_agent[d] = KL(agent || teacher) (reverse KL) and d > 0 where the agent is more confident than the
 teacher. The penalty is reward shaping, NOT a loss: train.py subtracts beta * penalty from that turn's
 return at rollout time, with no gradient through it (the gradient arrives through the PPO ratio). Pass
-detached log-probs; these functions do not detach for you.
+detached log-probs; these functions do not detach for you. Agents and teachers are agent.Agent objects,
+passed in: this file needs torch and env.py, not transformers.
 
-Left out: the rollout-time plumbing (which tokens are thoughts, the invalid-format penalty of 100, beta)
-lives in agent.py / train.py.
+Left out: when guidance runs, beta, the invalid-format penalty of 100 and the DAgger buffer itself live in
+train.py.
 """
+import json
+
 import torch
+
+from env import answer_json, parse_answer
 
 ESTIMATORS = ("clip", "k1", "abs", "k3")
 
@@ -40,6 +51,10 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.bool()
     total = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(-1)
     return total / m.sum(-1).clamp_min(1).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The KL variant (section 4.2) on the tokens the teacher guides (4.4)
 
 
 def _check_same_shape(**tensors) -> None:
@@ -106,6 +121,36 @@ def forward_kl(agent_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: t
     return _full_kl(teacher_logits, agent_logits, mask, temperature)
 
 
+def guide_mask(batch, guide: str = "thought") -> torch.Tensor:
+    """The tokens the teacher guides, [B, G]: thoughts (section 4.4), or "thought+action" (ablation)."""
+    return batch.gen_mask if guide == "thought+action" else batch.thought_mask
+
+
+def teacher_kl(agent, teacher, batch, mask, estimator: str = "clip", kl_clip: float = 10.0):
+    """turbo-kl (section 4.2): the frozen teacher scores the agent's own sampled tokens, image in context.
+    -> (the penalty per turn [B], the teacher's token log-probs [B, G], None for the full-vocabulary ablations).
+    One teacher forward: the agent's log-probs are those recorded while sampling (batch.logp)."""
+    if estimator in ("exact", "forward"):  # full-vocabulary ablations need both distributions
+        _, _, agent_logits = agent.score(batch, return_logits=True)
+        _, _, teacher_logits = teacher.score(batch, return_logits=True)
+        kl = exact_reverse_kl if estimator == "exact" else forward_kl
+        return kl(agent_logits, teacher_logits, mask, temperature=batch.temperature), None
+    teacher_logp, _, _ = teacher.score(batch)
+    return reverse_kl_penalty(batch.logp, teacher_logp, mask, estimator=estimator, lo=0.0, hi=kl_clip), teacher_logp
+
+
+def teacher_kl_loss(logp, teacher_logp, mask):
+    """--kl-mode loss: the k3 estimate of KL(agent || teacher), exp(d) - 1 - d with d = log pi_teacher - log
+    pi_agent, averaged over the guided tokens; its gradient (1 - exp(d)) grad log pi_agent pulls each guided token
+    toward the teacher. logp, teacher_logp, mask: [B, G] -> scalar."""
+    d = teacher_logp - logp
+    return ((torch.expm1(d) - d) * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SFT on guided thoughts: GTR's corrector (section 3) and the SFT variant (section 4.3)
+
+
 def sft_loss(logits: torch.Tensor, target_ids: torch.Tensor, thought_mask: torch.Tensor) -> torch.Tensor:
     """Cross-entropy on thought tokens only (docs/method.md 3 and 4.3) -> scalar.
 
@@ -123,3 +168,58 @@ def sft_loss(logits: torch.Tensor, target_ids: torch.Tensor, thought_mask: torch
     nll = -logp.gather(-1, safe_ids.long().unsqueeze(-1)).squeeze(-1)  # [B, G]
     nll = torch.where(m, nll, torch.zeros((), device=nll.device))
     return nll.sum() / m.sum().clamp_min(1)
+
+
+def write_action(answer: str, action: str) -> str:
+    """A DAgger target: the guide's thought with the action the agent executed (its tokens carry no loss)."""
+    return answer_json({**json.loads(answer), "action": action})
+
+
+def gtr_labels(experts, optimal, actions, grounding, envs):
+    """GTR's corrector (section 3), privileged: a turn whose thought is not fully grounded or whose action is not
+    optimal gets the expert's thought with the agent's action; a correct turn None. actions, grounding: [B]."""
+    labels = []
+    for i, env in enumerate(envs):
+        a = int(actions[i])
+        if grounding[i] == 1.0 and a in optimal[i]:  # nan grounding (nothing checkable) is not grounded
+            labels.append(None)
+        else:
+            labels.append(write_action(experts[i], env.action_names[a]) if a >= 0 else experts[i])
+    return labels
+
+
+def teacher_answers(teacher, images, prompts, envs, retries: int = 3, temperature: float = 1.0, **sampling):
+    """The SFT variant (section 4.3): the teacher answers each image and prompt itself; an invalid answer is
+    resampled at temperature x1.1, up to `retries` times (None if none was valid). envs: one per prompt;
+    sampling: top_k, repetition_penalty, max_new_tokens of teacher.sample."""
+    answers, todo = [None] * len(prompts), list(range(len(prompts)))
+    for _ in range(1 + retries):
+        b = teacher.sample([images[i] for i in todo], [prompts[i] for i in todo], temperature=temperature, **sampling)
+        still = []
+        for text, i in zip(b.texts, todo):
+            action, ok = parse_answer(text, envs[i].action_names, envs[i].answer_keys)
+            if ok and action is not None:
+                answers[i] = text
+            else:
+                still.append(i)
+        todo, temperature = still, temperature * 1.1
+        if not todo:
+            break
+    return answers
+
+
+def turbo_sft_labels(guide, actions, envs):
+    """The SFT variant's targets: every valid teacher answer, with the agent's action written in (after an invalid
+    agent answer nothing was executed: the teacher's action stays)."""
+    return [g if g is None or actions[i] < 0 else write_action(g, env.action_names[actions[i]])
+            for i, (g, env) in enumerate(zip(guide, envs))]
+
+
+def dagger_loss(agent, dagger, n: int, guide: str = "thought") -> torch.Tensor:
+    """CE on the guided tokens of n samples drawn uniformly from the whole DAgger buffer (sections 3, 4.3).
+    dagger: a list of (image, prompt, target answer)."""
+    idx = torch.randint(len(dagger), (n,)).tolist()
+    images, prompts, answers = zip(*(dagger[i] for i in idx))
+    b = agent.tokenize(list(images), list(prompts), list(answers))
+    _, _, logits = agent.score(b, temperature=1.0, return_logits=True)  # [n, G, V]
+    return sft_loss(logits, b.gen_ids, guide_mask(b, guide))

@@ -254,9 +254,11 @@ def reference_rows(task, episodes=100, seed=0, split="eval") -> dict:
 # args.json settings that do not define the experiment: runs differing only in these are seeds of one setting
 # (where and how fast a run ran, how much of it was logged; budget_seconds matches another run's wall-clock)
 NOT_SETTINGS = ("seed", "out", "resume", "threads", "device", "world_size", "eval_episodes", "log_episodes",
-                "max_skips", "budget_seconds")
+                "max_skips", "budget_seconds", "curve_every", "curve_episodes")
 CURVES = (("charts/success_rate", "success rate"), ("charts/thought_grounding", "thought grounding"),
           ("charts/thought_entropy", "thought-token entropy"), ("teacher/kl", "teacher KL (turbo methods)"))
+HELD_OUT_CURVES = (("eval/agent_success", "held-out success: agent"),  # drawn when a run logged them
+                   ("eval/teacher_success", "held-out success: merged teacher"))  # (train.py --curve-every)
 
 
 def read_run(run_dir) -> dict:
@@ -333,16 +335,20 @@ def curve(run, key):
 
 
 def plot_curves(groups, path):
-    """2x2 panels (CURVES) against env steps: per group the seed mean, shaded between seed min and max. Runs
+    """Panels (CURVES, then HELD_OUT_CURVES if logged) against env steps: per group the seed mean, shaded between
+    seed min and max. Runs
     of a group are interpolated onto the env-step grid of its shortest run (the steps all of them reached).
     Written as PNG exactly at `path`, whatever its extension."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    logged = {k for runs in groups.values() for r in runs for row in r["metrics"] for k in row}
+    panels = CURVES + tuple(p for p in HELD_OUT_CURVES if p[0] in logged)
+    cols = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(2, cols, figsize=(5.5 * cols, 7.5))
     colors = plt.get_cmap("tab10").colors
     legend = {}  # label -> line, from every panel: a group may have no points in the first one
-    for ax, (key, title) in zip(axes.flat, CURVES):
+    for ax, (key, title) in zip(axes.flat, panels):
         for g, (label, runs) in enumerate(groups.items()):
             curves = [c for c in (curve(r, key) for r in runs) if len(c[0])]
             if not curves:

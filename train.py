@@ -3,8 +3,8 @@
     SFT warm-up on solver demonstrations, cached                         (section 6: the "7B-SFT" start)
     for each update:
         rollout: N envs in lockstep, the agent writes thought + action each turn              (section 1)
-        guidance: turbo-kl: the teacher's clipped reverse KL on the agent's thought tokens  (section 4.2)
-                  gtr, turbo-sft: thought labels into a DAgger buffer                   (sections 3, 4.3)
+        guidance, distill.py: turbo-kl: the teacher's clipped reverse KL on the agent's thoughts   (4.2)
+                              gtr, turbo-sft: thought labels into a DAgger buffer           (3, 4.3)
         returns: GAE on env rewards, + format reward, - beta * KL penalty       (sections 2, 4.2)
         PPO epochs: one ratio per turn from lambda * thought logp + action logp                 (section 2)
                     + CE on the thoughts of one DAgger sample per PPO sample             (gtr, turbo-sft)
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -38,8 +37,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from distill import exact_reverse_kl, forward_kl, reverse_kl_penalty, sft_loss
-from env import FORMAT_VERSION, TASKS, LockstepEnvs, answer_json, parse_answer
+from distill import dagger_loss, guide_mask, gtr_labels, teacher_answers, teacher_kl, teacher_kl_loss, turbo_sft_labels
+from env import FORMAT_VERSION, TASKS, LockstepEnvs
 from eval import OneLineParser, compare, evaluate, format_table, join_negative_numbers, json_safe
 from merge import MergeHistory
 
@@ -74,12 +73,15 @@ class Args:
     budget_seconds: float = arg(0.0, "seconds of training loop for --budget-by time (evaluations excluded)")
     eval_split: str = arg("eval", "eval: held-out levels | train: fresh training deals (the paper's Points24 protocol)")
     log_episodes: int = arg(64, "success and return are logged over this many most recent episodes")
+    curve_every: int = arg(0, "every N updates also score agent and teacher on --curve-episodes held-out episodes "
+                              "(the eval/ curves), 0 = never")
+    curve_episodes: int = arg(50, "held-out episodes of each --curve-every evaluation")
     max_skips: int = arg(10, "stop after this many optimizer steps in a row skipped for a non-finite loss")
     # --- SFT warm-up (tiny and small without --init)
-    sft_steps: int = arg(-1, "-1 = the task's default (sokoban 600, gridworld 800, points24 1200)")
+    sft_steps: int = arg(-1, "-1 = the task's default (sokoban 1200, gridworld 800, points24 1200)")
     sft_batch: int = arg(32, "warm-up batch size")
     sft_lr: float = arg(3e-4, "warm-up learning rate, cosine decay after 30 warm-up steps")
-    sft_noise: float = arg(-1.0, "share of demo moves made random, thoughts true; -1 = sokoban, gridworld 0.3, else 0")
+    sft_noise: float = arg(-1.0, "share of demo moves made random, thoughts true; -1 = sokoban 0.5, gridworld 0.3, else 0")
     carry_moments: bool = arg(False, "start RL's Adam from the warm-up's moments instead of zeros")
     # --- sampling
     temperature: float = arg(1.0, "sampling temperature, log-probs use it too (paper 0.2)")
@@ -127,12 +129,12 @@ class Args:
 
     def __post_init__(self):
         if self.sft_noise == -1:
-            self.sft_noise = {"sokoban": 0.3, "gridworld": 0.3}.get(self.task, 0.0)
+            self.sft_noise = {"sokoban": 0.5, "gridworld": 0.3}.get(self.task, 0.0)
         self.format_reward = self.format_reward or {"ppo": "0,0", "gtr": "5,0"}.get(self.method, "3,-2")
         for name, rule in self.problems():
             raise ValueError(f"{flag(name)} {rule}")
         if self.sft_steps == -1:
-            self.sft_steps = {"sokoban": 600, "gridworld": 800, "points24": 1200}[self.task]
+            self.sft_steps = {"sokoban": 1200, "gridworld": 800, "points24": 1200}[self.task]
         self.format_valid, self.format_invalid = (float(x) for x in self.format_reward.split(","))
         if not self.out:
             name = self.model if self.model in ("tiny", "small") else os.path.basename(self.model.rstrip("/"))
@@ -147,7 +149,9 @@ class Args:
             if getattr(self, name) not in allowed:
                 yield name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
         for names, ok, rule in RANGES:
-            yield from ((n, f"{rule}, got {getattr(self, n)}") for n in names.split() if not ok(getattr(self, n)))
+            for name in names.split():
+                if not ok(getattr(self, name)):
+                    yield name, f"{rule}, got {getattr(self, name)}"
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             yield "device", f"must be cpu, cuda or cuda:N, got {self.device!r}"
         if self.lora_rank > 0 and self.model in ("tiny", "small") and not self.init:
@@ -175,7 +179,7 @@ CHOICES = {"task": tuple(TASKS), "method": METHODS, "budget_by": ("steps", "time
 RANGES = [("total_steps num_envs num_steps sft_batch ppo_epochs minibatch max_new_tokens merge_every group_size "
            "log_episodes lr sft_lr vf_lr temperature clip density kl_clip max_grad_norm repetition_penalty",
            lambda v: v > 0, "must be positive"),
-          ("seed threads eval_episodes teacher_retries max_skips top_k vf_clip vf_coef sft_coef kl_coef thought_coef "
+          ("seed threads eval_episodes curve_every curve_episodes teacher_retries max_skips top_k vf_clip vf_coef sft_coef kl_coef thought_coef "
            "kl_invalid budget_seconds lora_rank lora_alpha", lambda v: v >= 0, "must be >= 0"),
           ("gamma gae_lambda sft_noise", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
           ("density ema_alpha", lambda v: 0 < v <= 1, "must be in (0, 1]"),
@@ -185,7 +189,7 @@ HEADINGS = {"task": "what to train", "num_envs": "budgets and logging", "sft_ste
             "temperature": "sampling", "ppo_epochs": "PPO (section 2)", "kl_coef": "the teacher (section 4)",
             "teacher": "ablations", "lora_rank": "large models (PATH or hub id)"}
 # Flags a resumed run may change: they extend or re-evaluate it, or say where it runs, not what it learns.
-RESUME_FLAGS = ("total_steps", "budget_seconds", "eval_episodes", "threads", "device")
+RESUME_FLAGS = ("total_steps", "budget_seconds", "eval_episodes", "curve_every", "curve_episodes", "threads", "device")
 TYPES = {"int": int, "float": float, "str": str}
 
 
@@ -194,8 +198,8 @@ def flag(name: str) -> str:
 
 
 def parse_args(argv=None) -> Args:
-    """Command line -> Args; a bad value exits 2 with one line. A new run refuses an --out that holds one;
-    --resume DIR takes the run's args.json, where only RESUME_FLAGS may change."""
+    """Command line -> Args; a bad value exits 2 with one line naming the flag. A new run refuses an --out that
+    holds one; --resume DIR takes the run's args.json, where only RESUME_FLAGS may change."""
     p = OneLineParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                       usage="%(prog)s [--task T] [--method M] [--model M] [--total-steps N] [--seed S] [flags below]")
     group = p
@@ -205,22 +209,23 @@ def parse_args(argv=None) -> Args:
         default = "" if f.default == "" else " (default: %(default)s)"
         group.add_argument(flag(f.name), default=f.default, help=f.metadata["help"] + default, **kind)
     argv = join_negative_numbers(sys.argv[1:] if argv is None else list(argv))  # `--lr -1` -> `--lr=-1`
-    ns = p.parse_args(argv)
-    if ns.resume:  # a resumed run keeps the settings it was started with
-        run_dir = os.path.normpath(ns.resume)
+    ns = vars(p.parse_args(argv))
+    if ns["resume"]:  # a resumed run keeps the settings it was started with
+        run_dir = os.path.normpath(ns["resume"])
         saved = read_saved_args(run_dir, p.error)
-        given = [a[2:].split("=")[0].removeprefix("no-").replace("-", "_") for a in argv
-                 if a.startswith("--") and len(a) > 2]
-        for name in [n for n in dict.fromkeys(given) if n != "resume"]:
+        given = [a[2:].split("=")[0].removeprefix("no-").replace("-", "_") for a in argv if a.startswith("--")]
+        for name in dict.fromkeys(given):  # in command-line order, each once
+            if name in ("", "resume"):
+                continue
             if name not in RESUME_FLAGS:
                 p.error(f"{flag(name)} cannot change in a resumed run (--resume keeps the run's args.json); "
                         f"only {', '.join(map(flag, RESUME_FLAGS))} can")
-            if getattr(ns, name) != saved.get(name):
-                print(f"resume: {flag(name)} {getattr(ns, name)} (the run had {saved.get(name)})")
-                saved[name] = getattr(ns, name)
-        ns = argparse.Namespace(**{**saved, "resume": run_dir, "out": run_dir})
+            if ns[name] != saved.get(name):
+                print(f"resume: {flag(name)} {ns[name]} (the run had {saved.get(name)})")
+                saved[name] = ns[name]
+        ns = {**saved, "resume": run_dir, "out": run_dir}
     try:
-        args = Args(**vars(ns))
+        args = Args(**ns)
     except (ValueError, TypeError) as e:
         p.error(str(e))
     k = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun; every rank takes an equal share
@@ -237,12 +242,25 @@ def parse_args(argv=None) -> Args:
     if positions is not None and args.max_new_tokens >= positions:
         p.error(f"--max-new-tokens {args.max_new_tokens} does not fit the model's {positions} positions "
                 f"(prompt included)")
-    if not args.resume and os.path.isfile(args.out):  # also the default --out, made from task, method and seed
-        p.error(f"--out {args.out} is a file, not a run directory")
-    if not args.resume and any(os.path.exists(os.path.join(args.out, n)) for n in ("args.json", "metrics.jsonl",
-                                                                                     "ckpt")):
-        p.error(f"--out {args.out} already holds a run; continue it with --resume {args.out}, or give a fresh --out")
+    if not args.resume:  # the default --out too, made from task, method and seed
+        if os.path.isfile(args.out):
+            p.error(f"--out {args.out} is a file, not a run directory")
+        if any(os.path.exists(os.path.join(args.out, n)) for n in ("args.json", "metrics.jsonl", "ckpt")):
+            p.error(f"--out {args.out} already holds a run; continue it with --resume {args.out}, "
+                    f"or give a fresh --out")
     return args
+
+
+def read_json_object(path: str, error) -> dict:
+    """The JSON object in `path`; a file that holds none is named in one error line."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        error(f"{path} is damaged (not readable JSON: {e})")
+    if not isinstance(obj, dict):
+        error(f"{path} is damaged (a JSON {type(obj).__name__}, not an object)")
+    return obj
 
 
 def read_saved_args(run_dir: str, error) -> dict:
@@ -250,13 +268,7 @@ def read_saved_args(run_dir: str, error) -> dict:
     path = os.path.join(run_dir, "args.json")
     if not os.path.isfile(path):
         error(f"--resume {run_dir}: no args.json there, not a run directory")
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        error(f"{path} is damaged (not readable JSON: {e}); the run cannot be resumed from it")
-    if not isinstance(saved, dict):
-        error(f"{path} is damaged (a JSON {type(saved).__name__}, not an object of settings)")
+    saved = read_json_object(path, error)
     types = {f.name: f.type for f in dataclasses.fields(Args)}
     for k, v in saved.items():  # a float field may hold an int
         if k in types and type(v).__name__ != types[k] and not (types[k] == "float" and type(v) is int):
@@ -268,24 +280,20 @@ def read_saved_args(run_dir: str, error) -> dict:
 
 
 def model_positions(model: str, error, which: str, local_only=False) -> int | None:
-    """The positions the model covers (prompt and answer), from the config.json a model directory must hold;
-    None for a hub id (its config is not here)."""
+    """The positions the model covers (prompt and answer): tiny and small 4096 (agent.build_config), a model
+    directory what its config.json says; None for a hub id (its config is not here)."""
     if model in ("tiny", "small") and not local_only:
-        return 4096  # agent.build_config
+        return 4096
     if os.path.isfile(model):
         error(f"{which} {model} is a file; give a model directory (with config.json)")
     if not os.path.isdir(model):
-        if local_only or model.startswith((".", "/", "~")) or model.count("/") != 1:  # not owner/name
+        if local_only or model.startswith((".", "/", "~")) or model.count("/") != 1:  # not a hub id owner/name
             error(f"{which} {model}: no such model directory")
         return None
     path = os.path.join(model, "config.json")
     if not os.path.isfile(path):
         error(f"{model} is not a model checkpoint: no config.json in it")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        error(f"{path} is not readable JSON: {e}")
+    cfg = read_json_object(path, error)
     if "vision_config" not in cfg:
         error(f"{model} is not a vision-language checkpoint (config.json has no vision_config; "
               f"model_type={cfg.get('model_type')!r})")
@@ -309,11 +317,17 @@ def autocast(args):
     return torch.autocast("cuda" if args.device.startswith("cuda") else "cpu", dtype=torch.bfloat16, enabled=args.bf16)
 
 
+def sampling(args) -> dict:
+    """The sampling settings of Agent.sample, for the agent and for the teacher alike."""
+    return dict(temperature=args.temperature, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                max_new_tokens=args.max_new_tokens)
+
+
 def budget_used(args, stats) -> float:
     """Share of the training budget spent: env turns over all ranks (--budget-by steps), or seconds."""
     if args.budget_by == "time":
         return stats["wall_time"] / args.budget_seconds
-    return all_reduce_float(stats["env_steps"]) / args.total_steps
+    return all_reduce(stats["env_steps"]) / args.total_steps
 
 
 def scheduled_lr(base: float, args, stats) -> float:
@@ -339,15 +353,15 @@ def sequence_logp(logp, thought_mask, action_mask, thought_coef: float):
     return thought_coef * (logp * thought_mask).sum(-1) + (logp * action_mask).sum(-1)
 
 
-def ppo_loss(new_seq, old_seq, advantages, new_values, old_values, returns, clip: float, vf_clip: float = 0.0):
-    """The clipped PPO objective with one ratio per turn, and the value loss. All inputs [B]."""
+def ppo_loss(new_seq, old_seq, advantages, clip: float):
+    """The clipped PPO objective with one ratio per turn (section 2). All inputs [B] -> (loss, approx_kl, clipfrac)."""
     log_ratio = new_seq - old_seq
     ratio = log_ratio.exp()
     pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)).mean()
     with torch.no_grad():
         approx_kl = ((ratio - 1) - log_ratio).mean()
         clipfrac = ((ratio - 1).abs() > clip).float().mean()
-    return pg_loss, value_loss(new_values, old_values, returns, vf_clip), approx_kl, clipfrac
+    return pg_loss, approx_kl, clipfrac
 
 
 def token_ppo_loss(logp, old_logp, advantages, weights, clip: float):
@@ -371,14 +385,6 @@ def value_loss(new_values, old_values, returns, vf_clip: float = 0.0):
         v_clipped = old_values + (new_values - old_values).clamp(-vf_clip, vf_clip)
         v_loss = torch.max(v_loss, (v_clipped - returns) ** 2)
     return 0.5 * v_loss.mean()
-
-
-def teacher_kl_loss(logp, teacher_logp, mask):
-    """--kl-mode loss: the k3 estimate of KL(agent || teacher), exp(d) - 1 - d with d = log pi_teacher - log
-    pi_agent, averaged over the guided tokens; its gradient (1 - exp(d)) grad log pi_agent pulls each guided token
-    toward the teacher. logp, teacher_logp, mask: [B, G]."""
-    d = teacher_logp - logp
-    return ((torch.expm1(d) - d) * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 def shaping(buf, args):
@@ -538,25 +544,18 @@ def policy_and_value_params(agent):
 
 def rl_optimizer(agent, args, new_run: bool = True):
     """Adam over the policy (--lr) and the value head (--vf-lr: a fresh head must learn fast, the policy move
-    slowly). A new run under --carry-moments starts from the cached warm-up's moments."""
+    slowly). A new run under --carry-moments starts each weight from the cached warm-up's moments of that name."""
     body, head = policy_and_value_params(agent)
     opt = torch.optim.Adam([{"params": body, "base_lr": args.lr},
                             {"params": head, "base_lr": args.vf_lr}], lr=args.lr, eps=1e-5)
     path = os.path.join(sft_cache_dir(args), "sft_moments.pt")
     if new_run and args.carry_moments and not args.init and args.model in ("tiny", "small") and os.path.isfile(path):
-        load_warmup_moments(opt, agent, torch.load(path, weights_only=True))
+        moments = torch.load(path, weights_only=True)
+        for name, p in agent.model.named_parameters():
+            m = moments.get(name)
+            if m is not None and p.requires_grad and m["exp_avg"].shape == p.shape:
+                opt.state[p] = {k: v.clone().to(p.device) for k, v in m.items()}
     return opt
-
-
-def load_warmup_moments(opt, agent, moments: dict) -> int:
-    """Adam moments by weight name into `opt`'s state of the same-named weights; -> how many weights got them."""
-    count = 0
-    for name, p in agent.model.named_parameters():
-        m = moments.get(name)
-        if m is not None and p.requires_grad and m["exp_avg"].shape == p.shape:
-            opt.state[p] = {k: v.clone().to(p.device) for k, v in m.items()}
-            count += 1
-    return count
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -587,20 +586,16 @@ def barrier():
         dist.barrier()
 
 
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    if world()[1] == 1:
+def all_reduce(x, op: str = "sum"):
+    """x, a tensor or a number, summed ("sum"), averaged ("mean") or maxed ("max") over ranks."""
+    n = world()[1]
+    if n == 1:
         return x
-    x = x.clone()
-    dist.all_reduce(x)
-    return x / world()[1]
-
-
-def all_reduce_float(x: float, op=dist.ReduceOp.SUM) -> float:
-    if world()[1] == 1:
-        return x
-    t = torch.tensor([float(x)], dtype=torch.float64)
-    dist.all_reduce(t, op=op)
-    return t.item()
+    t = x.clone() if torch.is_tensor(x) else torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    if op == "mean":
+        t = t / n
+    return t if torch.is_tensor(x) else t.item()
 
 
 def all_reduce_grads(params, finite: bool) -> bool:
@@ -632,109 +627,21 @@ def global_mean_std(x: torch.Tensor):
     return mean.to(x.dtype), (sq / (s[1] - 1)).sqrt().to(x.dtype)
 
 
-def gather_envs(buf: dict) -> dict:
-    """Rollout tensors [T, N/K] per rank -> [T, N], rank r's envs in columns r*N/K.. (the one-process order)."""
-    if world()[1] == 1:
-        return buf
-    stacked = torch.stack(list(buf.values()))  # [keys, T, N/K]
-    parts = [torch.empty_like(stacked) for _ in range(world()[1])]
-    dist.all_gather(parts, stacked)
-    return dict(zip(buf, torch.cat(parts, 2)))
-
-
-def gather_objects(items: list) -> list:
-    """Every rank's list, concatenated in rank order, on every rank."""
-    if world()[1] == 1:
-        return items
-    out = [None] * world()[1]
-    dist.all_gather_object(out, items)
-    return [x for part in out for x in part]
-
-
-def write_rank_checksum(update, agent, teacher):
-    """Test hook: under GTR_RANK_CHECKSUMS=DIR each rank appends the SHA-256 of its agent's and teacher's trained
-    weights to DIR/rank<r>.jsonl after each update, so a test can see that the ranks stay bit-identical."""
-    if not os.environ.get("GTR_RANK_CHECKSUMS"):
-        return
-    row = {"update": update, "rank": world()[0]}
-    for name, model in (("agent", agent), ("teacher", teacher)):
-        if model is not None:
-            sha = hashlib.sha256()
-            for t in [*model.trainable_state().values(), *model.value_head.state_dict().values()]:
-                sha.update(t.detach().float().cpu().numpy().tobytes())
-            row[name] = sha.hexdigest()
-    with open(os.path.join(os.environ["GTR_RANK_CHECKSUMS"], f"rank{world()[0]}.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
+def gather(x):
+    """Every rank's x, in rank order, on every rank: lists are concatenated, and a dict of rollout tensors [T, N/K]
+    becomes [T, N] with rank r's envs in columns r*N/K.. (the one-process order)."""
+    n = world()[1]
+    if n == 1:
+        return x
+    parts = [None] * n
+    dist.all_gather_object(parts, x)
+    if isinstance(x, dict):
+        return {k: torch.cat([part[k] for part in parts], 1) for k in x}
+    return [item for part in parts for item in part]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The loop, in run order: rollout with guidance, returns, PPO epochs, log
-
-
-def guide_mask(batch, args):
-    """The tokens the teacher guides, [B, G]: thoughts (section 4.4), or thought + action (ablation)."""
-    return batch.gen_mask if args.guide == "thought+action" else batch.thought_mask
-
-
-def teacher_kl(agent, teacher, batch, args):
-    """turbo-kl (section 4.2): the frozen teacher scores the agent's own sampled tokens, image in context
-    -> the penalty per turn [B]. One teacher forward: the agent's log-probs are those of sampling."""
-    mask = guide_mask(batch, args)
-    if args.kl_estimator in ("exact", "forward"):  # full-vocabulary ablations need both distributions
-        _, _, agent_logits = agent.score(batch, return_logits=True)
-        _, _, teacher_logits = teacher.score(batch, return_logits=True)
-        kl = exact_reverse_kl if args.kl_estimator == "exact" else forward_kl
-        return kl(agent_logits, teacher_logits, mask, temperature=batch.temperature)
-    teacher_logp, _, _ = teacher.score(batch)
-    if args.kl_mode != "shaping":  # the KL loss reads them in PPO: the teacher is fixed for the whole update
-        batch.teacher_logp = teacher_logp.float()
-    return reverse_kl_penalty(batch.logp, teacher_logp, mask, estimator=args.kl_estimator, lo=0.0, hi=args.kl_clip)
-
-
-def write_action(answer: str, action: str) -> str:
-    """A DAgger target: the guide's thought with the action the agent executed (its tokens carry no loss)."""
-    return answer_json({**json.loads(answer), "action": action})
-
-
-def gtr_labels(experts, optimal, actions, grounding, envs):
-    """GTR's corrector (section 3), privileged: a turn whose thought is not fully grounded or whose action is not
-    optimal gets the expert's thought with the agent's action; a correct turn None. actions, grounding: [B]."""
-    labels = []
-    for i, env in enumerate(envs):
-        a = int(actions[i])
-        if grounding[i] == 1.0 and a in optimal[i]:  # nan grounding (nothing checkable) is not grounded
-            labels.append(None)
-        else:
-            labels.append(write_action(experts[i], env.action_names[a]) if a >= 0 else experts[i])
-    return labels
-
-
-def turbo_sft_labels(guide, actions, envs):
-    """turbo-sft (section 4.3): every valid teacher answer, with the agent's action written in (after an invalid
-    agent answer nothing was executed: the teacher's action stays)."""
-    return [g if g is None or actions[i] < 0 else write_action(g, env.action_names[actions[i]])
-            for i, (g, env) in enumerate(zip(guide, envs))]
-
-
-def teacher_answers(teacher, images, prompts, envs, args):
-    """turbo-sft: the teacher answers each image and prompt itself; an invalid answer is resampled at temperature
-    x1.1, up to --teacher-retries times (None if none was valid). envs: one per prompt."""
-    answers, todo, temperature = [None] * len(prompts), list(range(len(prompts))), args.temperature
-    for _ in range(1 + args.teacher_retries):
-        b = teacher.sample([images[i] for i in todo], [prompts[i] for i in todo], temperature=temperature,
-                           top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-                           max_new_tokens=args.max_new_tokens)
-        still = []
-        for text, i in zip(b.texts, todo):
-            action, ok = parse_answer(text, envs[i].action_names, envs[i].answer_keys)
-            if ok and action is not None:
-                answers[i] = text
-            else:
-                still.append(i)
-        todo, temperature = still, temperature * 1.1
-        if not todo:
-            break
-    return answers
 
 
 BUF_KEYS = ("rewards", "dones", "values", "format_ok", "action_valid", "kl", "grounding", "entropy", "active",
@@ -766,13 +673,16 @@ def rollout(agent, teacher, envs, args, stats, dagger=None):
         if args.method == "gtr":  # what the corrector knows of the state the agent is about to act in
             experts, optimal = [e.expert_answer() for e in sub], [e.optimal_actions() for e in sub]
         with torch.no_grad(), autocast(args):
-            batch = agent.sample(images, prompts, temperature=args.temperature, top_k=args.top_k,
-                                 repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens)
+            batch = agent.sample(images, prompts, **sampling(args))
             t0 = time.time()
             if args.method == "turbo-kl":
-                buf["kl"][t, idx] = teacher_kl(agent, teacher, batch, args).float().cpu()
+                kl, teacher_logp = teacher_kl(agent, teacher, batch, guide_mask(batch, args.guide), args.kl_estimator,
+                                              args.kl_clip)
+                buf["kl"][t, idx] = kl.float().cpu()
+                if args.kl_mode != "shaping":  # the KL loss reads them in PPO: the teacher is fixed for the update
+                    batch.teacher_logp = teacher_logp.float()
             elif args.method == "turbo-sft":
-                guide = teacher_answers(teacher, images, prompts, sub, args)
+                guide = teacher_answers(teacher, images, prompts, sub, args.teacher_retries, **sampling(args))
             stats["teacher_time"] += time.time() - t0
         texts = [""] * N
         for j, i in enumerate(idx):
@@ -792,7 +702,7 @@ def rollout(agent, teacher, envs, args, stats, dagger=None):
         buf["entropy"][t, idx] = batch.thought_entropy.float().cpu()
         buf["active"][t, idx] = 1.0
         stats["env_steps"] += len(idx)
-        stats["episodes"].extend(gather_objects(out["episodes"]))  # the same list, same order on every rank
+        stats["episodes"].extend(gather(out["episodes"]))  # the same list, same order on every rank
         if group:
             active &= ~out["done"]
         t += 1
@@ -814,15 +724,6 @@ def ppo_data(batches, buf, last_value, args):
             "values": buf["values"][act]}
 
 
-def dagger_loss(agent, dagger, n, args):
-    """CE on the guided tokens of n samples drawn uniformly from the whole DAgger buffer (sections 3, 4.3)."""
-    idx = torch.randint(len(dagger), (n,)).tolist()
-    images, prompts, answers = zip(*(dagger[i] for i in idx))
-    b = agent.tokenize(list(images), list(prompts), list(answers))
-    _, _, logits = agent.score(b, temperature=1.0, return_logits=True)  # [n, G, V]
-    return sft_loss(logits, b.gen_ids, guide_mask(b, args))
-
-
 LOSS_KEYS = ("losses/policy", "losses/value", "losses/approx_kl", "losses/clipfrac", "losses/sft", "losses/teacher_kl")
 
 
@@ -832,7 +733,7 @@ def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, kee
     each rank takes minibatch / K turns per step: every step sees --minibatch turns."""
     n = data["batch"].values.shape[0]
     size = args.minibatch // world()[1]
-    states, logs = [], []
+    states, logs, zero = [], [], torch.zeros((), device=agent.device)
     for epoch in range(args.ppo_epochs):
         perm = torch.randperm(n)
         for start in range(0, n, size):
@@ -840,7 +741,7 @@ def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, kee
             mb = data["batch"].select(idx).to(agent.device)
             with autocast(args):
                 logp, values, _ = agent.score(mb)
-                sft = dagger_loss(agent, dagger, len(idx), args) if dagger else torch.zeros((), device=agent.device)
+                sft = dagger_loss(agent, dagger, len(idx), args.guide) if dagger else zero
             logp, values = logp.float(), values.float()
             thought, action = mb.thought_mask.float(), mb.action_mask.float()
             adv = data["advantages"][idx].to(agent.device)
@@ -848,17 +749,16 @@ def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, kee
             if args.ratio == "turn":
                 new_seq = sequence_logp(logp, thought, action, args.thought_coef)
                 old_seq = sequence_logp(mb.logp.float(), thought, action, args.thought_coef)
-                pg, vl, approx_kl, clipfrac = ppo_loss(new_seq, old_seq, adv, values, old_values, returns,
-                                                      args.clip, args.vf_clip)
+                pg, approx_kl, clipfrac = ppo_loss(new_seq, old_seq, adv, args.clip)
             else:
                 pg, approx_kl, clipfrac = token_ppo_loss(logp, mb.logp.float(), adv,
                                                          args.thought_coef * thought + action, args.clip)
-                vl = value_loss(values, old_values, returns, args.vf_clip)
+            vl = value_loss(values, old_values, returns, args.vf_clip)
             vf_coef = args.vf_coef if args.baseline == "critic" else 0.0  # group: no critic to fit
             loss = pg + vf_coef * vl + args.sft_coef * sft.float()
-            kl = torch.zeros((), device=agent.device)
+            kl = zero
             if mb.teacher_logp is not None and args.kl_mode != "shaping":
-                kl = teacher_kl_loss(logp, mb.teacher_logp.float(), guide_mask(mb, args))
+                kl = teacher_kl_loss(logp, mb.teacher_logp.float(), guide_mask(mb, args.guide))
                 loss = loss + args.kl_loss_coef * kl
             opt.zero_grad(set_to_none=True)
             finite = bool(torch.isfinite(loss))  # one sync per minibatch, not per token
@@ -880,19 +780,19 @@ def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, kee
             logs.append(torch.stack([pg.detach(), vl.detach(), approx_kl, clipfrac, sft.detach().float(), kl.detach()]))
         if keep_states:
             states.append(agent.trainable_state())
-    means = all_reduce_mean(torch.stack(logs).mean(0)).tolist() if logs else [float("nan")] * len(LOSS_KEYS)
+    means = all_reduce(torch.stack(logs).mean(0), "mean").tolist() if logs else [float("nan")] * len(LOSS_KEYS)
     # the share of the returns' variance the rollout's values explained: ~0 means A is little more than G
     ev = 1 - (data["returns"] - data["values"]).var() / data["returns"].var().clamp_min(1e-8)
     if args.baseline == "group":  # no critic is trained: no value loss, nothing to explain
         means[1], ev = float("nan"), torch.tensor(float("nan"))
-    return states, {**dict(zip(LOSS_KEYS, means)), "losses/explained_variance": all_reduce_mean(ev).item()}
+    return states, {**dict(zip(LOSS_KEYS, means)), "losses/explained_variance": all_reduce(ev, "mean").item()}
 
 
 def sft_update(agent, opt, params, demos, args):
     """--method sft: as many optimizer steps as PPO takes per update, each on fresh solver demos."""
     n_steps = args.ppo_epochs * math.ceil(args.num_envs * args.num_steps / args.minibatch)
     losses = [sft_step(agent, opt, params, demos, args, sync=True) for _ in range(n_steps)]
-    return {"losses/sft": all_reduce_mean(torch.stack(losses).mean()).item()}  # the other losses: NaN in the log
+    return {"losses/sft": all_reduce(torch.stack(losses).mean(), "mean").item()}  # the other losses: NaN in the log
 
 
 def new_stats() -> dict:
@@ -902,7 +802,7 @@ def new_stats() -> dict:
 
 
 def log_row(update, args, buf, stats, losses, lr):
-    """One metrics.jsonl row, on every rank. buf: all ranks' [T, N] rollout tensors (gather_envs)."""
+    """One metrics.jsonl row, on every rank. buf: all ranks' [T, N] rollout tensors (gather)."""
     act = buf["active"] > 0  # the turns played (group rollouts leave finished envs idle)
     fmt, g = buf["format_ok"][act], buf["grounding"][act]
     g = g[~torch.isnan(g)]
@@ -912,7 +812,7 @@ def log_row(update, args, buf, stats, losses, lr):
         return float(np.mean([e[key] for e in eps])) if eps else float("nan")
     return {
         "update": update,
-        "env_steps": int(all_reduce_float(stats["env_steps"])),
+        "env_steps": int(all_reduce(stats["env_steps"])),
         "charts/success_rate": mean("success"),
         "charts/episodic_return": mean("return"),
         "charts/episodic_length": mean("length"),
@@ -922,7 +822,7 @@ def log_row(update, args, buf, stats, losses, lr):
         "charts/thought_entropy": buf["entropy"][act].mean().item(),
         "teacher/kl": buf["kl"][act][fmt > 0].mean().item() if args.method == "turbo-kl" and fmt.sum() > 0
         else float("nan"),
-        "teacher/labels": int(all_reduce_float(stats["labels"])),
+        "teacher/labels": int(all_reduce(stats["labels"])),
         **{k: losses.get(k, float("nan")) for k in LOSS_KEYS + ("losses/explained_variance",)},
         "charts/lr": lr,
         "charts/wall_time": stats["wall_time"],
@@ -1065,14 +965,11 @@ def main(args: Args):
     ckpt = find_checkpoint(args.out) if args.resume else None
     if args.resume and ckpt is None and main_rank:
         print(f"resume: {args.out} has no finished update; starting it from the beginning with its args.json")
-    if ckpt:
-        agent = load_init_agent(os.path.join(ckpt, "agent"), args)
-    else:  # rank 0 runs the SFT warm-up and writes its cache; the other ranks then load that cache
-        if not main_rank:
-            barrier()
-        agent = make_agent(args)
-        if main_rank:
-            barrier()
+    if not ckpt and not main_rank:
+        barrier()  # rank 0 runs the SFT warm-up and writes its cache; the other ranks then load that cache
+    agent = load_init_agent(os.path.join(ckpt, "agent"), args) if ckpt else make_agent(args)
+    if not ckpt and main_rank:
+        barrier()
     body, head = policy_and_value_params(agent)
     params = body + head
     if n_ranks > 1:  # rank 0's weights everywhere (a fresh value head or LoRA init draws random numbers)
@@ -1107,7 +1004,7 @@ def main(args: Args):
         seed_everything(args.seed + rank)  # training draws the same numbers with or without the start evaluation
 
     t_start = time.time() - stats["wall_time"]
-    bar = tqdm(desc=f"{args.method} {args.task}", dynamic_ncols=True, initial=int(all_reduce_float(stats["env_steps"])),
+    bar = tqdm(desc=f"{args.method} {args.task}", dynamic_ncols=True, initial=int(all_reduce(stats["env_steps"])),
                total=None if args.budget_by == "time" else args.total_steps, unit="turn", disable=not main_rank)
     update = start
     while budget_used(args, stats) < 1.0:
@@ -1127,9 +1024,12 @@ def main(args: Args):
                 teacher.load_trainable_state(history.teacher_state())
             stats["teacher_time"] += time.time() - t0
         # the slowest rank's clock: every rank must agree on the lr and on when the time budget ends
-        stats["wall_time"] = all_reduce_float(time.time() - t_start, dist.ReduceOp.MAX)
-        row = log_row(update, args, gather_envs(buf), stats, losses, lr)
-        write_rank_checksum(update, agent, teacher)
+        stats["wall_time"] = all_reduce(time.time() - t_start, "max")
+        row = log_row(update, args, gather(buf), stats, losses, lr)
+        if main_rank and args.curve_every and update % args.curve_every == 0:  # same levels every time
+            row["eval/agent_success"] = held_out(agent, args, args.curve_episodes, "curve agent")["success"]
+            if teacher is not None:
+                row["eval/teacher_success"] = held_out(teacher, args, args.curve_episodes, "curve teacher")["success"]
         if main_rank:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
@@ -1146,11 +1046,13 @@ def main(args: Args):
         dist.destroy_process_group()
 
 
-def held_out(model, args):
-    """--eval-episodes episodes of --eval-split levels, sampled as in training."""
+def held_out(model, args, episodes=None, desc="eval"):
+    """--eval-episodes (or `episodes`) episodes of --eval-split levels, sampled as in training. It draws from
+    its own seeded generator, so training's random numbers are the same with or without it."""
     with autocast(args):
-        return evaluate(model, args.task, args.eval_episodes, seed=args.seed, temperature=args.temperature,
-                        max_new_tokens=args.max_new_tokens, split=args.eval_split)
+        return evaluate(model, args.task, episodes or args.eval_episodes, seed=args.seed,
+                        temperature=args.temperature, max_new_tokens=args.max_new_tokens, split=args.eval_split,
+                        desc=desc)
 
 
 def write_json(path, obj):

@@ -61,7 +61,8 @@ def main():
         kw.update(min_new_tokens=n_tokens, max_new_tokens=n_tokens)
         return sample(self, images, prompts, **kw)
     agent_mod.Agent.sample = forced
-    timed(agent_mod.Agent, "encode", "scoring")
+    scoring = "_fill_stats" if hasattr(agent_mod.Agent, "_fill_stats") else "encode"  # the old tree's second forward
+    timed(agent_mod.Agent, scoring, "scoring")
     timed(agent_mod.Qwen2_5_VLForConditionalGeneration, "generate", "generate")   # trees sampling with generate
     if hasattr(agent_mod.Agent, "decode"):
         timed(agent_mod.Agent, "decode", "generate")                              # the KV-cache decoder

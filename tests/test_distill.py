@@ -1,10 +1,19 @@
-"""distill.py against hand computations (docs/method.md 3, 4.2, 4.3)."""
+"""distill.py against hand computations, and the guidance on hand-made turns (docs/method.md 3, 4.2, 4.3, 4.4)."""
+import json
 import math
+import os
+import sys
 
+import numpy as np
 import pytest
 import torch
 
-from distill import exact_reverse_kl, forward_kl, reverse_kl_penalty, sft_loss, token_logprobs
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from distill import (dagger_loss, exact_reverse_kl, forward_kl, guide_mask, gtr_labels,  # noqa: E402
+                     reverse_kl_penalty, sft_loss, teacher_answers, teacher_kl, teacher_kl_loss, token_logprobs,
+                     turbo_sft_labels, write_action)
+from env import LockstepEnvs  # noqa: E402
 
 T = torch.tensor
 
@@ -90,3 +99,94 @@ def test_sft_loss_hand_ce_and_ignores_actions():
     assert torch.equal(logits.grad, torch.zeros_like(logits))
     with pytest.raises((RuntimeError, IndexError)):  # a thought token labelled -100 is a bug, not ignored
         sft_loss(logits, targets, torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_kl_loss_is_k3_on_guided_tokens():
+    # two tokens, the second not guided: d = log 0.25 - log 0.5 = -log 2 on the first
+    logp = torch.log(T([[0.5, 0.9]])).requires_grad_()
+    teacher = torch.log(T([[0.25, 0.1]]))
+    kl = teacher_kl_loss(logp, teacher, T([[1.0, 0.0]]))
+    assert math.isclose(kl.item(), 0.5 - 1 + math.log(2), rel_tol=1e-6)       # exp(d) - 1 - d
+    kl.backward()
+    assert torch.allclose(logp.grad, T([[0.5, 0.0]]))                        # (1 - exp(d)) on guided tokens only
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The guidance with a tiny agent, on hand-made turns
+
+
+def tiny_agent(seed=0):
+    from agent import Agent
+    from train import tokenizer_corpus
+    return Agent.build("tiny", tokenizer_corpus(0, episodes_per_task=8), seed=seed)
+
+
+def test_teacher_kl_is_zero_when_teacher_equals_agent():
+    agent = tiny_agent()
+    images, prompts = LockstepEnvs("gridworld", 3, seed=0).observe()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        batch = agent.sample(images, prompts, temperature=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=24)
+        mask = guide_mask(batch)
+        # the agent's log-probs come from the decoding pass, the teacher's from a full forward: equal to 1e-5 (fp32)
+        kl, teacher_logp = teacher_kl(agent, agent.copy_frozen(), batch, mask)
+        assert kl.shape == (3,) and kl.abs().max() < 1e-5 and teacher_logp.shape == batch.logp.shape
+        # a teacher that differs gives a positive penalty on the same turns, sampled-token or full-vocabulary
+        other = tiny_agent(seed=1).copy_frozen()
+        assert (teacher_kl(agent, other, batch, mask)[0] > 0).all()
+        exact, none = teacher_kl(agent, other, batch, mask, estimator="exact")
+        assert (exact > 0).all() and none is None
+    assert torch.equal(guide_mask(batch, "thought+action"), batch.gen_mask) and torch.equal(mask, batch.thought_mask)
+
+
+def test_gtr_corrector_labels_only_wrong_turns_and_masks_action_tokens():
+    envs = LockstepEnvs("gridworld", 3, seed=3)
+    images, prompts = envs.observe()
+    experts, optimal = envs.expert_texts(), envs.optimal_actions()
+    names = envs.envs[0].action_names
+    right = [next(iter(o)) for o in optimal]
+    wrong = [next(a for a in range(4) if a not in o) for o in optimal]
+    # turn 0: grounded thought, optimal action -> no label; turn 1: a wrong fact; turn 2: a non-optimal move
+    grounding, actions = np.array([1.0, 0.5, 1.0]), np.array([right[0], right[1], wrong[2]])
+    labels = gtr_labels(experts, optimal, actions, grounding, envs.envs)
+    assert labels[0] is None
+    for i in (1, 2):
+        label, expert = json.loads(labels[i]), json.loads(experts[i])
+        assert label["thoughts"] == expert["thoughts"] and label["action"] == names[actions[i]]
+    # the action tokens carry no loss: the SFT loss is the same whatever action is written in
+    agent = tiny_agent()
+    flipped = write_action(labels[1], names[(actions[1] + 1) % 4])
+    losses = []
+    for y in (labels[1], flipped):
+        torch.manual_seed(0)
+        losses.append(dagger_loss(agent, [(images[1], prompts[1], y)], 1).item())
+    assert losses[0] == losses[1] and losses[0] > 0
+    # ... and it is exactly the CE over the thought tokens the agent's own masks mark
+    b = agent.encode([images[1]], [prompts[1]], [labels[1]], temperature=1.0)
+    thought = b.thought_mask.bool()
+    text = agent.tokenizer.decode(b.gen_ids[0][thought[0]])
+    # the token '.","' holds the start of '"action":', so the thought ends just before it
+    assert text == labels[1][:labels[1].rindex('.","action":')]
+    assert math.isclose(losses[0], -(b.logp[thought]).mean().item(), rel_tol=1e-5)
+
+
+def test_turbo_sft_targets_hold_teacher_thoughts_with_the_agents_action():
+    envs = LockstepEnvs("gridworld", 3, seed=4)
+    images, prompts = envs.observe()
+
+    class ScriptedTeacher:  # first answer invalid, then a valid one: exercises the retry at T x 1.1
+        def __init__(self):
+            self.temperatures = []
+
+        def sample(self, images, prompts, temperature, **kw):
+            self.temperatures.append(temperature)
+            ok = json.dumps({"thoughts": "teacher thought", "action": "left"})
+            return type("B", (), {"texts": (["not json"] if len(self.temperatures) == 1 else [ok]) * len(prompts)})
+
+    teacher = ScriptedTeacher()
+    guide = teacher_answers(teacher, images, prompts, envs.envs, retries=3, temperature=1.0)
+    assert teacher.temperatures == [1.0, 1.1] and all(g is not None for g in guide)
+    actions = np.array([0, -1, 3])  # agent moved up, gave an invalid answer, moved right
+    labels = [json.loads(y) for y in turbo_sft_labels(guide, actions, envs.envs)]
+    assert [y["thoughts"] for y in labels] == ["teacher thought"] * 3
+    assert [y["action"] for y in labels] == ["up", "left", "right"]

@@ -4,7 +4,7 @@ What holds, and is tested:
 - one PPO step on a fixed rollout split over two ranks (half the envs each, global advantage normalisation,
   gradients averaged before the clip) equals the one-process step on the whole rollout, to float tolerance
   (ppo-epochs 1, minibatch = the whole buffer: the mean of the two half-batch gradients is the full-batch one);
-- the ranks' agent and merged teacher stay bit-identical after every update of a real run (GTR_RANK_CHECKSUMS);
+- the ranks' agent and merged teacher stay bit-identical after every update of a real run (checksum_worker);
 - only rank 0 writes metrics (same keys as one process) and args.json (with world_size); each rank restores its
   own state on --resume and a killed 2-process run resumes to the same metrics as an uninterrupted one.
 
@@ -13,8 +13,10 @@ with the same seed. Rank 0's envs start on the same levels as the first N/2 envs
 LockstepEnvs numbers episodes over all its envs in reset order, so later levels differ; and sampling draws
 a [N/2, V] batch of random numbers per token instead of [N, V], so the answers differ from the first token.
 
-This file is also the worker script: `torchrun --nproc_per_node 2 tests/test_distributed.py DIR`.
+This file is also the worker script: `torchrun --nproc_per_node 2 tests/test_distributed.py DIR` (one PPO step) or
+`... tests/test_distributed.py --sums DIR TRAIN_FLAGS` (a real run that logs each rank's weight checksums).
 """
+import hashlib
 import json
 import os
 import signal
@@ -129,12 +131,33 @@ def metrics(path):
             for line in open(path)]
 
 
+def checksum_worker(sums_dir, argv):
+    """One rank of a real train.py run that, before each checkpoint, appends the SHA-256 of its agent's and
+    teacher's trained weights to sums_dir/rank<r>.jsonl."""
+    save = train.save_checkpoint
+
+    def save_with_checksums(args, update, agent, teacher, *rest):
+        row = {"update": update, "rank": train.world()[0]}
+        for name, model in (("agent", agent), ("teacher", teacher)):
+            if model is not None:
+                sha = hashlib.sha256()
+                for t in [*model.trainable_state().values(), *model.value_head.state_dict().values()]:
+                    sha.update(t.detach().float().cpu().numpy().tobytes())
+                row[name] = sha.hexdigest()
+        with open(os.path.join(sums_dir, f"rank{row['rank']}.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        save(args, update, agent, teacher, *rest)
+
+    train.save_checkpoint = save_with_checksums  # main() looks it up in train's globals
+    train.main(train.parse_args(argv))
+
+
 def test_two_process_run_keeps_ranks_identical_and_resumes_exactly(tmp_path):
     from test_train import EXTRA_KEYS, METRIC_KEYS
     sums = tmp_path / "sums"
     sums.mkdir()
     # a fresh cwd: rank 0 runs the SFT warm-up and writes the cache, rank 1 waits and loads it
-    full = torchrun(TRAIN, *RUN, "--out", str(tmp_path / "full"), cwd=tmp_path, extra_env={"GTR_RANK_CHECKSUMS": str(sums)})
+    full = torchrun(os.path.abspath(__file__), "--sums", str(sums), *RUN, "--out", str(tmp_path / "full"), cwd=tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
     rows = [[json.loads(line) for line in open(sums / f"rank{r}.jsonl")] for r in range(2)]
     assert [row["update"] for row in rows[0]] == [1, 2, 3, 4]
@@ -176,4 +199,7 @@ def test_envs_not_divisible_by_ranks_exits_2():
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    if sys.argv[1] == "--sums":
+        checksum_worker(sys.argv[2], sys.argv[3:])
+    else:
+        worker(sys.argv[1])

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -38,11 +37,11 @@ def test_ratio_is_exp_of_lambda_weighted_logp_difference():
     # thought: 0.5 * (0.5 + 0.5) = 0.5; action: 0.2 + 0 = 0.2 -> ratio e^0.7
     assert math.isclose((new_seq - old_seq).exp().item(), math.exp(0.7), rel_tol=1e-6)
     # advantage +1, ratio 2.01 is clipped at 1.1: policy loss -1.1
-    pg, vl, _, clipfrac = train.ppo_loss(new_seq, old_seq, torch.tensor([1.0]), torch.tensor([0.0]),
-                                        torch.tensor([0.0]), torch.tensor([1.0]), clip=0.1, vf_clip=0.1)
+    pg, _, clipfrac = train.ppo_loss(new_seq, old_seq, torch.tensor([1.0]), clip=0.1)
     assert math.isclose(pg.item(), -1.1, rel_tol=1e-6) and clipfrac.item() == 1.0
     # value moved 0 -> 0 with return 1: 0.5 * 1^2
-    assert math.isclose(vl.item(), 0.5, rel_tol=1e-6)
+    z = torch.tensor([0.0])
+    assert math.isclose(train.value_loss(z, z, torch.tensor([1.0]), vf_clip=0.1).item(), 0.5, rel_tol=1e-6)
 
 
 def test_value_clip_range():
@@ -51,7 +50,7 @@ def test_value_clip_range():
     gradient 3 - 10 = -7."""
     z, new = torch.tensor([0.0]), torch.tensor([3.0], requires_grad=True)
     for vf_clip, loss, grad in ((0.1, 0.5 * 98.01, 0.0), (0.0, 24.5, -7.0)):
-        _, vl, _, _ = train.ppo_loss(z, z, z, new, z, torch.tensor([10.0]), clip=0.1, vf_clip=vf_clip)
+        vl = train.value_loss(new, z, torch.tensor([10.0]), vf_clip=vf_clip)
         (g,) = torch.autograd.grad(vl, new)
         assert math.isclose(vl.item(), loss, rel_tol=1e-6) and math.isclose(g.item(), grad, abs_tol=1e-6)
 
@@ -98,14 +97,34 @@ def test_group_advantages_by_hand():
     assert torch.allclose(adv[buf["active"] > 0], want, atol=1e-6) and adv[2, 0] == 0
 
 
-def test_warm_up_moments_carry_into_the_rl_optimizer():
+def test_kl_mode_loss_replaces_the_shaping():
+    """--kl-mode loss takes the KL penalty off the return (distill.teacher_kl_loss takes its place); both keeps it."""
+    buf = {"format_ok": torch.ones(2, 3), "kl": torch.full((2, 3), 0.4)}
+    for mode, want in (("shaping", 0.4), ("both", 0.4), ("loss", 0.0)):
+        args = train.Args(method="turbo-kl", kl_mode=mode)
+        _, penalty = train.shaping(buf, args)
+        assert torch.allclose(penalty, torch.full((2, 3), want))
+    with pytest.raises(ValueError, match="sampled-token"):
+        train.Args(method="turbo-kl", kl_mode="loss", kl_estimator="exact")
+
+
+def tiny_agent():
+    from agent import Agent
+    return Agent.build("tiny", train.tokenizer_corpus(0, episodes_per_task=8), seed=0)
+
+
+def test_warm_up_moments_carry_into_the_rl_optimizer(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the SFT cache is runs/sft-cache/ under the working directory
     agent = tiny_agent()
-    args = train.Args(task="gridworld", model="tiny")
-    opt = train.rl_optimizer(agent, args, new_run=False)
+    args = train.Args(task="gridworld", model="tiny", carry_moments=True)
     name, p = next((n, p) for n, p in agent.model.named_parameters() if p.requires_grad)
     moments = {name: {"step": torch.tensor(7.0), "exp_avg": torch.full_like(p, 0.5), "exp_avg_sq": torch.full_like(p, 4.0)},
                "no.such.weight": {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}}
-    assert train.load_warmup_moments(opt, agent, moments) == 1
+    os.makedirs(train.sft_cache_dir(args))
+    torch.save(moments, os.path.join(train.sft_cache_dir(args), "sft_moments.pt"))
+    assert not train.rl_optimizer(agent, args, new_run=False).state  # a resumed run has its own moments
+    opt = train.rl_optimizer(agent, args)
+    assert len(opt.state) == 1 and p in opt.state  # only the weight of that name got them
     # one Adam step with zero gradient now moves p by lr * m_hat / (sqrt(v_hat) + eps) with the carried moments
     before = p.detach().clone()
     for q in opt.param_groups[0]["params"]:
@@ -224,6 +243,20 @@ def test_smoke_two_updates(method, tmp_path):
     Agent.load(str(tmp_path / method / "ckpt" / "agent"))  # the checkpoint is a loadable agent
 
 
+def test_curve_every_logs_held_out_success_without_changing_training(tmp_path):
+    """--curve-every scores agent and teacher on held-out levels every N updates (the eval/ keys) and draws
+    them; evaluation samples from its own generator, so every training number equals the run without it."""
+    runs = {}
+    for name, extra in (("plain", []), ("curve", ["--curve-every", "1", "--curve-episodes", "2"])):
+        r = run_train(*SMOKE, "--method", "turbo-kl", *extra, "--out", str(tmp_path / name), cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+    held = {"eval/agent_success", "eval/teacher_success"}
+    assert all(held <= set(row) and all(0 <= row[k] <= 1 for k in held) for row in runs["curve"])
+    strip = lambda row: {k: v for k, v in row.items() if k not in held | TIME_KEYS}  # noqa: E731
+    assert [strip(row) for row in runs["curve"]] == [strip(row) for row in runs["plain"]]
+
+
 def test_group_baseline_smoke_plays_whole_episodes(tmp_path):
     """--baseline group: every update starts num_envs / group_size levels and plays each episode to its end
     (an untrained tiny agent never reaches the goal: 15 turns each), so one update of 4 envs is 60 turns."""
@@ -247,90 +280,6 @@ def test_plain_save_pretrained_directory_trains(tmp_path):
                   "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 1
-
-
-def test_kl_penalty_is_zero_when_teacher_equals_agent():
-    from agent import Agent
-    from env import LockstepEnvs
-    args = train.Args(task="gridworld", model="tiny", num_envs=3, num_steps=2, max_new_tokens=24, bf16=False,
-                      baseline="critic")
-    torch.manual_seed(0)
-    agent = Agent.build("tiny", train.tokenizer_corpus(0, episodes_per_task=8), seed=0)
-    envs = LockstepEnvs("gridworld", 3, seed=0)
-    stats = train.new_stats()
-    _, buf, _ = train.rollout(agent, agent.copy_frozen(), envs, args, stats)
-    # the agent's log-probs come from the decoding pass, the teacher's from a full forward: equal to 1e-5 (fp32)
-    assert buf["kl"].shape == (2, 3) and buf["kl"].abs().max() < 1e-5
-    # a teacher that differs gives a positive penalty on the same turns
-    other = Agent.build("tiny", train.tokenizer_corpus(0, episodes_per_task=8), seed=1)
-    _, buf2, _ = train.rollout(agent, other.copy_frozen(), envs, args, stats)
-    assert (buf2["kl"] > 0).all()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# GTR corrector and turbo-sft targets on hand-made turns
-
-
-def tiny_agent():
-    from agent import Agent
-    return Agent.build("tiny", train.tokenizer_corpus(0, episodes_per_task=8), seed=0)
-
-
-def test_gtr_corrector_labels_only_wrong_turns_and_masks_action_tokens():
-    from env import LockstepEnvs
-    envs = LockstepEnvs("gridworld", 3, seed=3)
-    images, prompts = envs.observe()
-    experts, optimal = envs.expert_texts(), envs.optimal_actions()
-    names = envs.envs[0].action_names
-    right = [next(iter(o)) for o in optimal]
-    wrong = [next(a for a in range(4) if a not in o) for o in optimal]
-    # turn 0: grounded thought, optimal action -> no label; turn 1: a wrong fact; turn 2: a non-optimal move
-    out = {"grounding": np.array([1.0, 0.5, 1.0]), "action": np.array([right[0], right[1], wrong[2]])}
-    labels = train.gtr_labels(experts, optimal, out["action"], out["grounding"], envs.envs)
-    assert labels[0] is None
-    for i in (1, 2):
-        label, expert = json.loads(labels[i]), json.loads(experts[i])
-        assert label["thoughts"] == expert["thoughts"] and label["action"] == names[out["action"][i]]
-    # the action tokens carry no loss: the SFT loss is the same whatever action is written in
-    agent = tiny_agent()
-    args = train.Args(task="gridworld", model="tiny", bf16=False)
-    flipped = train.write_action(labels[1], names[(out["action"][1] + 1) % 4])
-    losses = []
-    for y in (labels[1], flipped):
-        torch.manual_seed(0)
-        losses.append(train.dagger_loss(agent, [(images[1], prompts[1], y)], 1, args).item())
-    assert losses[0] == losses[1] and losses[0] > 0
-    # ... and it is exactly the CE over the thought tokens the agent's own masks mark
-    b = agent.encode([images[1]], [prompts[1]], [labels[1]], temperature=1.0)
-    thought = b.thought_mask.bool()
-    text = agent.tokenizer.decode(b.gen_ids[0][thought[0]])
-    # the token '.","' holds the start of '"action":', so the thought ends just before it
-    assert text == labels[1][:labels[1].rindex('.","action":')]
-    assert math.isclose(losses[0], -(b.logp[thought]).mean().item(), rel_tol=1e-5)
-
-
-def test_turbo_sft_targets_hold_teacher_thoughts_with_the_agents_action():
-    from env import LockstepEnvs
-    envs = LockstepEnvs("gridworld", 3, seed=4)
-    images, prompts = envs.observe()
-
-    class ScriptedTeacher:  # first answer invalid, then a valid one: exercises the retry at T x 1.1
-        def __init__(self):
-            self.temperatures = []
-
-        def sample(self, images, prompts, temperature, **kw):
-            self.temperatures.append(temperature)
-            ok = json.dumps({"thoughts": "teacher thought", "action": "left"})
-            return type("B", (), {"texts": ["not json"] * len(prompts) if len(self.temperatures) == 1 else [ok] * len(prompts)})
-
-    teacher = ScriptedTeacher()
-    args = train.Args(task="gridworld", model="tiny", temperature=1.0)
-    guide = train.teacher_answers(teacher, images, prompts, envs.envs, args)
-    assert teacher.temperatures == [1.0, 1.1] and all(g is not None for g in guide)
-    out = {"action": np.array([0, -1, 3])}  # agent moved up, gave an invalid answer, moved right
-    labels = [json.loads(y) for y in train.turbo_sft_labels(guide, out["action"], envs.envs)]
-    assert [y["thoughts"] for y in labels] == ["teacher thought"] * 3
-    assert [y["action"] for y in labels] == ["up", "left", "right"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -463,22 +412,3 @@ def test_sft_baseline_stops_on_its_time_budget(tmp_path):
     # it stops at the first update that ends past the budget, whatever --total-steps says
     assert rows[-1]["charts/wall_time"] >= 2 and all(row["charts/wall_time"] < 2 for row in rows[:-1])
     assert rows[-1]["losses/sft"] > 0 and rows[-1]["losses/policy"] is None
-
-
-
-def test_kl_mode_loss_is_k3_on_guided_tokens_and_replaces_the_shaping():
-    # two tokens, the second not guided: d = log 0.25 - log 0.5 = -log 2 on the first
-    logp = torch.log(torch.tensor([[0.5, 0.9]])).requires_grad_()
-    teacher = torch.log(torch.tensor([[0.25, 0.1]]))
-    mask = torch.tensor([[1.0, 0.0]])
-    kl = train.teacher_kl_loss(logp, teacher, mask)
-    assert math.isclose(kl.item(), 0.5 - 1 + math.log(2), rel_tol=1e-6)       # exp(d) - 1 - d
-    kl.backward()
-    assert torch.allclose(logp.grad, torch.tensor([[0.5, 0.0]]))             # (1 - exp(d)) on guided tokens only
-    buf = {"format_ok": torch.ones(2, 3), "kl": torch.full((2, 3), 0.4)}
-    for mode, want in (("shaping", 0.4), ("both", 0.4), ("loss", 0.0)):
-        args = train.Args(method="turbo-kl", kl_mode=mode)
-        _, penalty = train.shaping(buf, args)
-        assert torch.allclose(penalty, torch.full((2, 3), want))
-    with pytest.raises(ValueError, match="sampled-token"):
-        train.Args(method="turbo-kl", kl_mode="loss", kl_estimator="exact")
