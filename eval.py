@@ -60,6 +60,12 @@ def json_safe(obj):
     return obj
 
 
+def write_json(path, obj):
+    """obj as strict JSON (NaN and inf as null), written atomically."""
+    from agent import atomic_write_text  # transformers loads only when a file is written
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False))
+
+
 def num(x) -> float:
     """A number read back from JSON: null (json_safe's NaN/inf) and a missing value are NaN."""
     return float("nan") if x is None else float(x)
@@ -588,8 +594,7 @@ def run_cli(ns, error) -> dict:
                        "agent": agent_dir, "teacher": teacher_dir, **settings},
               "rows": rows, "replays": replays}
     path = os.path.join(out_dir, "eval_full.json")
-    with open(path, "w") as f:  # NaN metrics (e.g. entropy of the random row) become null: valid JSON
-        json.dump(json_safe(result), f, indent=2, allow_nan=False)
+    write_json(path, result)  # NaN metrics (e.g. entropy of the random row) become null: valid JSON
     print(f"wrote {path}", file=sys.stderr)
     return result
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from distill import dagger_loss, guide_mask, gtr_labels, teacher_answers, teacher_kl, teacher_kl_loss, turbo_sft_labels
 from env import FORMAT_VERSION, TASKS, LockstepEnvs
-from eval import OneLineParser, compare, evaluate, format_table, join_negative_numbers, json_safe
+from eval import OneLineParser, compare, evaluate, format_table, join_negative_numbers, json_safe, write_json
 from merge import MergeHistory
 
 # agent.py is imported where it is used: it loads transformers (seconds), and --help must answer at once.
@@ -81,7 +81,8 @@ class Args:
     sft_steps: int = arg(-1, "-1 = the task's default (sokoban 1200, gridworld 800, points24 1200)")
     sft_batch: int = arg(32, "warm-up batch size")
     sft_lr: float = arg(3e-4, "warm-up learning rate, cosine decay after 30 warm-up steps")
-    sft_noise: float = arg(-1.0, "share of demo moves made random, thoughts true; -1 = sokoban 0.5, gridworld 0.3, else 0")
+    sft_noise: float = arg(-1.0, "share of demo moves made random, thoughts true; -1 = sokoban 0.5, gridworld 0.3, "
+                                 "else 0")
     carry_moments: bool = arg(False, "start RL's Adam from the warm-up's moments instead of zeros")
     # --- sampling
     temperature: float = arg(1.0, "sampling temperature, log-probs use it too (paper 0.2)")
@@ -179,8 +180,9 @@ CHOICES = {"task": tuple(TASKS), "method": METHODS, "budget_by": ("steps", "time
 RANGES = [("total_steps num_envs num_steps sft_batch ppo_epochs minibatch max_new_tokens merge_every group_size "
            "log_episodes lr sft_lr vf_lr temperature clip density kl_clip max_grad_norm repetition_penalty",
            lambda v: v > 0, "must be positive"),
-          ("seed threads eval_episodes curve_every curve_episodes teacher_retries max_skips top_k vf_clip vf_coef sft_coef kl_coef thought_coef "
-           "kl_invalid budget_seconds lora_rank lora_alpha", lambda v: v >= 0, "must be >= 0"),
+          ("seed threads eval_episodes curve_every curve_episodes teacher_retries max_skips top_k vf_clip vf_coef "
+           "sft_coef kl_coef thought_coef kl_invalid budget_seconds lora_rank lora_alpha",
+           lambda v: v >= 0, "must be >= 0"),
           ("gamma gae_lambda sft_noise", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
           ("density ema_alpha", lambda v: 0 < v <= 1, "must be in (0, 1]"),
           ("sft_steps", lambda v: v >= -1, "must be >= 0 (-1 = the task's default)")]
@@ -970,8 +972,7 @@ def main(args: Args):
     agent = load_init_agent(os.path.join(ckpt, "agent"), args) if ckpt else make_agent(args)
     if not ckpt and main_rank:
         barrier()
-    body, head = policy_and_value_params(agent)
-    params = body + head
+    params = agent.parameters()  # the policy's trainable weights, then the value head's
     if n_ranks > 1:  # rank 0's weights everywhere (a fresh value head or LoRA init draws random numbers)
         for p in params:
             dist.broadcast(p.data, 0)
@@ -988,7 +989,7 @@ def main(args: Args):
     dagger = [] if args.method in ("gtr", "turbo-sft") else None  # (image, prompt, target), kept from the start
     demos = None
     if args.method == "sft":  # the baseline continues the warm-up's recipe on levels it has not seen
-        params = body
+        params = policy_and_value_params(agent)[0]
         demos = solver_envs(args.task, args.minibatch // n_ranks, args.seed + 104729 + RANK_STRIDE * rank)
         opt = torch.optim.AdamW([{"params": params, "base_lr": args.sft_lr}], lr=args.sft_lr, betas=(0.9, 0.95),
                                 weight_decay=0.0)
@@ -1053,11 +1054,6 @@ def held_out(model, args, episodes=None, desc="eval"):
         return evaluate(model, args.task, episodes or args.eval_episodes, seed=args.seed,
                         temperature=args.temperature, max_new_tokens=args.max_new_tokens, split=args.eval_split,
                         desc=desc)
-
-
-def write_json(path, obj):
-    from agent import atomic_write_text
-    atomic_write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False))  # null for NaN
 
 
 def start_evaluation(agent, args):
