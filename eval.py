@@ -261,6 +261,9 @@ def reference_rows(task, episodes=100, seed=0, split="eval") -> dict:
 # (where and how fast a run ran, how much of it was logged; budget_seconds matches another run's wall-clock)
 NOT_SETTINGS = ("seed", "out", "resume", "threads", "device", "world_size", "eval_episodes", "log_episodes",
                 "max_skips", "budget_seconds", "curve_every", "curve_episodes")
+# settings of the merged teacher and its guidance: left out of the label of a method that has no such teacher
+TEACHER_SETTINGS = ("teacher", "guide", "kl_coef", "kl_clip", "kl_invalid", "kl_estimator", "kl_mode", "kl_loss_coef",
+                    "merge", "weighting", "ema_alpha", "density", "merge_every", "teacher_retries")
 CURVES = (("charts/success_rate", "success rate"), ("charts/thought_grounding", "thought grounding"),
           ("charts/thought_entropy", "thought-token entropy"), ("teacher/kl", "teacher KL (turbo methods)"))
 HELD_OUT_CURVES = (("eval/agent_success", "held-out success: agent"),  # drawn when a run logged them
@@ -284,8 +287,8 @@ def read_run(run_dir) -> dict:
 
 def group_runs(runs) -> dict:
     """{label: [runs]} in first-seen order; runs are seeds of one group if every args.json setting but NOT_SETTINGS
-    agrees. Label: the method, "(key=value, ...)" for each setting that differs between the runs, the task if they
-    span several. ValueError if a group would pool one seed twice (the same run given twice, or a copy)."""
+    agrees. Label: the method, "(key=value, ...)" for each setting that differs between the runs (teacher settings
+    only for turbo methods), the task if they span several. ValueError if a group would pool one seed twice (the same run given twice, or a copy)."""
     keys = sorted({k for r in runs for k in r["args"]} - set(NOT_SETTINGS) - {"method", "task"})
     differ = [k for k in keys if any(r["args"].get(k) != runs[0]["args"].get(k) for r in runs)]
     with_task = len({r["args"].get("task") for r in runs}) > 1
@@ -293,8 +296,9 @@ def group_runs(runs) -> dict:
     for r in runs:
         a = r["args"]
         label = str(a.get("method", "?"))
-        if differ:
-            label += " (" + ", ".join(f"{k}={a.get(k, '?')}" for k in differ) + ")"
+        shown = [k for k in differ if not (k in TEACHER_SETTINGS and label in ("ppo", "gtr", "sft"))]
+        if shown:
+            label += " (" + ", ".join(f"{k}={a.get(k, '?')}" for k in shown) + ")"
         if with_task:
             label = f"{a.get('task', '?')}/{label}"
         other = seen.setdefault((label, a.get("seed")), r)

@@ -119,7 +119,7 @@ class Args:
     kl_mode: str = arg("shaping", "shaping: beta x KL off the return (paper) | loss: a k3 KL loss | both")
     kl_loss_coef: float = arg(0.1, "--kl-mode loss or both: weight of the KL loss")
     merge: str = arg("ties", "merge of the checkpoint history: ties | linear")
-    weighting: str = arg("sma", "history weighting: sma | ema")
+    weighting: str = arg("ema", "history weighting: ema (the paper's best; SMA lags a still-improving agent) | sma")
     ratio: str = arg("turn", "turn: one ratio per turn (paper) | token: one clipped ratio per token")
     baseline: str = arg("critic", "critic: GAE with the value head (paper) | group: group-relative, no critic (GiGPO)")
     group_size: int = arg(4, "--baseline group: envs per start level, each plays its episode to the end")
@@ -175,7 +175,7 @@ class Args:
 CHOICES = {"task": tuple(TASKS), "method": METHODS, "budget_by": ("steps", "time"), "eval_split": ("eval", "train"),
            "invalid": ("penalty", "random"), "teacher": ("merged", "static"), "guide": ("thought", "thought+action"),
            "kl_estimator": ("clip", "k1", "abs", "k3", "exact", "forward"), "kl_mode": ("shaping", "loss", "both"),
-           "merge": ("ties", "linear"), "weighting": ("sma", "ema"), "ratio": ("turn", "token"),
+           "merge": ("ties", "linear"), "weighting": ("ema", "sma"), "ratio": ("turn", "token"),
            "baseline": ("critic", "group")}
 RANGES = [("total_steps num_envs num_steps sft_batch ppo_epochs minibatch max_new_tokens merge_every group_size "
            "log_episodes lr sft_lr vf_lr temperature clip density kl_clip max_grad_norm repetition_penalty",

@@ -310,3 +310,12 @@ def test_compare_groups_by_every_setting_and_reads_null(tmp_path, capsys):
     table = E.compare([b], png=str(tmp_path / "one.png"))
     assert table.splitlines()[2:] == ["| ppo | 2 | n/a | 0.500 | held-out | n/a | n/a | n/a | n/a | n/a |"]
     assert (tmp_path / "one.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_labels_teacher_settings_only_for_turbo_methods(tmp_path):
+    """ppo ran with the old weighting default, turbo-kl with the new: only turbo-kl's label names it."""
+    step = '{"env_steps": 8, "charts/success_rate": 0.5}'
+    runs = [E.read_run(fake_run(tmp_path / f"{m}-{w}", [step], method=m, weighting=w, format_reward=f))
+            for m, w, f in (("ppo", "sma", "0,0"), ("turbo-kl", "ema", "3,-2"), ("turbo-kl", "sma", "3,-2"))]
+    assert list(E.group_runs(runs)) == ["ppo (format_reward=0,0)", "turbo-kl (format_reward=3,-2, weighting=ema)",
+                                        "turbo-kl (format_reward=3,-2, weighting=sma)"]

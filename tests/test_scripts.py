@@ -121,3 +121,32 @@ def test_readme_names_real_functions_and_flags():
     cited = set(re.findall(r"python train\.py[^\n`]*", readme))
     used = {f for line in cited for f in re.findall(r"--[a-z][a-z0-9-]*", line)}
     assert used and used <= flags, used - flags
+
+
+def test_merge_probe_keeps_the_history_train_py_merged(tmp_path):
+    """The probe's saved history is what train.py merged: its last checkpoint is the saved agent, and train.py's
+    running EMA-TIES rebuilt from the saved files is, to the bit, the saved teacher. Then every merge is scored."""
+    import torch
+    from agent import Agent
+    from merge import MergeHistory
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "merge_probe.py"), "--episodes", "2", "--",
+                          "--task", "gridworld", "--model", "tiny", "--sft-steps", "5", "--num-envs", "4",
+                          "--num-steps", "4", "--minibatch", "8", "--total-steps", "32", "--ppo-epochs", "2",
+                          "--max-new-tokens", "24", "--eval-episodes", "2", "--threads", "1"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    run = tmp_path / "runs" / "merge-probe-s1"
+    files = sorted((run / "history").glob("0*.pt"))
+    assert [f.name for f in files] == ["0001.pt", "0002.pt", "0003.pt", "0004.pt"]  # 2 updates x 2 epochs
+    hist = [torch.load(f) for f in files]
+    agent, teacher = (Agent.load(str(run / "ckpt" / who)).trainable_state() for who in ("agent", "teacher"))
+    assert all(torch.equal(hist[-1][k], agent[k]) for k in agent)
+    h = MergeHistory(torch.load(run / "history" / "base.pt"), mode="ema", alpha=0.5, method="ties", density=0.8)
+    h.add(hist[:2])
+    h.add(hist[2:])
+    rebuilt = h.teacher_state()
+    assert all(torch.equal(rebuilt[k], teacher[k]) for k in teacher)
+    assert not all(torch.equal(agent[k], teacher[k]) for k in teacher)  # EMA: not the last checkpoint itself
+    table = out.stdout.split("4 checkpoints of")[1].splitlines()  # after train.py's own table
+    rows = [line.split("|")[1:-1] for line in table if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 11 and rows[0][0].strip() == "agent (last checkpoint)" and rows[0][2].strip() == "+0.000"
