@@ -1043,7 +1043,8 @@ def main(args: Args):
     bar.close()
     if main_rank:
         final_evaluation(agent, teacher, args)
-    if n_ranks > 1:
+    if n_ranks > 1:  # every rank waits for rank 0's evaluation, so the group is torn down by all ranks at once
+        barrier()
         dist.destroy_process_group()
 
 
