@@ -288,7 +288,8 @@ def read_run(run_dir) -> dict:
 def group_runs(runs) -> dict:
     """{label: [runs]} in first-seen order; runs are seeds of one group if every args.json setting but NOT_SETTINGS
     agrees. Label: the method, "(key=value, ...)" for each setting that differs between the runs (teacher settings
-    only for turbo methods), the task if they span several. ValueError if a group would pool one seed twice (the same run given twice, or a copy)."""
+    only for turbo methods), the task if they span several. ValueError if a group would pool one seed twice (the
+    same run given twice, or a copy)."""
     keys = sorted({k for r in runs for k in r["args"]} - set(NOT_SETTINGS) - {"method", "task"})
     differ = [k for k in keys if any(r["args"].get(k) != runs[0]["args"].get(k) for r in runs)]
     with_task = len({r["args"].get("task") for r in runs}) > 1
@@ -346,9 +347,8 @@ def curve(run, key):
 
 def plot_curves(groups, path):
     """Panels (CURVES, then HELD_OUT_CURVES if logged) against env steps: per group the seed mean, shaded between
-    seed min and max. Runs
-    of a group are interpolated onto the env-step grid of its shortest run (the steps all of them reached).
-    Written as PNG exactly at `path`, whatever its extension."""
+    seed min and max. Runs of a group are interpolated onto the env-step grid of its shortest run (the steps all
+    of them reached). Written as PNG exactly at `path`, whatever its extension."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

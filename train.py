@@ -178,9 +178,9 @@ CHOICES = {"task": tuple(TASKS), "method": METHODS, "budget_by": ("steps", "time
            "merge": ("ties", "linear"), "weighting": ("ema", "sma"), "ratio": ("turn", "token"),
            "baseline": ("critic", "group")}
 RANGES = [("total_steps num_envs num_steps sft_batch ppo_epochs minibatch max_new_tokens merge_every group_size "
-           "log_episodes lr sft_lr vf_lr temperature clip density kl_clip max_grad_norm repetition_penalty",
+           "log_episodes curve_episodes lr sft_lr vf_lr temperature clip density kl_clip max_grad_norm repetition_penalty",
            lambda v: v > 0, "must be positive"),
-          ("seed threads eval_episodes curve_every curve_episodes teacher_retries max_skips top_k vf_clip vf_coef "
+          ("seed threads eval_episodes curve_every teacher_retries max_skips top_k vf_clip vf_coef "
            "sft_coef kl_coef thought_coef kl_invalid budget_seconds lora_rank lora_alpha",
            lambda v: v >= 0, "must be >= 0"),
           ("gamma gae_lambda sft_noise", lambda v: 0 <= v <= 1, "must be in [0, 1]"),

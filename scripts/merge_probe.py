@@ -23,7 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import merge  # noqa: E402
 import train  # noqa: E402
-from eval import evaluate  # noqa: E402
 
 
 class KeepingHistory(merge.MergeHistory):
@@ -42,8 +41,9 @@ class KeepingHistory(merge.MergeHistory):
         super().add(states)  # exactly as train.py's history would
 
 
-def candidates(base, hist, density):
-    """name -> a function that returns the teacher's trainable state."""
+def candidates(base, hist, density, per_update):
+    """name -> a function that returns the teacher's trainable state. per_update: checkpoints per update (train.py's
+    --ppo-epochs), which the running merges fold in together, as train.py does."""
     def tau(s):
         return {k: s[k].float() - base[k].float() for k in base}
 
@@ -52,8 +52,8 @@ def candidates(base, hist, density):
 
     def running(mode, method, alpha=0.5):
         h = merge.MergeHistory(base, mode=mode, alpha=alpha, method=method, density=density)
-        for s in hist:
-            h.add([s])
+        for i in range(0, len(hist), per_update):
+            h.add(hist[i:i + per_update])
         return h.teacher_state()
 
     def one(fn, k):
@@ -96,7 +96,7 @@ def main():
     hist = [torch.load(f) for f in sorted(glob.glob(os.path.join(KeepingHistory.folder, "[0-9]*.pt")))]
     model = train.load_init_agent(os.path.join(out, "ckpt", "agent"), args)
     rows = []
-    for name, make in candidates(base, hist, args.density).items():
+    for name, make in candidates(base, hist, args.density, args.ppo_epochs).items():
         s = make()
         model.load_trainable_state(s)
         r = train.held_out(model, args, a.episodes, desc=name)

@@ -125,7 +125,10 @@ def test_readme_names_real_functions_and_flags():
 
 def test_merge_probe_keeps_the_history_train_py_merged(tmp_path):
     """The probe's saved history is what train.py merged: its last checkpoint is the saved agent, and train.py's
-    running EMA-TIES rebuilt from the saved files is, to the bit, the saved teacher. Then every merge is scored."""
+    running EMA-TIES rebuilt from the saved files (by hand and by the probe itself) is, to the bit, the saved teacher.
+    Then every merge is scored."""
+    import importlib.util
+
     import torch
     from agent import Agent
     from merge import MergeHistory
@@ -147,6 +150,11 @@ def test_merge_probe_keeps_the_history_train_py_merged(tmp_path):
     rebuilt = h.teacher_state()
     assert all(torch.equal(rebuilt[k], teacher[k]) for k in teacher)
     assert not all(torch.equal(agent[k], teacher[k]) for k in teacher)  # EMA: not the last checkpoint itself
+    spec = importlib.util.spec_from_file_location("merge_probe", os.path.join(ROOT, "scripts", "merge_probe.py"))
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    made = probe.candidates(torch.load(run / "history" / "base.pt"), hist, 0.8, 2)  # the probe's own teacher row
+    assert all(torch.equal(made["running EMA 0.5, TIES"]()[k], teacher[k]) for k in teacher)
     table = out.stdout.split("4 checkpoints of")[1].splitlines()  # after train.py's own table
     rows = [line.split("|")[1:-1] for line in table if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == 11 and rows[0][0].strip() == "agent (last checkpoint)" and rows[0][2].strip() == "+0.000"
