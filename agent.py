@@ -1,24 +1,17 @@
 """agent.py: the policy of GTR-Turbo, a Qwen2.5-VL model with a value head (docs/method.md sections 1, 2, 6).
 
-One image + a prompt in, one JSON answer out. The model is built tiny in code (random init, a byte-level BPE
-tokenizer trained on the caller's corpus, an image-only processor; nothing downloaded) or loaded from any
-Qwen2.5-VL checkpoint; both take the same path afterwards. The value head (section 2) is an MLP on the
-last-layer hidden state of the last prompt token, so V depends on image + prompt only. Token roles (section 1):
-generated tokens from the one holding the start of the last `"action":` on (and the EOS) are action tokens,
-those before are thought tokens; the split comes from character offsets of the decoded text, never from token
-ids. train.py weights them with lambda: log pi = lambda * sum(thought log-probs) + sum(action log-probs).
-
-PPO calls `sample` (roll out with a KV cache: tokens, their log-probs at the sampling temperature, values and
-thought entropy from one pass), `encode` (the same Batch for given answers, teacher-forced; `tokenize` builds
-it without the forward) and `score` (one forward with grad). `trainable_state` is what the merge of section
-4.1 combines: every weight of a model trained in full, else the effective LoRA deltas B @ A * scale (the paper:
-r=128, alpha=256 on the language model and vision tower). `save`/`load` write and read a transformers
-directory + value head; `atomic_write` and the manifest are the project's one way to write files and to name
-a damaged one. Left out: the losses (distill.py, train.py), prompts and answer format (env.py),
-sliding-window attention (no Qwen2.5-VL checkpoint uses it), multi-image or video input, gradient checkpointing.
+One image and a prompt in, one JSON answer out. The model is built tiny in code (random weights, a BPE tokenizer
+trained on the caller's corpus, nothing downloaded) or loaded from a Qwen2.5-VL checkpoint. PPO (section 2) makes
+three calls: `sample` writes answers with a KV-cache decoder and returns each token's log-prob at the sampling
+temperature, the prompt's value and the thought entropy; `encode` returns the same for given answers; `score` is
+the forward PPO differentiates. The value head is an MLP on the last prompt token's hidden state. Thought tokens
+(section 1) are the generated tokens before the one holding the last `"action":`; that one, the rest and the EOS
+are action tokens. `trainable_state` is what the merge (section 4.1) combines. `atomic_write` and the manifest are
+the project's one way to write files and to name a damaged one. Not supported: sliding-window attention, video.
 """
 from __future__ import annotations
 
+import bisect
 import copy
 import hashlib
 import json
@@ -70,7 +63,7 @@ VOCAB_SIZE = 512                   # BPE vocabulary of a built tokenizer (specia
 
 
 class CheckpointError(Exception):
-    """A checkpoint path that is missing, not a Qwen2.5-VL checkpoint, or has truncated/damaged files."""
+    """A checkpoint or state file that is missing, of another kind, truncated or damaged; the message names it."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -82,20 +75,17 @@ def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     if isinstance(corpus, str) or not all(isinstance(s, str) for s in corpus):
         raise TypeError("corpus must be a list of str")
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    # the chat template's own words get merges too, so prompts stay short
-    texts = list(corpus) + ["system user assistant\n", '{"thoughts": "", "action": ""}']
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    texts = list(corpus) + ["system user assistant\n", '{"thoughts": "", "action": ""}']   # short prompts too
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
+                                                       show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|pad|>", eos_token="<|im_end|>",
                                    additional_special_tokens=SPECIAL_TOKENS[2:], padding_side="left")
 
 
 class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """Qwen2.5-VL processor without a video processor (every video processor needs torchvision). Load it
-    with `ImageOnlyQwen2_5_VLProcessor.from_pretrained(dir)`: `AutoProcessor` returns only the tokenizer."""
+    """Without the video processor (they all need torchvision); `AutoProcessor` would return only the tokenizer."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
@@ -117,8 +107,7 @@ def build_config(size: str, tokenizer) -> Qwen2_5_VLConfig:
                          num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
                          num_key_value_heads=s["kv_heads"], max_position_embeddings=4096,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": s["mrope"]},
-                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
+                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
         vision_config=dict(depth=s["v_layers"], hidden_size=s["v_hidden"], intermediate_size=s["v_mlp"],
                            num_heads=s["v_heads"], out_hidden_size=s["hidden"], patch_size=PATCH,
                            spatial_merge_size=MERGE, temporal_patch_size=2, window_size=128,
@@ -138,45 +127,37 @@ def value_mlp(hidden: int, sizes) -> nn.Sequential:
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + x A^T B^T * (alpha / r), the base frozen; B starts at zero so y = base(x) at init.
-
-    `delta` (None until `set_delta`) is a dense weight offset for a loaded trainable state (the teacher):
-    the effective weight is then base + delta + B A scale. Only models that load a state pay for its dense
-    copy. A and B stay fp32 (Adam on bf16 factors is weak).
-    """
+    """y = x (W + delta)^T + b + x A^T B^T alpha/r with W, b frozen and B zero at first. `delta` is a loaded
+    trainable state (a merged teacher's is not low-rank): dense, so None until one is loaded. A, B stay fp32
+    (Adam on bf16 factors is weak)."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
-        self.base, self.scale = base, alpha / rank
-        dev = base.weight.device
+        self.base, self.scale, self.delta, dev = base, alpha / rank, None, base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev))    # [r, in]
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev))   # [out, r]
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.delta = None
 
     def delta_weight(self) -> torch.Tensor:
         """[out, in] fp32: the effective weight minus the frozen base."""
         d = (self.lora_B @ self.lora_A) * self.scale
         return d if self.delta is None else d + self.delta.float()
 
+    @torch.no_grad()
     def set_delta(self, delta: torch.Tensor) -> None:
-        """Make the effective weight base + delta exactly (up to the base dtype); zero B."""
-        with torch.no_grad():
-            if self.delta is None:
-                self.delta = torch.zeros_like(self.base.weight)
-            self.delta.copy_(delta)
-            self.lora_B.zero_()
+        """Make the effective weight base + delta (rounded to the base dtype): B is zeroed."""
+        if self.delta is None:
+            self.delta = torch.zeros_like(self.base.weight)
+        self.delta.copy_(delta)
+        self.lora_B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.base.weight if self.delta is None else self.base.weight + self.delta
-        y = F.linear(x, w, self.base.bias)
-        lora = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale
-        return y + lora.to(y.dtype)
+        y = F.linear(x, self.base.weight if self.delta is None else self.base.weight + self.delta, self.base.bias)
+        return y + (F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale).to(y.dtype)
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float) -> None:
-    """Freeze the model and wrap every nn.Linear of the language model and vision tower in LoRALinear
-    (not lm_head; embeddings are not Linear)."""
+    """Freeze the model; wrap every nn.Linear of the language model and vision tower (not lm_head)."""
     model.requires_grad_(False)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] != "lm_head"]
     for name in names:
@@ -208,7 +189,6 @@ class Batch:
     thought_entropy: torch.Tensor    # [B] float: mean entropy over thought tokens at `temperature`
     temperature: float
     pad_id: int
-    teacher_logp: torch.Tensor | None = None   # [B, G] the frozen teacher's log-probs of these tokens
 
     @property
     def gen_ids(self) -> torch.Tensor:
@@ -239,28 +219,20 @@ class Batch:
         """Stack batches whose P and G differ: prompts re-padded on the left, generations on the right."""
         if not batches:
             raise ValueError("Batch.cat needs at least one batch")
-        temps = {b.temperature for b in batches}
-        if len(temps) != 1:
+        if len(temps := {b.temperature for b in batches}) != 1:
             raise ValueError(f"Batch.cat: batches sampled at different temperatures {sorted(temps)}")
         P, G = max(b.prompt_len for b in batches), max(b.gen_ids.shape[1] for b in batches)
 
-        def padded(name, fill=0, prompt=False):   # [B_i, P_i+G_i] -> [B, P+G] (prompt=True), else [B_i, G_i] -> [B, G]
-            parts = []
-            for b in batches:
-                t, left = getattr(b, name), (P - b.prompt_len if prompt else 0)
-                parts.append(F.pad(t, (left, (P if prompt else 0) + G - left - t.shape[1]), value=fill))
-            return torch.cat(parts)
+        def pad(k, prompt: bool, fill=0):   # [B_i, P_i+G_i] -> [B_i, P+G] if prompt, else [B_i, G_i] -> [B_i, G]
+            return torch.cat([F.pad(getattr(b, k), (prompt * (P - b.prompt_len), G - b.gen_ids.shape[1]), value=fill)
+                              for b in batches])
 
-        joined = lambda name: torch.cat([getattr(b, name) for b in batches])
-        teacher = all(b.teacher_logp is not None for b in batches)
-        return replace(batches[0], input_ids=padded("input_ids", batches[0].pad_id, prompt=True),
-                       attention_mask=padded("attention_mask", prompt=True),
-                       mm_token_type_ids=padded("mm_token_type_ids", prompt=True), prompt_len=P,
-                       pixel_values=joined("pixel_values"), image_grid_thw=joined("image_grid_thw"),
-                       gen_mask=padded("gen_mask"), thought_mask=padded("thought_mask"),
-                       action_mask=padded("action_mask"), logp=padded("logp"), values=joined("values"),
-                       texts=[t for b in batches for t in b.texts], thought_entropy=joined("thought_entropy"),
-                       teacher_logp=padded("teacher_logp") if teacher else None)
+        row = lambda k: torch.cat([getattr(b, k) for b in batches])
+        return replace(batches[0], input_ids=pad("input_ids", True, batches[0].pad_id), prompt_len=P,
+                       texts=[t for b in batches for t in b.texts],
+                       **{k: pad(k, True) for k in ("attention_mask", "mm_token_type_ids")},
+                       **{k: pad(k, False) for k in ("gen_mask", "thought_mask", "action_mask", "logp")},
+                       **{k: row(k) for k in ("pixel_values", "image_grid_thw", "values", "thought_entropy")})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -271,44 +243,40 @@ class Agent:
 
     def __init__(self, model, processor, *, size: str = "custom", value_hidden=None, lora_rank: int = 0,
                  lora_alpha: float | None = None):
-        self.model, self.processor, self.size = model, processor, size
-        self.model.eval()   # Qwen configs have no dropout; eval only fixes module flags
-        self.value_hidden = tuple(value_hidden or (SIZES[size]["value_hidden"] if size in SIZES
-                                                   else PAPER_VALUE_HIDDEN))
-        # the value head stays fp32 whatever the model dtype: it is small and regresses returns
-        self.value_head = value_mlp(model.config.text_config.hidden_size, self.value_hidden).to(
-            device=self.device, dtype=torch.float32)
-        self.lora_rank, self.lora_alpha = lora_rank, (lora_alpha if lora_alpha is not None else 2.0 * lora_rank)
+        self.model, self.processor, self.size = model.eval(), processor, size   # eval: Qwen has no dropout anyway
+        self.value_hidden = tuple(value_hidden or SIZES.get(size, {}).get("value_hidden", PAPER_VALUE_HIDDEN))
+        # fp32 whatever the model dtype: the head is small and regresses returns
+        hidden = model.config.text_config.hidden_size
+        self.value_head = value_mlp(hidden, self.value_hidden).to(self.device, torch.float32)
+        self.lora_rank, self.lora_alpha = lora_rank, (2.0 * lora_rank if lora_alpha is None else lora_alpha)
         if lora_rank > 0:
             apply_lora(self.model, lora_rank, self.lora_alpha)
         tok = self.tokenizer
-        tok.padding_side = "left"   # prompts are left-padded so column P-1 is every row's last prompt token
-        self.im_end_id = im_end = tok.convert_tokens_to_ids("<|im_end|>")
-        if im_end is None or im_end == tok.unk_token_id:
+        tok.padding_side = "left"   # so that column P-1 holds every row's last prompt token
+        self.im_end_id = tok.convert_tokens_to_ids("<|im_end|>")
+        if self.im_end_id in (None, tok.unk_token_id):
             raise ValueError("tokenizer has no <|im_end|> token (ChatML is required)")
-        self.eos_ids = sorted({im_end} | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else im_end
-        # generate() fills unset options from model.generation_config, and a checkpoint's own (Qwen ships
-        # top_k=1, repetition_penalty=1.05, ...) would change the sampling rules: keep only the token ids.
+        self.eos_ids = sorted({self.im_end_id} | ({tok.eos_token_id} - {None}))
+        self.pad_id = self.im_end_id if tok.pad_token_id is None else tok.pad_token_id
+        # generate() fills unset options from generation_config, and a checkpoint's own (Qwen ships top_k=1,
+        # repetition_penalty=1.05, ...) would change the sampling rules: keep only the token ids
         self.model.generation_config = GenerationConfig(pad_token_id=self.pad_id, eos_token_id=self.eos_ids,
                                                         bos_token_id=None)
-        # A vision placeholder in an answer makes the next forward expect image features that do not exist,
-        # and an untrained model does emit them: sampling never may (nor pad and <|im_start|>).
+        # an untrained model emits vision placeholders, and the next forward would then expect image features
         cfg = model.config
         banned = {cfg.image_token_id, self.pad_id, tok.convert_tokens_to_ids("<|im_start|>")} | {
             getattr(cfg, k, None) for k in ("video_token_id", "vision_start_token_id", "vision_end_token_id")}
-        self.suppress_ids = sorted(i for i in banned
-                                   if i is not None and i not in self.eos_ids and i != tok.unk_token_id)
+        self.suppress_ids = sorted(banned - {None, tok.unk_token_id} - set(self.eos_ids))
 
     @classmethod
     def build(cls, size: str, corpus: list[str], seed: int = 0, device="cpu", dtype=torch.float32,
               lora_rank: int = 0, lora_alpha: float | None = None) -> "Agent":
-        """A random-init Qwen2.5-VL of `size` ('tiny' ~1M, 'small' ~5M params) with a tokenizer trained on
-        `corpus`. Same seed and corpus -> same weights and tokenizer. Full fine-tuning unless lora_rank>0."""
+        """A random-init Qwen2.5-VL of `size` ('tiny' ~1M, 'small' ~5M params) and a BPE tokenizer trained on
+        `corpus`: the same for the same seed and corpus. LoRA on every linear layer if lora_rank > 0."""
         tok = build_tokenizer(corpus)
         torch.manual_seed(seed)   # weights, value head and LoRA init all draw from here, in this order
-        # _from_config builds in `dtype` but keeps RoPE's inv_freq fp32 (as from_pretrained does); a later
-        # model.to(bf16) would round them too, and a saved-then-loaded copy would differ
+        # _from_config keeps RoPE's inv_freq fp32 (as from_pretrained does); a later model.to(bf16) would round
+        # them too, and a saved-then-loaded copy would differ
         model = Qwen2_5_VLForConditionalGeneration._from_config(build_config(size, tok), dtype=dtype).to(device)
         return cls(model, build_processor(tok), size=size, lora_rank=lora_rank, lora_alpha=lora_alpha)
 
@@ -324,124 +292,52 @@ class Agent:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    # ---- sample: the rollout ------------------------------------------------------------------------
+    # ---- the three calls PPO makes ------------------------------------------------------------------
 
     def sample(self, images, prompts, temperature: float = 0.2, top_k: int = 5, repetition_penalty: float = 1.2,
                max_new_tokens: int = 64, do_sample: bool = True, min_new_tokens: int = 0) -> Batch:
-        """Roll out one answer per (image, prompt) with `decode`. Seed with torch.manual_seed for reproducible
-        samples. do_sample=False is greedy (repetition_penalty still applies; pass 1.0 for plain argmax)."""
+        """One answer per (image, prompt) by `decode` (no grad), seeded by torch.manual_seed. do_sample=False:
+        greedy after the repetition penalty (1.0 for plain argmax)."""
         if temperature <= 0:
             raise ValueError("temperature must be > 0 (use do_sample=False for greedy)")
         enc = self.tokenize_prompts(images, prompts)
         gen, logp, entropy, values = self.decode(enc, temperature, top_k, repetition_penalty, max_new_tokens,
                                                  do_sample, min_new_tokens)
-        batch = self._as_batch(enc, gen, temperature)
-        G = batch.gen_mask.shape[1]
-        batch.logp = logp[:, :G] * batch.gen_mask
-        batch.thought_entropy = masked_mean(entropy[:, :G], batch.thought_mask)   # 0 if no thought
-        batch.values = values
-        return batch
+        return self._set_stats(self._as_batch(enc, gen, temperature), logp, entropy, values)
 
-    def next_tokens(self, logits, seen, step: int, temperature, top_k, repetition_penalty, do_sample,
-                    min_new_tokens):
-        """logits [B, V] of the next position -> token ids [B], with generate's rules in generate's order:
-        repetition penalty on every token already in the row (prompt included), banned and (before
-        min_new_tokens) EOS tokens removed, then temperature, top-k and a multinomial draw (or argmax)."""
-        scores = logits.float().clone()   # the caller's logits stay untouched (log-probs are read from them)
-        if repetition_penalty != 1.0:
-            hit = torch.where(scores < 0, scores * repetition_penalty, scores / repetition_penalty)
-            scores = torch.where(seen, hit, scores)
-        scores[:, self.suppress_ids + (self.eos_ids if step < min_new_tokens else [])] = -math.inf
-        if not do_sample:
-            return scores.argmax(-1)
-        scores = scores / temperature
-        if top_k:
-            kth = scores.topk(min(top_k, scores.shape[-1]), -1).values[:, -1:]
-            scores = scores.masked_fill(scores < kth, -math.inf)
-        return torch.multinomial(torch.softmax(scores, -1), 1).squeeze(-1)
+    def encode(self, images, prompts, answers, temperature: float = 1.0) -> Batch:
+        """The Batch `sample` would give had it written `answers`: `tokenize` + one forward (no grad)."""
+        batch = self.tokenize(images, prompts, answers, temperature)
+        with torch.no_grad():
+            logp, values, logits = self.score(batch, return_logits=True)
+            lp = torch.log_softmax(logits.float() / batch.temperature, -1)            # [B, G, V]
+            return self._set_stats(batch, logp, -(lp.exp() * lp).sum(-1), values)
 
-    @torch.no_grad()
-    def decode(self, enc, temperature, top_k, repetition_penalty, max_new_tokens, do_sample, min_new_tokens):
-        """Batched sampling with a hand-written KV cache. The model's own forward reads the prompt (vision
-        tower, M-RoPE positions) once; every later token runs the language model's layers on one position
-        against K/V buffers [B, kv_heads, P + max_new_tokens, head_dim]. A generated token has all three
-        M-RoPE components equal to (real prompt tokens + g + rope_delta), as in `generate`. Returns gen
-        [B, G'] (pad after EOS, on the CPU), each token's log-prob at `temperature` and that distribution's
-        entropy (both [B, G'], before repetition penalty and top-k, as `score` computes them), values [B]."""
-        dev = self.device
-        if getattr(self.model.config.text_config, "use_sliding_window", False):
-            raise ValueError("decode: sliding-window attention is not supported")
-        ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev).bool()
-        B, P = ids.shape
-        out = self.model.model(**self._model_inputs(enc), use_cache=True)
-        h = out.last_hidden_state[:, -1:]                                       # [B, 1, H] last prompt token
-        values = self.value_head(h[:, 0].float()).squeeze(-1)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
-        S = P + max_new_tokens
-        K, V = [], []   # per layer [B, kv_heads, S, head_dim]; the prompt's keys/values copied into columns :P
-        for layer in cache.layers:
-            for buf, t in ((K, layer.keys), (V, layer.values)):
-                buf.append(t.new_zeros(B, t.shape[1], S, t.shape[3]))
-                buf[-1][:, :, :P] = t
-        del cache, out
-        valid = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)        # [B, S]
-        # [B] rotary position of gen token 0: real prompt tokens + rope_delta (= the prompt's max position + 1)
-        pos = mask.sum(1) + self.model.model.rope_deltas.to(dev).view(B)
-        seen = torch.zeros(B, self.model.config.text_config.vocab_size, dtype=torch.bool, device=dev)
-        seen.scatter_(1, ids.masked_fill(~mask, ids[0, -1]), True)            # prompt tokens (pads -> a real one)
-        gen = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
-        logp = torch.zeros(B, max_new_tokens, device=dev)
-        entropy = torch.zeros(B, max_new_tokens, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        eos = torch.tensor(self.eos_ids, device=dev)
-        logits = self.model.lm_head(h)[:, 0]                                   # h is already normed
-        g = 0
-        for g in range(max_new_tokens):
-            tok = self.next_tokens(logits, seen, g, temperature, top_k, repetition_penalty, do_sample,
-                                   min_new_tokens)
-            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
-            lp = torch.log_softmax(logits.float() / temperature, -1)           # [B, V]
-            logp[:, g] = lp.gather(1, tok[:, None])[:, 0] * ~done
-            entropy[:, g] = -(lp.exp() * lp).sum(-1) * ~done
-            gen[:, g] = tok
-            seen.scatter_(1, tok[:, None], True)
-            done |= torch.isin(tok, eos)
-            if g + 1 == max_new_tokens or (g % 4 == 3 and bool(done.all())):   # one sync per 4 tokens
-                break
-            logits = self._decode_step(tok, pos + g, P + g, K, V, valid)
-        n = g + 1
-        return gen[:, :n].cpu(), logp[:, :n], entropy[:, :n], values   # ids on the CPU: they are decoded there
+    def score(self, batch: Batch, temperature: float | None = None, return_logits: bool = False):
+        """One forward with grad -> logp [B, G] at `temperature` (default the batch's; 0 at pad), values [B],
+        and if asked the untempered logits [B, G, V], logits[:, g] predicting gen token g (else None)."""
+        T, P = batch.temperature if temperature is None else temperature, batch.prompt_len
+        h = self.model.model(**self._model_inputs(batch), use_cache=False).last_hidden_state   # [B, P+G, H]
+        logits = self.model.lm_head(h[:, P - 1:])                        # [B, G+1, V]; pos P-1 predicts gen 0
+        logp = token_logprobs(logits, batch.input_ids[:, P - 1:], T) * batch.gen_mask   # [B, G]
+        values = self.value_head(h[:, P - 1].float()).squeeze(-1)        # [B]; left padding: one column for all
+        return logp, values, (logits[:, :-1] if return_logits else None)
 
-    def _decode_step(self, tok, pos, col: int, K, V, valid):
-        """tok [B] at rotary position pos [B] through the language model, its K/V written to cache column
-        col. Returns the next logits [B, V]."""
-        lm = self.model.model.language_model
-        B = tok.shape[0]
-        x = lm.embed_tokens(tok[:, None])                                       # [B, 1, H]
-        cos, sin = lm.rotary_emb(x, pos.view(1, B, 1).expand(3, B, 1))
-        for i, layer in enumerate(lm.layers):
-            att = layer.self_attn
-            r = layer.input_layernorm(x)
-            q = att.q_proj(r).view(B, 1, -1, att.head_dim).transpose(1, 2)    # [B, heads, 1, head_dim]
-            k = att.k_proj(r).view(B, 1, -1, att.head_dim).transpose(1, 2)    # [B, kv_heads, 1, head_dim]
-            v = att.v_proj(r).view(B, 1, -1, att.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            K[i][:, :, col] = k[:, :, 0]
-            V[i][:, :, col] = v[:, :, 0]
-            kv = K[i].shape[1]   # query heads h = kv_head * group + r share kv_head (repeat_kv's order)
-            q = q.reshape(B, kv, -1, att.head_dim).to(K[i].dtype)             # [B, kv_heads, group, head_dim]
-            s = q @ K[i][:, :, :col + 1].transpose(-1, -2) * att.scaling         # [B, kv_heads, group, col+1]
-            s = s.float().masked_fill(~valid[:, None, None, :col + 1], -math.inf)
-            o = torch.softmax(s, -1).to(V[i].dtype) @ V[i][:, :, :col + 1]      # [B, kv_heads, group, head_dim]
-            x = x + att.o_proj(o.reshape(B, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.model.lm_head(lm.norm(x))[:, 0]
+    def tokenize(self, images, prompts, answers, temperature: float = 1.0) -> Batch:
+        """`encode` without the forward (logp, values, thought_entropy zero), for a caller that runs `score`."""
+        if len(answers) != len(prompts):
+            raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
+        enc = self.tokenize_prompts(images, prompts)   # first: a saved tokenizer.json keeps the last call's padding
+        ids = [torch.tensor(self.tokenizer(a, add_special_tokens=False)["input_ids"] + [self.im_end_id])
+               for a in answers]
+        gen = nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self.pad_id)   # [B, G']
+        return self._as_batch(enc, gen, temperature)
 
-    # ---- given answers (teacher forcing): tokenize (no forward), encode (tokenize + one forward) -----
+    # ---- from prompts and token ids to a Batch ------------------------------------------------------
 
     def tokenize_prompts(self, images, prompts) -> dict:
-        """Chat template (user turn: one image, then the text) + processor. Returns left-padded
-        input_ids/attention_mask/mm_token_type_ids [B, P], pixel_values [patches, D], image_grid_thw [B, 3]."""
+        """Chat template (user turn: one image, then the text) + processor -> left-padded input_ids,
+        attention_mask, mm_token_type_ids [B, P], pixel_values [patches, D], image_grid_thw [B, 3]."""
         if len(images) != len(prompts) or not prompts:
             raise ValueError(f"need as many images as prompts (>0), got {len(images)} and {len(prompts)}")
         for i, im in enumerate(images):
@@ -457,26 +353,18 @@ class Agent:
                                     "image_grid_thw")}
 
     def split_thought_action(self, ids: list[int]) -> int:
-        """Number of thought tokens among real generated ids: tokens before the one that holds the start
-        of the last `"action":` in the decoded text; all of them if there is no `"action":`."""
+        """How many of the real generated `ids` are thought: those before the token holding the start of the
+        last `"action":` in the decoded text (all if none). By characters: BPE may merge the quote leftwards."""
         decode = lambda t: self.tokenizer.decode(t, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         s = decode(ids).rfind(ACTION_KEY)
-        if s < 0:
-            return len(ids)
-        lo, hi = 1, len(ids)   # smallest k whose decoded prefix reaches past character s (binary search)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if len(decode(ids[:mid])) > s:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo - 1
+        # else the smallest k >= 1 whose decoded prefix reaches past character s, minus 1 (binary search)
+        return len(ids) if s < 0 else bisect.bisect_right(range(1, len(ids)), s, key=lambda k: len(decode(ids[:k])))
 
     def _as_batch(self, enc: dict, gen: torch.Tensor, temperature: float) -> Batch:
         """Prompts + gen [B, G'] generated or answer ids -> Batch with masks; logp, values, entropy zero."""
         B, dev = gen.shape[0], self.device
-        is_eos = torch.isin(gen, torch.tensor(self.eos_ids, device=gen.device))
-        gen_mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0       # up to and incl. the first EOS
+        is_eos = torch.isin(gen, torch.tensor(self.eos_ids, device=gen.device)).long()
+        gen_mask = (is_eos.cumsum(1) - is_eos) == 0                       # up to and incl. the first EOS
         G = max(int(gen_mask.sum(1).max()), 1)
         gen, gen_mask = gen[:, :G], gen_mask[:, :G]
         gen = torch.where(gen_mask, gen, torch.full_like(gen, self.pad_id))
@@ -495,29 +383,14 @@ class Agent:
                      logp=torch.zeros(B, G, device=dev), values=z, texts=texts, thought_entropy=z.clone(),
                      temperature=float(temperature), pad_id=self.pad_id)
 
-    def tokenize(self, images, prompts, answers, temperature: float = 1.0) -> Batch:
-        """The Batch `sample` would give had it generated `answers` (each closed by <|im_end|>), same mask
-        rule, no forward: logp, values and thought_entropy are zero. For a caller that runs `score` itself."""
-        if len(answers) != len(prompts):
-            raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
-        enc = self.tokenize_prompts(images, prompts)
-        ids = [torch.tensor(self.tokenizer(a, add_special_tokens=False)["input_ids"] + [self.im_end_id])
-               for a in answers]
-        gen = nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self.pad_id)   # [B, G']
-        return self._as_batch(enc, gen, temperature)
-
-    def encode(self, images, prompts, answers, temperature: float = 1.0) -> Batch:
-        """`tokenize` + one teacher-forced forward (no grad) that fills logp at `temperature`, values and
-        thought entropy, as `sample` fills them."""
-        batch = self.tokenize(images, prompts, answers, temperature)
-        with torch.no_grad():
-            logp, values, logits = self.score(batch, return_logits=True)
-            lp = torch.log_softmax(logits.float() / batch.temperature, -1)           # [B, G, V]
-            batch.thought_entropy = masked_mean(-(lp.exp() * lp).sum(-1), batch.thought_mask)   # 0 if no thought
-            batch.logp, batch.values = logp.detach(), values.detach()
+    @staticmethod
+    def _set_stats(batch: Batch, logp, entropy, values) -> Batch:
+        """Per-token log-probs and entropies [B, >= G] and values [B] into the batch (logp 0 at pad)."""
+        G = batch.gen_mask.shape[1]
+        batch.logp = logp[:, :G] * batch.gen_mask
+        batch.thought_entropy = masked_mean(entropy[:, :G], batch.thought_mask)   # 0 if no thought
+        batch.values = values
         return batch
-
-    # ---- score: the forward PPO differentiates ------------------------------------------------------
 
     def _model_inputs(self, b) -> dict:
         """The model's keyword inputs from a Batch or a `tokenize_prompts` dict, on the model's device."""
@@ -525,17 +398,92 @@ class Agent:
         x = {k: get(k).to(self.device) for k in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")}
         return dict(x, pixel_values=get("pixel_values").to(self.device, self.dtype))
 
-    def score(self, batch: Batch, temperature: float | None = None, return_logits: bool = False):
-        """One forward with grad. Returns logp [B, G] at `temperature` (default the batch's; 0 at pad),
-        values [B] from the last prompt token, and (optionally) untempered logits [B, G, V] where
-        logits[:, g] predicts gen token g."""
-        T = batch.temperature if temperature is None else temperature
-        P = batch.prompt_len
-        h = self.model.model(**self._model_inputs(batch), use_cache=False).last_hidden_state   # [B, P+G, H]
-        logits = self.model.lm_head(h[:, P - 1:])                        # [B, G+1, V]; pos P-1 predicts gen 0
-        logp = token_logprobs(logits, batch.input_ids[:, P - 1:], T) * batch.gen_mask   # [B, G]
-        values = self.value_head(h[:, P - 1].float()).squeeze(-1)        # [B]; same column for all rows
-        return logp, values, (logits[:, :-1] if return_logits else None)
+    # ---- the KV-cache decoder behind `sample` -------------------------------------------------------
+
+    @torch.no_grad()
+    def decode(self, enc, temperature, top_k, repetition_penalty, max_new_tokens, do_sample, min_new_tokens):
+        """Sampling against a hand-written KV cache: the model's forward reads the prompt once (vision tower,
+        M-RoPE positions), then each new token runs the language model on one position against preallocated K/V
+        buffers. Returns gen [B, G'] (pad after EOS, on the CPU), each token's log-prob and its distribution's
+        entropy at `temperature` ([B, G'] both; before penalty and top-k, as `score` has them), values [B]."""
+        dev = self.device
+        if getattr(self.model.config.text_config, "use_sliding_window", False):
+            raise ValueError("decode: sliding-window attention is not supported")
+        ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev).bool()
+        B, P = ids.shape
+        out = self.model.model(**self._model_inputs(enc), use_cache=True)
+        h = out.last_hidden_state[:, -1:]                                       # [B, 1, H] last prompt token
+        values = self.value_head(h[:, 0].float()).squeeze(-1)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values   # older releases: past_key_values
+        K, V = [], []   # per layer [B, kv_heads, P + max_new_tokens, head_dim], the prompt's in columns :P
+        for layer in cache.layers:
+            for buf, t in ((K, layer.keys), (V, layer.values)):
+                buf.append(t.new_zeros(B, t.shape[1], P + max_new_tokens, t.shape[3]))
+                buf[-1][:, :, :P] = t
+        del cache, out
+        valid = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)        # [B, P + max_new_tokens]
+        # [B] rotary position of gen token 0 in all three M-RoPE components, as in `generate`: real prompt
+        # tokens + rope_delta (= the prompt's max position + 1)
+        pos = mask.sum(1) + self.model.model.rope_deltas.to(dev).view(B)
+        seen = torch.zeros(B, self.model.config.text_config.vocab_size, dtype=torch.bool, device=dev)
+        seen.scatter_(1, ids.masked_fill(~mask, ids[0, -1]), True)            # prompt tokens (pads -> a real one)
+        gen = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
+        logp, entropy = torch.zeros(B, max_new_tokens, device=dev), torch.zeros(B, max_new_tokens, device=dev)
+        done, eos = torch.zeros(B, dtype=torch.bool, device=dev), torch.tensor(self.eos_ids, device=dev)
+        logits, g = self.model.lm_head(h)[:, 0], 0                             # h is already normed
+        for g in range(max_new_tokens):
+            tok = self.next_tokens(logits, seen, g, temperature, top_k, repetition_penalty, do_sample,
+                                   min_new_tokens)
+            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
+            lp = torch.log_softmax(logits.float() / temperature, -1)           # [B, V]
+            logp[:, g] = lp.gather(1, tok[:, None])[:, 0] * ~done
+            entropy[:, g] = -(lp.exp() * lp).sum(-1) * ~done
+            gen[:, g] = tok
+            seen.scatter_(1, tok[:, None], True)
+            done |= torch.isin(tok, eos)
+            if g + 1 == max_new_tokens or (g % 4 == 3 and bool(done.all())):   # one host sync per 4 tokens
+                break
+            logits = self._decode_step(tok, pos + g, P + g, K, V, valid)
+        return gen[:, :g + 1].cpu(), logp[:, :g + 1], entropy[:, :g + 1], values   # ids are decoded on the CPU
+
+    def next_tokens(self, logits, seen, step: int, temperature, top_k, repetition_penalty, do_sample,
+                    min_new_tokens):
+        """logits [B, V] -> token ids [B] by generate's rules in generate's order: repetition penalty on every
+        token already in the row (prompt included), banned and (before min_new_tokens) EOS tokens removed,
+        then temperature, top-k and a multinomial draw (or argmax)."""
+        scores = logits.float().clone()   # the caller's logits stay untouched (log-probs are read from them)
+        if repetition_penalty != 1.0:
+            hit = torch.where(scores < 0, scores * repetition_penalty, scores / repetition_penalty)
+            scores = torch.where(seen, hit, scores)
+        scores[:, self.suppress_ids + (self.eos_ids if step < min_new_tokens else [])] = -math.inf
+        if not do_sample:
+            return scores.argmax(-1)
+        scores = scores / temperature
+        if top_k:
+            kth = scores.topk(min(top_k, scores.shape[-1]), -1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, -math.inf)
+        return torch.multinomial(torch.softmax(scores, -1), 1).squeeze(-1)
+
+    def _decode_step(self, tok, pos, col: int, K, V, valid):
+        """tok [B] at rotary position pos [B] through the language model, K/V into column col -> logits [B, V]."""
+        lm, B = self.model.model.language_model, tok.shape[0]
+        x = lm.embed_tokens(tok[:, None])                                       # [B, 1, H]
+        cos, sin = lm.rotary_emb(x, pos.view(1, B, 1).expand(3, B, 1))
+        for i, layer in enumerate(lm.layers):
+            att, r = layer.self_attn, layer.input_layernorm(x)
+            q = att.q_proj(r).view(B, 1, -1, att.head_dim).transpose(1, 2)    # [B, heads, 1, head_dim]
+            k = att.k_proj(r).view(B, 1, -1, att.head_dim).transpose(1, 2)    # [B, kv_heads, 1, head_dim]
+            v = att.v_proj(r).view(B, 1, -1, att.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            K[i][:, :, col], V[i][:, :, col] = k[:, :, 0], v[:, :, 0]
+            kv = K[i].shape[1]   # query heads h = kv_head * group + r share kv_head (repeat_kv's order)
+            q = q.reshape(B, kv, -1, att.head_dim).to(K[i].dtype)             # [B, kv_heads, group, head_dim]
+            s = q @ K[i][:, :, :col + 1].transpose(-1, -2) * att.scaling         # [B, kv_heads, group, col+1]
+            s = s.float().masked_fill(~valid[:, None, None, :col + 1], -math.inf)
+            o = torch.softmax(s, -1).to(V[i].dtype) @ V[i][:, :, :col + 1]      # [B, kv_heads, group, head_dim]
+            x = x + att.o_proj(o.reshape(B, 1, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.model.lm_head(lm.norm(x))[:, 0]
 
     # ---- trainable state (what the optimizer updates and merge.py combines) -------------------------
 
@@ -546,15 +494,14 @@ class Agent:
     def num_params(self) -> int:
         return sum(p.numel() for m in (self.model, self.value_head) for p in m.parameters())
 
+    @torch.no_grad()
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Detached CPU clones. No LoRA: every model weight by in-memory name. LoRA: per wrapped layer the
-        effective weight delta (fp32), keyed by the layer's original weight name. Never the value head."""
-        mods = lora_modules(self.model)
-        if not mods:
-            return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()}
-        with torch.no_grad():
+        """CPU copies of the model weights by name; with LoRA, each layer's effective weight minus its base (fp32)."""
+        if mods := lora_modules(self.model):
             return {f"{n}.weight": m.delta_weight().detach().cpu().clone() for n, m in mods.items()}
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()}
 
+    @torch.no_grad()
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of trainable_state; keys and shapes must match exactly."""
         mods = lora_modules(self.model)
@@ -562,15 +509,13 @@ class Agent:
         if set(state) != set(targets):
             extra, missing = sorted(set(state) - set(targets)), sorted(set(targets) - set(state))
             raise KeyError(f"trainable state keys differ: unexpected {extra[:3]}, missing {missing[:3]}")
-        with torch.no_grad():
-            for k, t in targets.items():
-                shape = t.base.weight.shape if mods else t.shape
-                if state[k].shape != shape:
-                    raise ValueError(f"trainable state {k}: shape {tuple(state[k].shape)} != {tuple(shape)}")
-                if mods:
-                    t.set_delta(state[k].to(self.device))
-                else:
-                    t.copy_(state[k])
+        for k, t in targets.items():
+            if state[k].shape != (shape := t.base.weight.shape if mods else t.shape):
+                raise ValueError(f"trainable state {k}: shape {tuple(state[k].shape)} != {tuple(shape)}")
+            if mods:
+                t.set_delta(state[k].to(self.device))
+            else:
+                t.copy_(state[k])
 
     def copy_frozen(self) -> "Agent":
         """A deep copy (model and value head; processor shared) with no gradients, in eval mode: the teacher."""
@@ -583,11 +528,13 @@ class Agent:
     # ---- save / load ----------------------------------------------------------------------------------
 
     def save(self, path) -> None:
-        """Write, atomically, a loadable Qwen2.5-VL directory (the base model without LoRA, the processor) +
-        value_head.safetensors, lora.safetensors (LoRA factors and loaded deltas), agent.json, manifest.json.
-        Weight files are 0644 (safetensors writes 0600), readable like the rest of a run."""
-        mods = lora_modules(self.model)
-        to_cpu = lambda d: {k: v.detach().cpu().contiguous() for k, v in d.items()}
+        """Atomically write a directory transformers loads (the base model without LoRA, the processor) +
+        value_head.safetensors, lora.safetensors (factors and loaded deltas), agent.json, manifest.json."""
+        mods, to_cpu = lora_modules(self.model), lambda d: {k: v.detach().cpu().contiguous() for k, v in d.items()}
+        lora = {f"{n}.{k}": t for n, m in mods.items()
+                for k, t in (("lora_A", m.lora_A), ("lora_B", m.lora_B), ("delta", m.delta)) if t is not None}
+        settings = {"size": self.size, "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha,
+                    "value_hidden": list(self.value_hidden)}
 
         def write(tmp: Path) -> None:
             for n, m in mods.items():   # the base model alone is the standard checkpoint
@@ -600,13 +547,9 @@ class Agent:
             self.processor.save_pretrained(tmp)
             save_file(to_cpu(self.value_head.state_dict()), str(tmp / "value_head.safetensors"))
             if mods:
-                save_file(to_cpu({f"{n}.{k}": t for n, m in mods.items() for k, t in
-                                 (("lora_A", m.lora_A), ("lora_B", m.lora_B), ("delta", m.delta)) if t is not None}),
-                          str(tmp / "lora.safetensors"))
-            (tmp / "agent.json").write_text(json.dumps(
-                {"size": self.size, "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha,
-                 "value_hidden": list(self.value_hidden)}, indent=1))
-            for f in tmp.glob("*.safetensors"):
+                save_file(to_cpu(lora), str(tmp / "lora.safetensors"))
+            (tmp / "agent.json").write_text(json.dumps(settings, indent=1))
+            for f in tmp.glob("*.safetensors"):   # safetensors writes 0600; a run's files are readable
                 os.chmod(f, 0o644)
             write_manifest(tmp)
 
@@ -615,28 +558,25 @@ class Agent:
     @classmethod
     def load(cls, path, device="cpu", dtype=torch.float32, lora_rank: int = 0,
              lora_alpha: float | None = None) -> "Agent":
-        """A Qwen2.5-VL directory (a saved agent, or a plain `save_pretrained` one, which gets a fresh value
-        head) or a hub id. A saved agent's own settings (size, LoRA, value head sizes) win over the
-        arguments; a conflicting LoRA rank is an error. Every failure is one CheckpointError naming it."""
+        """A directory from `save` (its settings win over the arguments; another lora_rank is an error) or from
+        `save_pretrained` (a fresh value head), or a hub id. Each failure is one CheckpointError naming the file."""
         local = Path(path).expanduser()
-        if local.exists():
+        hub = not local.exists() and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path))   # owner/name
+        if not hub:
             check_checkpoint_dir(local)
             verify_manifest(local)
-        elif not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)):   # not a hub id either
-            old = local.parent / f".{local.name}.old"
-            hint = f" (an interrupted save left the previous copy at {old})" if old.exists() else ""
-            raise CheckpointError(f"{local}: no such checkpoint directory{hint}")
         settings = read_json(local / "agent.json") if (local / "agent.json").is_file() else {}
-        src = str(local) if local.exists() else str(path)
+        src = str(path) if hub else str(local)
         try:
             model, info = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype, output_loading_info=True)
             processor = ImageOnlyQwen2_5_VLProcessor.from_pretrained(src)
         except Exception as e:
-            where = "" if local.exists() else (" (not a local directory, and the Hugging Face hub is unreachable, "
-                                                "offline, or has no such repo)")
+            where = (" (not a local directory, and the Hugging Face hub is unreachable, offline, or has no such repo)"
+                     if hub else "")
             raise CheckpointError(f"{src}: transformers could not load it{where}: {e}") from e
         if not isinstance(model, Qwen2_5_VLForConditionalGeneration):
             raise CheckpointError(f"{src}: loaded {type(model).__name__}, not a Qwen2.5-VL model")
+        # transformers only warns about weights it had to initialise at random
         missing, mismatched = [k for k in info.get("missing_keys", []) if k], list(info.get("mismatched_keys", []))
         if missing or mismatched:
             raise CheckpointError(f"{src}: the weights do not match its config (missing {sorted(missing)[:5]}, "
@@ -653,12 +593,12 @@ class Agent:
             agent._read_weights(local / "lora.safetensors", agent._set_lora)
         return agent
 
+    @torch.no_grad()
     def _set_lora(self, state: dict) -> None:
-        with torch.no_grad():
-            for n, m in lora_modules(self.model).items():
-                if f"{n}.delta" in state:
-                    m.set_delta(state[f"{n}.delta"])   # zeroes B, which is copied next
-                m.lora_A.copy_(state[f"{n}.lora_A"]), m.lora_B.copy_(state[f"{n}.lora_B"])
+        for n, m in lora_modules(self.model).items():
+            if f"{n}.delta" in state:
+                m.set_delta(state[f"{n}.delta"])   # zeroes B, which is copied next
+            m.lora_A.copy_(state[f"{n}.lora_A"]), m.lora_B.copy_(state[f"{n}.lora_B"])
 
     def _read_weights(self, file: Path, load) -> None:
         if not file.is_file():
@@ -673,10 +613,9 @@ class Agent:
 # Files: the one atomic write of the project, manifests, checkpoint checks
 
 def atomic_write(path, write, tmp=None, keep_prev=None) -> None:
-    """`write(tmp)` fills a temporary file or directory beside `path`, then a rename makes it `path`: a crash
-    leaves the old or the new copy, never half of one. A directory being replaced is renamed aside first
-    (rename cannot replace a non-empty one) and removed afterwards, or kept as `keep_prev`. tmp: a fixed
-    temporary name (other processes write into it too), else a unique one."""
+    """`write(tmp)` fills a file or directory `tmp` (default: a unique name beside `path`), then a rename makes it
+    `path`, so a crash leaves the old or the new copy. An old directory is renamed aside (rename cannot replace
+    a non-empty one), then removed or kept as `keep_prev`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tmp) if tmp else path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -710,17 +649,20 @@ def sha256_file(path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def read_json(path: Path) -> dict:
+def read_json(path) -> dict:
+    """The JSON object in `path`; a file that holds none is one CheckpointError naming it."""
     try:
-        return json.loads(Path(path).read_text())
-    except Exception as e:
-        raise CheckpointError(f"{path} is unreadable JSON ({e})") from e
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:   # ValueError: not JSON, or not UTF-8
+        raise CheckpointError(f"{path} is damaged (not readable JSON: {e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} is damaged (a JSON {type(obj).__name__}, not an object)")
+    return obj
 
 
 def write_manifest(path) -> None:
-    """path/manifest.json: the SHA-256 of every file under `path`, keyed by relative POSIX path, so a damaged
-    file is named at load, not trained on. The hashes a nested manifest.json lists are taken as they are
-    (those files are not read again); manifest.json files themselves are not listed."""
+    """path/manifest.json: the SHA-256 of every file under `path` by relative POSIX path, so that a damaged
+    file is named at load, not trained on. A nested manifest.json's hashes are taken as they are."""
     path, known, files = Path(path), {}, []
     for f in path.rglob("*"):
         if f.name == "manifest.json" and f.parent != path:
@@ -735,9 +677,7 @@ def write_manifest(path) -> None:
 def verify_manifest(path) -> None:
     """Every file path/manifest.json lists is there with the same SHA-256 (no manifest.json: passes)."""
     manifest = Path(path) / "manifest.json"
-    if not manifest.is_file():
-        return
-    for name, digest in read_json(manifest).items():
+    for name, digest in (read_json(manifest) if manifest.is_file() else {}).items():
         file = Path(path) / name
         if not file.is_file():
             raise CheckpointError(f"{file} is missing (listed in {manifest})")
@@ -746,30 +686,28 @@ def verify_manifest(path) -> None:
 
 
 def check_checkpoint_dir(path: Path) -> None:
-    """Name the first problem a user can hit in a checkpoint directory before transformers reads it: no
-    config, another model type, a missing or truncated weight file, no image processor or tokenizer."""
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a directory")
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise CheckpointError(f"{cfg} is missing, so {path} is not a transformers checkpoint")
+    """Name the first problem a user can hit in a checkpoint directory, before transformers reads it."""
+    def need(ok: bool, problem: str) -> None:
+        if not ok:
+            raise CheckpointError(problem)
+
+    old = path.parent / f".{path.name}.old"   # where atomic_write keeps a directory while replacing it
+    need(path.exists(), f"{path}: no such checkpoint directory" + (
+        f" (an interrupted save left the previous copy at {old})" if old.exists() else ""))
+    cfg, index = path / "config.json", path / "model.safetensors.index.json"
+    need(path.is_dir(), f"{path} is not a directory")
+    need(cfg.is_file(), f"{cfg} is missing, so {path} is not a transformers checkpoint")
     kind = read_json(cfg).get("model_type")
-    if kind != "qwen2_5_vl":
-        raise CheckpointError(f"{cfg}: model_type {kind!r} is not a Qwen2.5-VL checkpoint (need 'qwen2_5_vl')")
-    index = path / "model.safetensors.index.json"
+    need(kind == "qwen2_5_vl", f"{cfg}: model_type {kind!r} is not a Qwen2.5-VL checkpoint (need 'qwen2_5_vl')")
     shards = sorted(set(read_json(index).get("weight_map", {}).values())) if index.is_file() else []
-    for name in (shards or ["model.safetensors"]) + ["value_head.safetensors", "lora.safetensors"]:
-        file = path / name
-        if not file.is_file():
-            if name.startswith(("value_head", "lora")):   # the agent's own files are optional
-                continue
-            raise CheckpointError(f"{file} is missing (the model weights)")
-        try:   # safetensors' own header check: 8-byte length, JSON header, tensors that exactly fill the file
+    own = [n for n in ("value_head.safetensors", "lora.safetensors") if (path / n).is_file()]   # optional files
+    for file in [path / n for n in (shards or ["model.safetensors"]) + own]:
+        need(file.is_file(), f"{file} is missing (the model weights)")
+        try:   # safetensors' header check: 8-byte length, JSON header, tensors that exactly fill the file
             with safe_open(str(file), "pt"):
                 pass
         except Exception as e:
             raise CheckpointError(f"{file} is truncated or corrupt ({e})") from None
-    if not any((path / n).is_file() for n in ("preprocessor_config.json", "processor_config.json")):
-        raise CheckpointError(f"{path} has no preprocessor_config.json or processor_config.json (the image processor)")
-    if not (path / "tokenizer_config.json").is_file():
-        raise CheckpointError(f"{path / 'tokenizer_config.json'} is missing (the tokenizer)")
+    need(any((path / n).is_file() for n in ("preprocessor_config.json", "processor_config.json")),
+         f"{path} has no preprocessor_config.json or processor_config.json (the image processor)")
+    need((path / "tokenizer_config.json").is_file(), f"{path / 'tokenizer_config.json'} is missing (the tokenizer)")

@@ -7,7 +7,6 @@
       exact_reverse_kl, forward_kl   full-vocabulary KL per token (ablations)
       guide_mask          4.4: the tokens guided, the thoughts (or thought + action, ablation)
       teacher_kl          the frozen teacher scores the agent's sampled tokens -> one penalty per turn
-      teacher_kl_loss     --kl-mode loss: the k3 KL as a loss instead of reward shaping
     3 and 4.3, SFT on guided thoughts:
       sft_loss            cross-entropy on the guided tokens
       gtr_labels          GTR's privileged corrector relabels the wrong turns (section 3)
@@ -128,23 +127,15 @@ def guide_mask(batch, guide: str = "thought") -> torch.Tensor:
 
 def teacher_kl(agent, teacher, batch, mask, estimator: str = "clip", kl_clip: float = 10.0):
     """turbo-kl (section 4.2): the frozen teacher scores the agent's own sampled tokens, image in context.
-    -> (the penalty per turn [B], the teacher's token log-probs [B, G], None for the full-vocabulary ablations).
-    One teacher forward: the agent's log-probs are those recorded while sampling (batch.logp)."""
+    -> the penalty per turn [B]. One teacher forward: the agent's log-probs are those recorded while sampling
+    (batch.logp)."""
     if estimator in ("exact", "forward"):  # full-vocabulary ablations need both distributions
         _, _, agent_logits = agent.score(batch, return_logits=True)
         _, _, teacher_logits = teacher.score(batch, return_logits=True)
         kl = exact_reverse_kl if estimator == "exact" else forward_kl
-        return kl(agent_logits, teacher_logits, mask, temperature=batch.temperature), None
+        return kl(agent_logits, teacher_logits, mask, temperature=batch.temperature)
     teacher_logp, _, _ = teacher.score(batch)
-    return reverse_kl_penalty(batch.logp, teacher_logp, mask, estimator=estimator, lo=0.0, hi=kl_clip), teacher_logp
-
-
-def teacher_kl_loss(logp, teacher_logp, mask):
-    """--kl-mode loss: the k3 estimate of KL(agent || teacher), exp(d) - 1 - d with d = log pi_teacher - log
-    pi_agent, averaged over the guided tokens; its gradient (1 - exp(d)) grad log pi_agent pulls each guided token
-    toward the teacher. logp, teacher_logp, mask: [B, G] -> scalar."""
-    d = teacher_logp - logp
-    return ((torch.expm1(d) - d) * mask).sum() / mask.sum().clamp_min(1.0)
+    return reverse_kl_penalty(batch.logp, teacher_logp, mask, estimator=estimator, lo=0.0, hi=kl_clip)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,22 +1,17 @@
-"""env.py: the three tasks as gymnasium environments, their solvers and expert answers, the answer parser,
-and the lockstep batch of envs that the trainer and the evaluator play.
+"""env.py: the three tasks as gymnasium environments, their solvers and expert answers, the answer parser, and
+the lockstep batch of envs that the trainer and the evaluator play: the paper's setting (docs/method.md section 1)
+at this project's scale (section 6).
 
-The paper's setting (docs/method.md section 1) at this project's scale (section 6):
-- `SokobanEnv` (gtr/Sokoban-v0), `GridWorldEnv` (gtr/GridWorld-v0), `Points24Env` (gtr/Points24-v0). Each turn
-  the agent sees the RGB image and `prompt()` and answers with one JSON object, a thought and an action;
-  `parse_answer` reads the action with the paper's rule (the text after the last `"action":`).
-- Each env reads as rules (`reset`, `step`), observation (`_obs`), expert answer (`expert_answer` and
-  `optimal_actions`: privileged, from the solver, for SFT demos and GTR's corrector) and grounding
-  (`grounding(thought)`: the share of a thought's checkable facts that are true, section 6's metric).
-- Solvers: BFS for Sokoban and GridWorld, exhaustive exact search (Fractions) for Points24.
-- `LockstepEnvs`: N envs stepped together from N answer texts, with auto-reset, invalid answers (a penalised
-  no-op turn, or the reference code's random legal action) and a resumable state.
+Each env (`SokobanEnv`, `GridWorldEnv`, `Points24Env`) reads as rules (`_random_level`, `step`), observation
+(`_obs`, an RGB image, with `prompt`), expert answer (`expert_answer`, `optimal_actions`: privileged, from a
+solver, for SFT demos and GTR's corrector) and grounding (`grounding(thought)`: the share of a thought's
+checkable facts that are true, section 6's metric). An answer is one JSON object, a thought and an action;
+`parse_answer` reads the action by the paper's rule (the text after the last `"action":`). `LockstepEnvs`
+plays N envs together from N answer texts.
 
-Left out: gym-sokoban's reverse-play level generator (random placement plus BFS is exact and fast at these
-sizes), ALFWorld (far too heavy for a laptop), any drawing beyond what a 16-px-patch vision tower needs.
-Coordinates in thoughts are "r,c" (row, column), 0-based, counting the border walls (row 0 is the top wall),
-so they name the cells of the image one to one. Turns are short (a Sokoban prompt is 41 tokens with the
-image, an answer about 27) because sampling, scoring and PPO pay for every token.
+Coordinates in thoughts are "r,c" (row, column), 0-based, counting the border walls (row 0 is the top wall), so
+they name the cells of the image one to one. Turns are short (a Sokoban prompt is 41 tokens with the image, an
+answer about 27) because sampling, scoring and PPO pay for every token.
 """
 from __future__ import annotations
 
@@ -36,17 +31,14 @@ import numpy as np
 from gymnasium import spaces
 
 MOVES = ["up", "down", "left", "right"]
-MOVE_DELTAS = [(-1, 0), (1, 0), (0, -1), (0, 1)]  # (row, col) step of each move
 FORMAT_VERSION = 2  # of prompts, answers and images: a cached SFT agent of another version is not reused
-# No well-formed answer of a 256-token generation is longer; the JSON check skips longer text, so a megabyte
+# No well-formed answer of a 256-token generation is longer; longer text is not parsed as JSON, so a megabyte
 # of garbage costs one linear scan.
 MAX_JSON_CHARS = 20_000
-MAX_ACTION_VALUE_CHARS = 200
 
 
 # ---------------------------------------------------------------------------------------------------
 # Answers: the JSON format, the paper's parse rule, the thought and the facts it states
-
 
 def answer_json(obj: dict) -> str:
     """An answer as compact JSON (no spaces after separators): the paper's keys in fewer tokens."""
@@ -55,6 +47,9 @@ def answer_json(obj: dict) -> str:
 
 _ACTION_KEY = re.compile(r'"action"\s*:')
 _VALUE_TOKEN = re.compile(r"[a-z]+|\d+|[-+*/()=]")
+_THOUGHT_VALUE = re.compile(r'"thoughts"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_FINAL_MOVE = re.compile(r"so [a-z0-9]+\.$")
+_POSITION_FACT = re.compile(r"\b(player|box|target|goal) (\d+),(\d+)")
 
 
 def parse_answer(text, action_names, keys=("thoughts", "action")):
@@ -62,8 +57,8 @@ def parse_answer(text, action_names, keys=("thoughts", "action")):
 
     format_ok: the text is exactly one JSON object (whitespace around it allowed) holding every key in `keys`.
     The action is read from the text after the last `"action":`, so broken JSON works too: its value (the
-    quoted string, or the raw text up to `,` `}` or a newline) must name exactly one distinct legal action,
-    case-insensitively and as a whole token ("10" never counts as "1").
+    quoted string, or the raw text up to `,` `}` or a newline; at most 200 characters) must name exactly one
+    distinct legal action, case-insensitively and as a whole token ("10" never counts as "1").
     """
     if not isinstance(text, str):
         return None, False
@@ -74,46 +69,27 @@ def parse_answer(text, action_names, keys=("thoughts", "action")):
             format_ok = isinstance(obj, dict) and all(k in obj for k in keys)
         except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; deep nesting recurses
             pass
-    last = None
-    for last in _ACTION_KEY.finditer(text):
-        pass
-    if last is None:
+    starts = [m.end() for m in _ACTION_KEY.finditer(text)]
+    if not starts:
         return None, format_ok
-    rest = text[last.end(): last.end() + MAX_ACTION_VALUE_CHARS].lstrip()
-    if rest.startswith('"'):
-        end = rest.find('"', 1)
-        value = rest[1:] if end < 0 else rest[1:end]
-    else:
-        value = re.split(r"[,}\n]", rest, maxsplit=1)[0]
-    value = value.strip().lower()
-    lowered = [a.lower() for a in action_names]
-    if value in lowered:
-        return lowered.index(value), format_ok
-    found = {t for t in _VALUE_TOKEN.findall(value) if t in lowered}
-    if len(found) == 1:
-        return lowered.index(found.pop()), format_ok
-    return None, format_ok
-
-
-_THOUGHT_VALUE = re.compile(r'"thoughts"\s*:\s*"((?:[^"\\]|\\.)*)"')
+    rest = text[starts[-1]: starts[-1] + 200].lstrip()
+    value = rest[1:].split('"', 1)[0] if rest.startswith('"') else re.split(r"[,}\n]", rest, maxsplit=1)[0]
+    value, names = value.strip().lower(), [a.lower() for a in action_names]
+    found = {value} if value in names else {t for t in _VALUE_TOKEN.findall(value) if t in names}
+    return (names.index(found.pop()) if len(found) == 1 else None), format_ok
 
 
 def extract_thought(text) -> str | None:
     """The first closed string value of a "thoughts" key in the first MAX_JSON_CHARS characters, JSON escapes
-    decoded (kept raw if they do not decode); broken JSON around it is fine. None when there is no thought:
-    `text` is not a str, or no "thoughts" key has a closed string value. An empty thought is "", not None."""
-    if not isinstance(text, str):
-        return None
-    m = _THOUGHT_VALUE.search(text[:MAX_JSON_CHARS])
+    decoded (kept raw if they do not decode); broken JSON around it is fine. None when there is none (or `text`
+    is not a str); an empty thought is ""."""
+    m = _THOUGHT_VALUE.search(text[:MAX_JSON_CHARS]) if isinstance(text, str) else None
     if m is None:
         return None
     try:
         return json.loads('"' + m.group(1) + '"')
     except ValueError:
         return m.group(1)
-
-
-_FINAL_MOVE = re.compile(r"so [a-z0-9]+\.$")
 
 
 def noisy_answer(answer: str, action_names, rng) -> str:
@@ -125,9 +101,6 @@ def noisy_answer(answer: str, action_names, rng) -> str:
     obj["thoughts"] = _FINAL_MOVE.sub(f"so {move}.", obj["thoughts"])
     obj["action"] = move
     return answer_json(obj)
-
-
-_POSITION_FACT = re.compile(r"\b(player|box|target|goal) (\d+),(\d+)")
 
 
 def position_facts(thought: str) -> list[tuple[str, int, int]]:
@@ -164,23 +137,17 @@ def _pad32(n: int) -> int:
     return -(-n // 32) * 32
 
 
-def _make_tiles() -> np.ndarray:
-    """[9, CELL, CELL, 3] uint8, one tile per cell kind. Targets and goals colour the whole cell and the
-    player is an inner square, so a target under the player stays visible."""
-    floor, target, goal, player = (235, 235, 235), (230, 70, 70), (60, 190, 90), (40, 80, 220)
-    t = np.zeros((9, CELL, CELL, 3), np.uint8)
-    t[[FLOOR, BOX, PLAYER]] = floor
-    t[[TARGET, BOX_ON_TARGET, PLAYER_ON_TARGET]] = target
-    t[[GOAL, PLAYER_ON_GOAL]] = goal
-    t[WALL] = (110, 110, 110)
-    t[WALL, ::4, :] = (90, 90, 90)  # brick lines: walls differ from floor by texture too
-    t[BOX, 1:-1, 1:-1] = (160, 100, 40)
-    t[BOX_ON_TARGET, 2:-2, 2:-2] = (60, 170, 60)
-    t[[PLAYER, PLAYER_ON_TARGET, PLAYER_ON_GOAL], 4:-4, 4:-4] = player
-    return t
-
-
-_TILES = _make_tiles()
+# [9, CELL, CELL, 3] uint8, one tile per cell kind. Targets and goals colour the whole cell and the player is an
+# inner square, so a target under the player stays visible.
+_TILES = np.zeros((9, CELL, CELL, 3), np.uint8)
+_TILES[[FLOOR, BOX, PLAYER]] = (235, 235, 235)
+_TILES[[TARGET, BOX_ON_TARGET, PLAYER_ON_TARGET]] = (230, 70, 70)
+_TILES[[GOAL, PLAYER_ON_GOAL]] = (60, 190, 90)
+_TILES[WALL] = (110, 110, 110)
+_TILES[WALL, ::4, :] = (90, 90, 90)  # brick lines: walls differ from floor by texture too
+_TILES[BOX, 1:-1, 1:-1] = (160, 100, 40)
+_TILES[BOX_ON_TARGET, 2:-2, 2:-2] = (60, 170, 60)
+_TILES[[PLAYER, PLAYER_ON_TARGET, PLAYER_ON_GOAL], 4:-4, 4:-4] = (40, 80, 220)
 
 
 def draw_grid(kinds: np.ndarray) -> np.ndarray:
@@ -202,28 +169,31 @@ def font(size: int):
 
 
 # ---------------------------------------------------------------------------------------------------
-# What the three envs share: turns, rendering; walled rooms in XSB text
-
+# What the envs share: levels and turns; for the two grid tasks, walled rooms, XSB text and position facts
 
 class _TurnEnv(gym.Env):
-    """Turn counter, the invalid-answer turn (skip_turn), render modes and the enlarged image for GIFs."""
+    """A level drawn until one is accepted, the turn counter, the invalid-answer turn, the enlarged image.
+    A subclass draws levels (`_random_level`) and plays them (`step`, `_obs`, `prompt`, ...)."""
 
-    metadata = {"render_modes": ["rgb_array", "ansi"], "render_fps": 4}
     answer_keys = ("thoughts", "action")
     action_names: list = []
 
-    def __init__(self, render_mode, max_steps, split, obs_shape):
-        if render_mode not in (None, "rgb_array", "ansi"):
-            raise ValueError(f"render_mode must be None, 'rgb_array' or 'ansi', got {render_mode!r}")
-        if int(max_steps) < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    def __init__(self, max_steps, split, obs_shape, max_tries):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.render_mode, self.max_steps, self.split = render_mode, int(max_steps), split
+        self.max_steps, self.split, self.max_tries, self.steps = int(max_steps), split, int(max_tries), 0
         self.action_space = spaces.Discrete(len(self.action_names))
         self.observation_space = spaces.Box(0, 255, obs_shape, np.uint8)
-        self.steps = 0
-        self.level = ""  # canonical text of the level being played: what the split is decided on
+
+    def reset(self, *, seed=None, options=None):
+        """A new level of this env's split, drawn from `self.np_random` (seeded by `seed`)."""
+        super().reset(seed=seed)
+        for _ in range(self.max_tries):
+            level = self._random_level()  # its canonical text once accepted and loaded, else None
+            if level is not None:
+                self.steps, self.level = 0, level
+                return self._obs(), self._info()
+        raise RuntimeError(f"no {type(self).__name__} level for split={self.split!r} in {self.max_tries} tries")
 
     def _action(self, action) -> int:
         a, n = int(action), self.action_space.n
@@ -239,29 +209,18 @@ class _TurnEnv(gym.Env):
         self.steps += 1
         return self._obs(), 0.0, False, self.steps >= self.max_steps, self._info()
 
-    def render(self):
-        """rgb_array (also for render_mode=None): the observation; ansi: state_text()."""
-        return self.state_text() if self.render_mode == "ansi" else self._obs()
-
     def render_image(self, scale: int = 4) -> np.ndarray:
-        """The observation enlarged `scale` times (nearest neighbour) for people, e.g. GIF replays."""
-        if int(scale) < 1:
-            raise ValueError(f"scale must be >= 1, got {scale}")
+        """The observation enlarged `scale` times (nearest neighbour), e.g. for GIF replays."""
         return self._obs().repeat(int(scale), axis=0).repeat(int(scale), axis=1)
 
 
-def _room(h: int, w: int) -> np.ndarray:
-    """[h, w] bool walls: a border of walls round an empty interior."""
-    walls = np.ones((h, w), bool)
-    walls[1:-1, 1:-1] = False
-    return walls
-
-
 def _random_room(rng, h: int, w: int, k: int, m: int):
-    """A room with k inner walls on random cells, and m more distinct random free cells: (walls, cells)."""
+    """A room walled round with k inner walls on random cells, and m more distinct random free cells:
+    (walls [h, w] bool, the m cells as flat indices)."""
     interior = [r * w + c for r in range(1, h - 1) for c in range(1, w - 1)]
     cells = [interior[i] for i in rng.choice(len(interior), size=k + m, replace=False)]
-    walls = _room(h, w)
+    walls = np.ones((h, w), bool)
+    walls[1:-1, 1:-1] = False
     walls.flat[cells[:k]] = True
     return walls, cells[k:]
 
@@ -270,7 +229,7 @@ def _neighbours(walls: np.ndarray):
     """nbr[p][a]: flat index of the cell one move `a` from flat cell p, or -1 (a wall or off the grid)."""
     h, w = walls.shape
     return [tuple((r + dr) * w + c + dc if 0 <= r + dr < h and 0 <= c + dc < w and not walls[r + dr, c + dc]
-                  else -1 for dr, dc in MOVE_DELTAS) for r in range(h) for c in range(w)]
+                  else -1 for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1))) for r in range(h) for c in range(w)]
 
 
 def _pos(p: int, w: int) -> str:
@@ -286,28 +245,6 @@ def to_xsb(walls: np.ndarray, targets, boxes, player: int) -> str:
     return "\n".join("".join(chars[r * w:(r + 1) * w]) for r in range(h))
 
 
-def parse_xsb(text: str):
-    """XSB level text -> (walls [h, w] bool, targets set, boxes set, player), cells as flat indices.
-    The level must be rectangular, with exactly one player and as many boxes as targets."""
-    if not isinstance(text, str):
-        raise ValueError("level must be an XSB string")
-    rows = text.strip("\n").split("\n")
-    if not rows[0] or any(len(r) != len(rows[0]) for r in rows):
-        raise ValueError(f"XSB level must be rectangular (all lines of one length), got line lengths "
-                         f"{[len(r) for r in rows]}")
-    flat = "".join(rows)
-    if set(flat) - set("# .$@*+"):
-        raise ValueError(f"unknown XSB characters {sorted(set(flat) - set('# .$@*+'))}; allowed: '# .$@*+'")
-    cells = lambda chars: {i for i, ch in enumerate(flat) if ch in chars}  # noqa: E731
-    targets, boxes, players = cells(".*+"), cells("$*"), cells("@+")
-    if len(players) != 1:
-        raise ValueError(f"XSB level needs exactly one player (@ or +), found {len(players)}")
-    if not boxes or len(boxes) != len(targets):
-        raise ValueError(f"XSB level needs as many boxes as targets (>= 1); boxes {len(boxes)}, "
-                         f"targets {len(targets)}")
-    return np.array([[ch == "#" for ch in r] for r in rows], bool), targets, boxes, players.pop()
-
-
 class _GridEnv(_TurnEnv):
     """Sokoban and GridWorld: a player in a walled grid of CELL-px squares, the four moves as actions, and
     thoughts that state positions ("player 2,3"), checked against `_truth()`: {kind: set of flat cells}."""
@@ -321,19 +258,11 @@ class _GridEnv(_TurnEnv):
         truth = self._truth()
         facts = [(kind, r * self.w + c, r < self.h and c < self.w)
                  for kind, r, c in position_facts(thought) if kind in truth]
-        if not facts:
-            return None
-        return sum(ok and p in truth[kind] for kind, p, ok in facts) / len(facts)
-
-    def _begin(self):
-        """Turn 0 of the level just loaded: its canonical text, the first observation and info."""
-        self.steps, self.level = 0, self.state_text()
-        return self._obs(), self._info()
+        return sum(ok and p in truth[kind] for kind, p, ok in facts) / len(facts) if facts else None
 
 
 # ---------------------------------------------------------------------------------------------------
 # Sokoban: rules, solver, env
-
 
 def sokoban_move(nbr, player: int, boxes: frozenset, a: int):
     """One move -> (player, boxes, pushed: (from, to) or None); a blocked move changes nothing. A box is
@@ -341,18 +270,18 @@ def sokoban_move(nbr, player: int, boxes: frozenset, a: int):
     q = nbr[player][a]
     if q < 0:
         return player, boxes, None
-    if q in boxes:
-        r = nbr[q][a]
-        if r < 0 or r in boxes:
-            return player, boxes, None
-        return q, (boxes - {q}) | {r}, (q, r)
-    return q, boxes, None
+    if q not in boxes:
+        return q, boxes, None
+    r = nbr[q][a]
+    if r < 0 or r in boxes:
+        return player, boxes, None
+    return q, (boxes - {q}) | {r}, (q, r)
 
 
 def live_cells(nbr, targets) -> set:
-    """Cells from which a lone box can still reach some target; the solver never pushes a box elsewhere.
-    Found backwards from the targets: a box at `prev` can be pushed onto a live cell if the cell behind
-    `prev`, where the player stands, is free."""
+    """Cells from which a lone box can still reach some target: the solver never pushes a box elsewhere, which
+    makes it several times faster with two boxes. Found backwards from the targets: a box at `prev` can be
+    pushed onto a live cell if the cell behind `prev`, where the player stands, is free."""
     opposite = (1, 0, 3, 2)
     live, todo = set(targets), deque(targets)
     while todo:
@@ -365,39 +294,28 @@ def live_cells(nbr, targets) -> set:
     return live
 
 
-class SokobanSolverLimit(RuntimeError):
-    """The Sokoban BFS visited more than its node limit without proving a solution length."""
-
-
-def solve_sokoban(nbr, targets, boxes, player, max_nodes=200_000, max_depth=None, live=None):
+def solve_sokoban(nbr, targets, boxes, player, max_depth=None, live=None):
     """BFS over (player, boxes): the shortest list of move indices that puts every box on a target; None if
-    there is none (within `max_depth` moves when given). Raises SokobanSolverLimit past `max_nodes` states."""
-    targets = frozenset(targets)
+    there is none (within `max_depth` moves when given). live: live_cells(nbr, targets), if known."""
+    targets, start = frozenset(targets), (player, frozenset(boxes))
     live = live_cells(nbr, targets) if live is None else live
-    start = (player, frozenset(boxes))
     if start[1] == targets:
         return []
-    parent = {start: None}  # state -> (previous state, move)
-    frontier, depth = [start], 0
+    parent, frontier, depth = {start: None}, [start], 0  # parent: state -> (previous state, move)
     while frontier and (max_depth is None or depth < max_depth):
-        depth += 1
-        nxt = []
+        depth, nxt = depth + 1, []
         for state in frontier:
             for a in range(4):
                 p2, bx2, pushed = sokoban_move(nbr, *state, a)
                 if p2 == state[0] or (pushed is not None and pushed[1] not in live) or (p2, bx2) in parent:
                     continue
                 parent[(p2, bx2)] = (state, a)
-                if bx2 == targets:
+                if bx2 == targets:  # walk back to the start
                     path, s = [], (p2, bx2)
                     while parent[s] is not None:
                         s, a2 = parent[s]
                         path.append(a2)
                     return path[::-1]
-                if len(parent) > max_nodes:
-                    raise SokobanSolverLimit(
-                        f"Sokoban BFS visited more than max_nodes={max_nodes} states at depth {depth} "
-                        f"without finding a solution; raise max_nodes or use a smaller level")
                 nxt.append((p2, bx2))
         frontier = nxt
     return None
@@ -413,59 +331,34 @@ class SokobanEnv(_GridEnv):
     Levels: a dim_room room (border walls included), 0..inner_walls random inner walls, num_boxes boxes, kept
     only if the BFS-optimal solution takes min_solution_len..max_solution_len moves. The default 1-8 moves on
     6x6 is short enough that a few minutes of SFT start the tiny agent well above the 5% below which
-    self-improvement fails (docs/method.md section 5), and long enough to leave RL room. The generator draws
-    only from `self.np_random`, seeded by `reset(seed=...)`; `reset(options={"level": xsb})` loads any
-    rectangular XSB level instead (the split does not apply to it) and the image follows its size.
+    self-improvement fails (docs/method.md section 5), and long enough to leave RL room.
     """
 
-    def __init__(self, render_mode=None, dim_room=(6, 6), num_boxes=1, max_steps=15,
-                 min_solution_len=1, max_solution_len=8, inner_walls=2, split=None,
-                 max_nodes=200_000, max_tries=20_000):
-        h, w = int(dim_room[0]), int(dim_room[1])
-        if h < 3 or w < 3 or (h - 2) * (w - 2) < 2 * num_boxes + 1 + inner_walls:
-            raise ValueError(f"dim_room {dim_room} too small for {num_boxes} boxes and {inner_walls} walls")
-        if num_boxes < 1 or not 0 <= min_solution_len <= max_solution_len:
-            raise ValueError("need num_boxes >= 1 and 0 <= min_solution_len <= max_solution_len")
-        super().__init__(render_mode, max_steps, split, (_pad32(h * CELL), _pad32(w * CELL), 3))
-        self.dim_room, self.num_boxes, self.inner_walls = (h, w), int(num_boxes), int(inner_walls)
-        self.min_solution_len, self.max_solution_len = int(min_solution_len), int(max_solution_len)
-        self.max_nodes, self.max_tries = int(max_nodes), int(max_tries)
-        self._load(_room(h, w), {w + 1}, {w + 2}, w + 3)  # a placeholder until reset
+    def __init__(self, dim_room=(6, 6), num_boxes=1, max_steps=15, min_solution_len=1, max_solution_len=8,
+                 inner_walls=2, split=None, max_tries=20_000):
+        self.dim_room = h, w = int(dim_room[0]), int(dim_room[1])
+        self.num_boxes, self.inner_walls = num_boxes, inner_walls
+        self.min_solution_len, self.max_solution_len = min_solution_len, max_solution_len
+        super().__init__(max_steps, split, (_pad32(h * CELL), _pad32(w * CELL), 3), max_tries)
 
     def _load(self, walls, targets, boxes, player):
-        self.walls, (self.h, self.w) = walls, walls.shape
-        self.nbr = _neighbours(walls)
+        self.walls, (self.h, self.w), self.nbr = walls, walls.shape, _neighbours(walls)
         self.targets, self.boxes, self.player = frozenset(targets), frozenset(boxes), int(player)
-        self.live = live_cells(self.nbr, self.targets)
-        self._solution_cache = {}  # (player, boxes) -> optimal move list
-        shape = (_pad32(self.h * CELL), _pad32(self.w * CELL), 3)
-        if self.observation_space.shape != shape:  # a loaded level of another size
-            self.observation_space = spaces.Box(0, 255, shape, np.uint8)
+        self.live, self._solution_cache = live_cells(self.nbr, self.targets), {}  # (player, boxes) -> move list
 
-    def _generate(self):
-        """Random placement until a level of the wanted split and optimal length shows up."""
-        n = self.num_boxes
-        for _ in range(self.max_tries):
-            k = int(self.np_random.integers(0, self.inner_walls + 1))
-            walls, cells = _random_room(self.np_random, *self.dim_room, k, 2 * n + 1)
-            targets, boxes, player = set(cells[:n]), set(cells[n:2 * n]), cells[-1]
-            if not split_accepts(to_xsb(walls, targets, boxes, player), self.split):
-                continue
-            try:
-                sol = solve_sokoban(_neighbours(walls), targets, boxes, player, self.max_nodes, self.max_solution_len)
-            except SokobanSolverLimit:
-                continue
-            if sol is not None and len(sol) >= self.min_solution_len:
-                return walls, targets, boxes, player
-        raise RuntimeError(f"no Sokoban level of {self.dim_room} with {n} boxes, optimal length "
-                           f"{self.min_solution_len}-{self.max_solution_len} and split={self.split!r} in "
-                           f"{self.max_tries} tries; widen the length range")
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        level = (options or {}).get("level")
-        self._load(*(self._generate() if level is None else parse_xsb(level)))
-        return self._begin()
+    def _random_level(self):
+        """Random placement, accepted if of the wanted split and optimal length."""
+        n, k = self.num_boxes, int(self.np_random.integers(0, self.inner_walls + 1))
+        walls, cells = _random_room(self.np_random, *self.dim_room, k, 2 * n + 1)
+        targets, boxes, player = set(cells[:n]), set(cells[n:2 * n]), cells[-1]
+        level = to_xsb(walls, targets, boxes, player)
+        if not split_accepts(level, self.split):
+            return None
+        sol = solve_sokoban(_neighbours(walls), targets, boxes, player, self.max_solution_len)
+        if sol is None or len(sol) < self.min_solution_len:
+            return None
+        self._load(walls, targets, boxes, player)
+        return level
 
     def step(self, action):
         self.player, self.boxes, pushed = sokoban_move(self.nbr, self.player, self.boxes, self._action(action))
@@ -476,11 +369,7 @@ class SokobanEnv(_GridEnv):
         if solved:
             reward += 10.0
         self.steps += 1
-        truncated = not solved and self.steps >= self.max_steps
-        return self._obs(), float(reward), solved, truncated, self._info(solved)
-
-    def _info(self, success=False):
-        return {**super()._info(success), "boxes_on_target": len(self.boxes & self.targets)}
+        return self._obs(), float(reward), solved, not solved and self.steps >= self.max_steps, self._info(solved)
 
     def _obs(self):
         kinds = np.where(self.walls, WALL, FLOOR).ravel()
@@ -498,22 +387,16 @@ class SokobanEnv(_GridEnv):
         """Optimal move list from the current (or a given) state; None if unsolvable."""
         key = (self.player if player is None else player, self.boxes if boxes is None else frozenset(boxes))
         if key not in self._solution_cache:
-            self._solution_cache[key] = solve_sokoban(self.nbr, self.targets, key[1], key[0], self.max_nodes,
-                                                      live=self.live)
+            self._solution_cache[key] = solve_sokoban(self.nbr, self.targets, key[1], key[0], live=self.live)
         return self._solution_cache[key]
 
     def optimal_actions(self) -> set:
         """Every move that starts some shortest solution from the current state (empty if unsolvable)."""
-        sol = self.solve()
-        if not sol:
-            return set()
-        best = set()
-        for a in range(4):
+        sol, best = self.solve(), set()
+        for a in range(4 if sol else 0):
             p2, b2, _ = sokoban_move(self.nbr, self.player, self.boxes, a)
-            if p2 == self.player:  # blocked
-                continue
-            rest = [] if b2 == self.targets else self.solve(p2, b2)
-            if rest is not None and len(rest) + 1 == len(sol):
+            rest = self.solve(p2, b2)
+            if p2 != self.player and rest is not None and len(rest) + 1 == len(sol):  # p2 == player: blocked
                 best.add(a)
         return best
 
@@ -537,8 +420,7 @@ class SokobanEnv(_GridEnv):
                 if pushed is not None:
                     break
                 p, bx = p2, bx2
-            box = "" if len(self.boxes) == 1 else f" box {_pos(pushed[0], self.w)}"
-            d = MOVES[a]
+            box, d = ("" if len(self.boxes) == 1 else f" box {_pos(pushed[0], self.w)}"), MOVES[a]
             facts.append(f"push{box} {d} now so {d}." if p == self.player else
                          f"push{box} {d} from {_PUSH_SIDE[d]} so {MOVES[move]}.")
         return answer_json({"thoughts": " ".join(facts), "action": MOVES[move]})
@@ -548,20 +430,7 @@ class SokobanEnv(_GridEnv):
 
 
 # ---------------------------------------------------------------------------------------------------
-# GridWorld: rules, solver, env
-
-
-def grid_distances(nbr, goal: int) -> dict:
-    """BFS from the goal: the number of moves from each reachable cell to the goal (moves are reversible)."""
-    dist, todo = {goal: 0}, deque([goal])
-    while todo:
-        q = todo.popleft()
-        for p in nbr[q]:
-            if p >= 0 and p not in dist:
-                dist[p] = dist[q] + 1
-                todo.append(p)
-    return dist
-
+# GridWorld: rules, solver (distances to the goal), env
 
 class GridWorldEnv(_GridEnv):
     """Walk to the goal in a small walled room with a few obstacles: the fast task for smoke tests.
@@ -571,43 +440,37 @@ class GridWorldEnv(_GridEnv):
     canonical level text is XSB with the goal as the one target.
     """
 
-    def __init__(self, render_mode=None, size=6, num_obstacles=(1, 3), max_steps=15, split=None,
-                 max_tries=10_000):
-        n, lo, hi = int(size), int(num_obstacles[0]), int(num_obstacles[1])
-        if n < 3 or not 0 <= lo <= hi or hi + 2 > (n - 2) ** 2:
-            raise ValueError(f"size {size} with {num_obstacles} obstacles leaves no room to play")
-        super().__init__(render_mode, max_steps, split, (_pad32(n * CELL), _pad32(n * CELL), 3))
-        self.size = n
-        self.num_obstacles, self.max_tries = (lo, hi), int(max_tries)
-        self._load(_room(n, n), n + 1, n + 2)  # a placeholder until reset
+    def __init__(self, size=6, num_obstacles=(1, 3), max_steps=15, split=None, max_tries=10_000):
+        self.size, self.num_obstacles = int(size), num_obstacles
+        super().__init__(max_steps, split, (_pad32(self.size * CELL), _pad32(self.size * CELL), 3), max_tries)
 
     def _load(self, walls, player, goal):
-        self.walls, self.player, self.goal = walls, int(player), int(goal)
-        self.h, self.w = walls.shape
-        self.nbr = _neighbours(walls)
-        self.dist = grid_distances(self.nbr, self.goal)
+        self.walls, (self.h, self.w), self.nbr = walls, walls.shape, _neighbours(walls)
+        self.player, self.goal = int(player), int(goal)
+        self.dist, todo = {self.goal: 0}, deque([self.goal])  # BFS from the goal: moves to it from each cell
+        while todo:
+            q = todo.popleft()
+            for p in self.nbr[q]:
+                if p >= 0 and p not in self.dist:
+                    self.dist[p] = self.dist[q] + 1
+                    todo.append(p)
 
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        for _ in range(self.max_tries):
-            k = int(self.np_random.integers(self.num_obstacles[0], self.num_obstacles[1] + 1))
-            walls, (player, goal) = _random_room(self.np_random, self.size, self.size, k, 2)
-            self._load(walls, player, goal)
-            if self.player in self.dist and split_accepts(self.state_text(), self.split):
-                break
-        else:
-            raise RuntimeError(f"no solvable GridWorld layout for split={self.split!r} in {self.max_tries} tries")
-        return self._begin()
+    def _random_level(self):
+        """Random placement, accepted if the goal can be reached and the level is of the wanted split."""
+        k = int(self.np_random.integers(self.num_obstacles[0], self.num_obstacles[1] + 1))
+        walls, (player, goal) = _random_room(self.np_random, self.size, self.size, k, 2)
+        self._load(walls, player, goal)
+        level = self.state_text()
+        return level if self.player in self.dist and split_accepts(level, self.split) else None
 
     def step(self, action):
         q = self.nbr[self.player][self._action(action)]
-        if q >= 0:  # a wall or an obstacle: the player stays
+        if q >= 0:  # -1: a wall or an obstacle, the player stays
             self.player = q
         self.steps += 1
         reached = self.player == self.goal
         reward = -0.1 + (10.0 if reached else 0.0)
-        truncated = not reached and self.steps >= self.max_steps
-        return self._obs(), float(reward), reached, truncated, self._info(reached)
+        return self._obs(), float(reward), reached, not reached and self.steps >= self.max_steps, self._info(reached)
 
     def _obs(self):
         kinds = np.where(self.walls, WALL, FLOOR).ravel()
@@ -622,9 +485,7 @@ class GridWorldEnv(_GridEnv):
     def optimal_actions(self) -> set:
         """Every move one step closer to the goal (empty on the goal)."""
         d = self.dist.get(self.player)
-        if not d:
-            return set()
-        return {a for a, q in enumerate(self.nbr[self.player]) if q >= 0 and self.dist.get(q) == d - 1}
+        return {a for a, q in enumerate(self.nbr[self.player]) if q >= 0 and self.dist.get(q) == d - 1} if d else set()
 
     def prompt(self) -> str:
         return "GridWorld: you blue, walk to the green goal; gray blocks. JSON thoughts, action."
@@ -642,7 +503,6 @@ class GridWorldEnv(_GridEnv):
 # Points24: rules (formula tokens and their exact value), solver, card pictures, env
 
 P24_ACTIONS = [str(v) for v in range(1, 11)] + ["+", "-", "*", "/", "(", ")", "="]
-RANK_LABELS = {1: "A", 11: "J", 12: "Q", 13: "K"}
 MAX_FORMULA_TOKENS = 20
 _FORMULA_TOKEN = re.compile(r"10|[1-9]|[-+*/()=]")
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -654,7 +514,7 @@ def card_value(rank: int) -> int:
 
 
 def rank_label(rank: int) -> str:
-    return RANK_LABELS.get(int(rank), str(int(rank)))
+    return {1: "A", 11: "J", 12: "Q", 13: "K"}.get(int(rank), str(int(rank)))
 
 
 def tokenize_formula(text: str):
@@ -667,9 +527,9 @@ def tokenize_formula(text: str):
 def evaluate_formula(tokens):
     """Exact value (a Fraction) of a complete formula; None for a syntax error or a division by zero.
 
-    The formula is ordinary arithmetic: + - * / with the usual precedence, left to right, and parentheses,
-    over the numbers 1..10; no unary minus, no implicit multiplication ("3 8" is an error). Python's parser
-    builds the tree (from the tokens joined by spaces, so "1" "10" stay two numbers), evaluated in Fractions.
+    Ordinary arithmetic: + - * / with the usual precedence, left to right, and parentheses, over the numbers
+    1..10; no unary minus, no implicit multiplication ("3 8" is an error). Python's parser builds the tree (from
+    the tokens joined by spaces, so "1" "10" stay two numbers), evaluated in Fractions.
     """
     if not tokens or len(tokens) > 4 * MAX_FORMULA_TOKENS:
         return None
@@ -736,8 +596,7 @@ def solve24(hand: tuple) -> tuple:
 _SUITS = "shdc"  # spades, hearts, diamonds, clubs
 TABLE = (20, 90, 50)  # the dark green table behind the cards and the formula
 CARD_W, CARD_H, CARD_Y = 40, 72, 8
-# The suits, 10x10 px each ('#' ink), in the top-left and bottom-right corner of a card, in the order of
-# _SUITS. Drawn as pixels, so no font needs the glyphs.
+# The suits, 10x10 px each ('#' ink), in the order of _SUITS: pixels, so no font needs the glyphs.
 _SUIT_ART = """
 ....#..... .###.####. ....#..... ...###....
 ...###.... ########## ...###.... ..#####...
@@ -765,7 +624,7 @@ def _token_tile(token: str) -> np.ndarray:
 
 @lru_cache(maxsize=None)
 def _card_image(rank: int, suit: str) -> np.ndarray:
-    """[CARD_H, CARD_W, 3] uint8: a white card, the rank large in the middle, the suit in two corners."""
+    """[CARD_H, CARD_W, 3] uint8: a white card, the rank large in the middle, the suit top left and bottom right."""
     from PIL import Image, ImageDraw
     img = Image.new("RGB", (CARD_W, CARD_H), TABLE)
     draw = ImageDraw.Draw(img)
@@ -787,49 +646,35 @@ class Points24Env(_TurnEnv):
     otherwise. `max_steps` counts turns, skipped (invalid) turns included. Cards come from a 52-card deck;
     like the paper, unsolvable deals are kept unless `solvable_only` (73% of deals are solvable). Image
     192x128: the four cards on top, the formula below, one token per 16x16 cell (rows at y=96 and y=112, 12
-    cells each). `reset(options={"cards": [four ranks in 1..13]})` deals the given cards.
+    cells each).
     """
 
     action_names = list(P24_ACTIONS)
     answer_keys = ("cards", "formula", "thoughts", "action")
     H, W = 128, 192
 
-    def __init__(self, render_mode=None, solvable_only=False, max_steps=25, split=None, max_tries=10_000):
-        super().__init__(render_mode, max_steps, split, (self.H, self.W, 3))
-        self.solvable_only, self.max_tries = bool(solvable_only), int(max_tries)
-        self._deal([(1, "s"), (2, "h"), (3, "d"), (4, "c")])  # a placeholder until reset
+    def __init__(self, solvable_only=False, max_steps=25, split=None, max_tries=10_000):
+        self.solvable_only = bool(solvable_only)
+        super().__init__(max_steps, split, (self.H, self.W, 3), max_tries)
 
     def _deal(self, cards):
-        self.cards = [(int(r), s) for r, s in cards]  # (rank 1..13, suit)
-        self.values = [card_value(r) for r, _ in self.cards]
-        self.hand = tuple(sorted(self.values))
-        self.formula = []  # tokens so far
-        self.level = str(self.hand)
-        img = np.full((self.H, self.W, 3), TABLE, np.uint8)
+        """Lay out `cards`, (rank 1..13, suit) pairs, with an empty formula."""
+        self.cards, self.formula = [(int(r), s) for r, s in cards], []  # formula: the tokens so far
+        self.hand = tuple(sorted(card_value(r) for r, _ in self.cards))
+        self._background = np.full((self.H, self.W, 3), TABLE, np.uint8)
         x0 = (self.W - 4 * CARD_W - 3 * 6) // 2  # four cards 6 px apart, centred
         for i, (r, s) in enumerate(self.cards):
             x = x0 + i * (CARD_W + 6)
-            img[CARD_Y:CARD_Y + CARD_H, x:x + CARD_W] = _card_image(r, s)
-        self._background = img
+            self._background[CARD_Y:CARD_Y + CARD_H, x:x + CARD_W] = _card_image(r, s)
 
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        if options and options.get("cards") is not None:
-            ranks = [int(r) for r in options["cards"]]
-            if len(ranks) != 4 or not all(1 <= r <= 13 for r in ranks):
-                raise ValueError(f"options['cards'] must be four ranks in 1..13, got {options['cards']}")
-            self._deal([(r, _SUITS[i]) for i, r in enumerate(ranks)])
-        else:
-            for _ in range(self.max_tries):
-                cards = [(int(i) % 13 + 1, _SUITS[int(i) // 13]) for i in self.np_random.choice(52, 4, replace=False)]
-                hand = tuple(sorted(card_value(r) for r, _ in cards))
-                if split_accepts(str(hand), self.split) and (not self.solvable_only or solve24(hand)):
-                    break
-            else:
-                raise RuntimeError(f"no Points24 deal for split={self.split!r} in {self.max_tries} tries")
-            self._deal(cards)
-        self.steps = 0
-        return self._obs(), self._info()
+    def _random_level(self):
+        """Four cards from the deck, accepted if of the wanted split (and solvable if solvable_only)."""
+        cards = [(int(i) % 13 + 1, _SUITS[int(i) // 13]) for i in self.np_random.choice(52, 4, replace=False)]
+        hand = tuple(sorted(card_value(r) for r, _ in cards))
+        if not split_accepts(str(hand), self.split) or (self.solvable_only and not solve24(hand)):
+            return None
+        self._deal(cards)
+        return str(hand)
 
     def step(self, action):
         token = P24_ACTIONS[self._action(action)]
@@ -840,7 +685,7 @@ class Points24Env(_TurnEnv):
             reward, terminated = (10.0 if success else -1.0), True
         else:
             self.formula.append(token)
-            if token.isdigit() and self.formula.count(token) > self.values.count(int(token)):
+            if token.isdigit() and self.formula.count(token) > self.hand.count(int(token)):
                 reward, terminated = -1.0, True
             elif len(self.formula) > MAX_FORMULA_TOKENS:
                 reward, truncated = -1.0, True
@@ -865,11 +710,9 @@ class Points24Env(_TurnEnv):
 
     def optimal_actions(self) -> set:
         """Next tokens of the shortest consistent solutions; `=` when none is consistent (end quickly)."""
-        cons = self._consistent()
-        if not cons:
-            return {P24_ACTIONS.index("=")}
-        n, best = len(self.formula), len(cons[0][0])
-        return {P24_ACTIONS.index(t[n] if len(t) > n else "=") for t, _ in cons if len(t) == best}
+        cons, n = self._consistent(), len(self.formula)
+        shortest = [t for t, _ in cons if len(t) == len(cons[0][0])] if cons else [()]
+        return {P24_ACTIONS.index(t[n] if len(t) > n else "=") for t in shortest}
 
     def prompt(self) -> str:
         return (f"Points24: make 24 with each card once (A=1, JQK=10), one token a turn, = submits. "
@@ -916,9 +759,9 @@ class Points24Env(_TurnEnv):
 # The tasks by name, and N envs in lockstep
 
 TASKS = {"sokoban": SokobanEnv, "gridworld": GridWorldEnv, "points24": Points24Env}
-for _name, _cls in (("Sokoban", SokobanEnv), ("GridWorld", GridWorldEnv), ("Points24", Points24Env)):
-    if f"gtr/{_name}-v0" not in gym.registry:
-        gym.register(id=f"gtr/{_name}-v0", entry_point=_cls)
+for _cls in TASKS.values():  # gtr/Sokoban-v0, gtr/GridWorld-v0, gtr/Points24-v0
+    if f"gtr/{_cls.__name__[:-3]}-v0" not in gym.registry:
+        gym.register(id=f"gtr/{_cls.__name__[:-3]}-v0", entry_point=_cls)
 
 
 def make_env(task: str, **kw):
@@ -929,7 +772,7 @@ def make_env(task: str, **kw):
 
 
 class LockstepEnvs:
-    """N envs stepped together from N answer texts: the trainer's and the evaluator's view of a task.
+    """N envs stepped together from N answer texts, with auto-reset: the trainer's and the evaluator's view.
 
     Episode k (counted over all envs in reset order) is seeded with (seed * 1_000_003 + k) mod 2**31, so a run
     is reproducible and runs of different seeds see different levels. An answer without a legal action:
@@ -941,19 +784,14 @@ class LockstepEnvs:
     _STATE = ("seed", "invalid", "invalid_penalty", "envs", "next_episode", "ep_return", "ep_len", "ep_invalid",
               "obs", "levels")  # with task, rng and noise_rng: everything state_dict saves
 
-    def __init__(self, task, num_envs, seed, split="train", invalid="penalty", invalid_penalty=-1.0,
-                 **env_kwargs):
+    def __init__(self, task, num_envs, seed, split="train", invalid="penalty", invalid_penalty=-1.0, **env_kwargs):
         if invalid not in ("penalty", "random"):
             raise ValueError(f"invalid must be 'penalty' or 'random', got {invalid!r}")
-        if int(num_envs) < 1:
-            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-        self.task, self.seed, self.invalid = task, int(seed), invalid
-        self.invalid_penalty = float(invalid_penalty)
+        self.task, self.seed, self.invalid, self.invalid_penalty = task, int(seed), invalid, float(invalid_penalty)
         self.envs = [make_env(task, split=split, **env_kwargs) for _ in range(int(num_envs))]
         self.rng = np.random.default_rng(self.seed)  # random actions for invalid answers
         self.noise_rng = np.random.default_rng([self.seed, 1])  # the noisy demonstrator's own stream
-        self.next_episode = 0
-        n = len(self.envs)
+        n, self.next_episode = len(self.envs), 0
         self.ep_return, self.ep_len, self.ep_invalid = np.zeros(n), np.zeros(n, np.int64), np.zeros(n, np.int64)
         self.obs, self.levels = [None] * n, [None] * n
         for i in range(n):
@@ -962,14 +800,10 @@ class LockstepEnvs:
     def __len__(self):
         return len(self.envs)
 
-    def _next_seed(self) -> int:
-        episode_seed = (self.seed * 1_000_003 + self.next_episode) % 2**31
+    def _reset(self, i):
+        """A new episode in env i, on the next episode seed."""
+        self.obs[i], info = self.envs[i].reset(seed=(self.seed * 1_000_003 + self.next_episode) % 2**31)
         self.next_episode += 1
-        return episode_seed
-
-    def _reset(self, i, episode_seed=None):
-        """A new episode in env i: the next episode seed, or the one given (a group's shared level)."""
-        self.obs[i], info = self.envs[i].reset(seed=self._next_seed() if episode_seed is None else episode_seed)
         self.levels[i] = info["level"]
         self.ep_return[i], self.ep_len[i], self.ep_invalid[i] = 0.0, 0, 0
 
@@ -977,47 +811,28 @@ class LockstepEnvs:
         """-> (images: N arrays [H, W, 3] uint8, prompts: N str)."""
         return list(self.obs), [env.prompt() for env in self.envs]
 
-    def reset_groups(self, group_size: int):
-        """A new episode in every env, neighbours in groups of `group_size` on one level (one episode seed per
-        group): the repeated start states of a group-relative baseline."""
-        n = len(self.envs)
-        if group_size < 1 or n % group_size:
-            raise ValueError(f"{n} envs do not split into groups of {group_size}")
-        for g in range(0, n, group_size):
-            episode_seed = self._next_seed()
-            for i in range(g, g + group_size):
-                self._reset(i, episode_seed)
-
-    def state_keys(self) -> list[str]:
-        """Each env's full state as text (equal text = equal state): groups turns by state."""
-        return [env.state_text() for env in self.envs]
-
-    def step_texts(self, texts, active=None):
+    def step_texts(self, texts):
         """Parse and execute one answer per env -> dict of [N] numpy arrays, plus "episodes".
 
         reward: the env's reward (+ invalid_penalty on an invalid turn); grounding: of the answer's thought on
         the state it was given (nan if it states no fact); action: the executed index, -1 if the answer was
         invalid. A finished env is reset at once, so observe() then shows its next episode's first state.
         "episodes": one dict per finished episode: return (env rewards, penalties excluded), length, success,
-        invalid, env, level. active: optional [N] bools; an inactive env is not stepped (its text is ignored,
-        its row stays reward 0, not done, invalid, action -1).
+        invalid, env, level.
         """
         n = len(self.envs)
         if len(texts) != n:
             raise ValueError(f"need {n} texts, got {len(texts)}")
         out = {"reward": np.zeros(n), **{k: np.zeros(n, bool) for k in ("terminated", "truncated", "done",
                                                                        "format_ok", "action_valid")},
-               "grounding": np.full(n, np.nan), "action": np.full(n, -1, np.int64)}
-        stepped = [i for i in range(n) if active is None or active[i]]
-        for i in stepped:  # read every answer before any env moves
-            env = self.envs[i]
+               "grounding": np.full(n, np.nan), "action": np.full(n, -1, np.int64), "episodes": []}
+        for i, env in enumerate(self.envs):  # read every answer before any env moves
             action, out["format_ok"][i] = parse_answer(texts[i], env.action_names, env.answer_keys)
             g = env.grounding(extract_thought(texts[i]))
             out["grounding"][i] = np.nan if g is None else g
             out["action_valid"][i], out["action"][i] = action is not None, -1 if action is None else action
-        episodes = []
-        for i in stepped:
-            env, action = self.envs[i], int(out["action"][i])
+        for i, env in enumerate(self.envs):
+            action = int(out["action"][i])
             if action >= 0:
                 obs, r, term, trunc, info = env.step(action)
             elif self.invalid == "random":
@@ -1031,11 +846,10 @@ class LockstepEnvs:
             out["reward"][i] = r + (self.invalid_penalty if action < 0 else 0.0)
             out["terminated"][i], out["truncated"][i], out["done"][i] = term, trunc, term or trunc
             if term or trunc:
-                episodes.append({"return": float(self.ep_return[i]), "length": int(self.ep_len[i]),
-                                 "success": bool(info["success"]), "invalid": int(self.ep_invalid[i]),
-                                 "env": i, "level": self.levels[i]})
+                out["episodes"].append({"return": float(self.ep_return[i]), "length": int(self.ep_len[i]),
+                                        "success": bool(info["success"]), "invalid": int(self.ep_invalid[i]),
+                                        "env": i, "level": self.levels[i]})
                 self._reset(i)
-        out["episodes"] = episodes
         return out
 
     def expert_texts(self, noise: float = 0.0):
@@ -1065,5 +879,4 @@ class LockstepEnvs:
             setattr(self, k, state[k])
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = state["rng"]
-        if "noise_rng" in state:  # states saved before the noisy demonstrator existed have none
-            self.noise_rng.bit_generator.state = state["noise_rng"]
+        self.noise_rng.bit_generator.state = state["noise_rng"]

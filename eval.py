@@ -10,15 +10,10 @@ collapse that GTR and GTR-Turbo guard against (sections 2-4):
     thought_entropy   mean per-token entropy of thought tokens at the sampling temperature (also for greedy)
     tokens            generated tokens per answer (EOS included)
 Reference rows from no model: `random` (empty thought, random legal action) and `expert` (env.expert_answer).
-Levels are held out (env.in_eval_split; training envs never deal one) and episode seeds are offset by
-EVAL_SEED_OFFSET from training seeds; `--eval-split train` plays fresh training-distribution episodes instead
-(the paper's protocol for Points24, where only 715 hands exist).
-
-CLI: `python eval.py [run] runs/X` (or `--agent DIR --task T`): agent (+ teacher) sampled and greedy, random and
-expert rows -> a table, eval_full.json (null for NaN), replay_k.gif with --gif K; `python eval.py compare runs/A
-runs/B ... [--out PNG] [--table MD]`: seeds of a setting pooled -> a markdown table (from each run's eval.json)
-and learning curves. A bad input exits 2 with one line `eval.py: error: ...`, before any model is loaded.
-Left out: statistical tests, videos (GIF only), per-level results.
+Levels are held out (env.in_eval_split), episode seeds offset from training seeds; `--eval-split train` plays the
+training distribution instead (the paper's protocol for Points24, where only 715 hands exist).
+CLI: `python eval.py run runs/X` (or `--agent DIR --task T`); `python eval.py compare runs/A runs/B ...`. Bad input
+exits 2 with one line `eval.py: error: ...`, before any model is loaded. Left out: statistical tests, videos.
 """
 from __future__ import annotations
 
@@ -32,6 +27,8 @@ import re
 import sys
 import textwrap
 from collections import Counter
+from functools import reduce
+from operator import or_
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +39,9 @@ from env import (BOX, BOX_ON_TARGET, CELL, GOAL, PLAYER, TARGET, TASKS, WALL, Lo
                  extract_thought, font)
 
 EVAL_SEED_OFFSET = 1_000_000  # evaluation episode seeds never coincide with a training run's seeds
-EVAL_SPLITS = ("eval", "train")
 GIF_SCALE = 4                 # env image enlarged 4x (nearest neighbour) in replays
+COLUMNS = ("success", "return", "length", "format_rate", "invalid_rate", "grounding", "distinct2", "self_bleu2",
+           "thought_entropy", "tokens")
 
 # ----------------------------------------------------------------------------------------------------------
 # Metrics
@@ -96,46 +94,32 @@ def self_bleu2(texts, max_texts=200) -> float:
     words = [t.split() for t in texts]
     if len(words) < 2:
         return float("nan")
-    counts = [[Counter(ngrams(w, n)) for n in (1, 2)] for w in words]  # each text's 1- and 2-grams, once
+    grams = [[Counter(ngrams(w, n)) for n in (1, 2)] for w in words]  # each text's 1- and 2-grams, once
     scores = []
     for i, hyp in enumerate(words):
         others = [j for j in range(len(words)) if j != i]
-        logs = []
-        for n in (0, 1):
-            clip = Counter()  # an n-gram counts at most as often as in the other text that has it most
-            for j in others:
-                clip |= counts[j][n]
-            hits = sum(min(c, clip[g]) for g, c in counts[i][n].items())
-            logs.append(math.log(hits / sum(counts[i][n].values())) if hits else None)
-        if None in logs:  # no n-gram matched (or the text has none): BLEU 0
+        # an n-gram counts at most as often as in the other text that has it most
+        clips = [reduce(or_, (grams[j][n] for j in others)) for n in (0, 1)]
+        hits = [sum(min(c, clips[n][g]) for g, c in grams[i][n].items()) for n in (0, 1)]
+        if 0 in hits:  # no n-gram matched (or the text has none)
             scores.append(0.0)
             continue
         ref_len = min((abs(len(words[j]) - len(hyp)), len(words[j])) for j in others)[1]
         bp = 1.0 if len(hyp) > ref_len else math.exp(1 - ref_len / len(hyp))
-        scores.append(bp * math.exp(sum(logs) / 2))
+        scores.append(bp * math.exp(sum(math.log(hits[n] / sum(grams[i][n].values())) for n in (0, 1)) / 2))
     return float(np.mean(scores))
 
 
 def episode_metrics(eps, turns) -> dict:
     """Episode and turn dicts (from `play`) -> one row of the metrics in the module docstring."""
+    mean = lambda dicts, key: _mean([d[key] for d in dicts])  # noqa: E731
     thoughts = [t["thought"] for t in turns if t["thought"].strip()]
-    return {
-        "episodes": len(eps),
-        "success": _mean([e["success"] for e in eps]),
-        "return": _mean([e["return"] for e in eps]),
-        "length": _mean([e["length"] for e in eps]),
-        "format_rate": _mean([t["format_ok"] for t in turns]),
-        "invalid_rate": 1.0 - _mean([t["action_valid"] for t in turns]),
-        "grounding": _mean([t["grounding"] for t in turns]),   # turns that state no checkable fact are nan
-        "distinct2": distinct_n(thoughts, 2),
-        "self_bleu2": self_bleu2(thoughts),
-        "thought_entropy": _mean([t["entropy"] for t in turns]),
-        "tokens": _mean([t["tokens"] for t in turns]),
-    }
-
-
-COLUMNS = ("success", "return", "length", "format_rate", "invalid_rate", "grounding", "distinct2", "self_bleu2",
-           "thought_entropy", "tokens")
+    return {"episodes": len(eps), "success": mean(eps, "success"), "return": mean(eps, "return"),
+            "length": mean(eps, "length"), "format_rate": mean(turns, "format_ok"),
+            "invalid_rate": 1.0 - mean(turns, "action_valid"),
+            "grounding": mean(turns, "grounding"),  # turns that state no checkable fact are nan
+            "distinct2": distinct_n(thoughts, 2), "self_bleu2": self_bleu2(thoughts),
+            "thought_entropy": mean(turns, "entropy"), "tokens": mean(turns, "tokens")}
 
 
 def format_table(rows: dict) -> str:
@@ -154,7 +138,6 @@ def format_table(rows: dict) -> str:
 def agent_actor(agent, greedy=False, **decoding):
     """Answers of an Agent: sampled (decoding: temperature, max_new_tokens, top_k, repetition_penalty) or
     greedy; greedy still reports the thought entropy of the distribution at the temperature."""
-
     def act(images, prompts, envs, rows):
         with torch.no_grad():
             b = agent.sample(images, prompts, do_sample=not greedy, **decoding)
@@ -168,10 +151,9 @@ def random_actor(seed):
     rng = np.random.default_rng(seed)
 
     def act(images, prompts, envs, rows):
-        texts = []
-        for env in (envs.envs[i] for i in rows):
-            action = env.action_names[rng.integers(len(env.action_names))]
-            texts.append(answer_json({**dict.fromkeys(env.answer_keys, ""), "action": action}))
+        texts = [answer_json({**dict.fromkeys(env.answer_keys, ""),
+                              "action": env.action_names[rng.integers(len(env.action_names))]})
+                 for env in (envs.envs[i] for i in rows)]
         return texts, np.full(len(rows), np.nan), np.full(len(rows), np.nan)
     return act
 
@@ -183,17 +165,16 @@ def expert_actor(images, prompts, envs, rows):
 
 def play(actor, task, episodes, seed, num_envs=16, record=None, split="eval", desc="eval"):
     """Exactly `episodes` episodes of `split` ("eval": held-out levels; "train": the training distribution) ->
-    (episode dicts, turn dicts). Env i plays episodes i, i+num_envs, ...; an env that has met its quota idles, so
-    short episodes are not over-represented. `record`: a list that gets env 0's turns as {"episode", "frame"
-    (board_frame), "caption"}, and after each of its episodes one more: the state the episode ended in."""
+    (episode dicts, turn dicts), counted on a progress bar. Env i plays episodes i, i+num_envs, ...; an env that
+    has met its quota idles, so short episodes are not over-represented. `record`: a list that gets env 0's turns
+    as {"episode", "frame" (board_frame), "caption"}, and after each of its episodes the state it ended in."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     num_envs = max(1, min(num_envs, episodes))
     envs = LockstepEnvs(task, num_envs, seed=seed + EVAL_SEED_OFFSET, split=split)
     quota = np.array([len(range(i, episodes, num_envs)) for i in range(num_envs)])
     done = np.zeros(num_envs, dtype=int)  # episodes counted per env
-    eps, turns, turn = [], [], 0
-    bar = tqdm(total=episodes, desc=desc, unit="ep", leave=False)
+    eps, turns, bar = [], [], tqdm(total=episodes, desc=desc, unit="ep", leave=False)
     while (done < quota).any():
         rows = [i for i in range(num_envs) if done[i] < quota[i]]
         images, prompts = envs.observe()
@@ -205,28 +186,23 @@ def play(actor, task, episodes, seed, num_envs=16, record=None, split="eval", de
         out = envs.step_texts([answers.get(i, "") for i in range(num_envs)])
         a = int(out["action"][0])
         if recording:
-            turn += 1
-            name = before.action_names[a] if a >= 0 else "INVALID (turn skipped)"
-            record.append({"episode": int(done[0]), "frame": frame,
-                           "caption": f"turn {turn}: {(extract_thought(answers[0]) or '').strip()} "
-                                      f"-> action: {name} (reward {out['reward'][0]:+.1f})"})
+            record.append({"episode": int(done[0]), "frame": frame, "caption": (
+                f"turn {1 + sum(r['episode'] == done[0] for r in record)}: "
+                f"{(extract_thought(answers[0]) or '').strip()} -> action: "
+                f"{before.action_names[a] if a >= 0 else 'INVALID (turn skipped)'} (reward {out['reward'][0]:+.1f})")})
         for j, i in enumerate(rows):
             turns.append({"format_ok": bool(out["format_ok"][i]), "action_valid": bool(out["action_valid"][i]),
                           "grounding": float(out["grounding"][i]), "entropy": float(entropy[j]),
                           "tokens": float(ntok[j]), "thought": extract_thought(texts[j]) or ""})
-        for e in out["episodes"]:
-            i = e["env"]
-            if done[i] >= quota[i]:
-                continue
+        for e in (e for e in out["episodes"] if done[e["env"]] < quota[e["env"]]):
             eps.append(e)
             bar.update(1)
-            if recording and i == 0:
+            if recording and e["env"] == 0:
                 before.step(a) if a >= 0 else before.skip_turn()
-                record.append({"episode": int(done[0]), "frame": board_frame(before, task),
-                               "caption": f"end: {'solved' if e['success'] else 'not solved'} in {e['length']} "
-                                          f"turns, return {e['return']:+.1f}"})
-                turn = 0
-            done[i] += 1
+                record.append({"episode": int(done[0]), "frame": board_frame(before, task), "caption": (
+                    f"end: {'solved' if e['success'] else 'not solved'} in {e['length']} turns, "
+                    f"return {e['return']:+.1f}")})
+            done[e["env"]] += 1
     bar.close()
     return eps, turns
 
@@ -257,8 +233,7 @@ def reference_rows(task, episodes=100, seed=0, split="eval") -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # Comparing runs: held-out results from each run's eval.json, learning curves from its metrics.jsonl
 
-# args.json settings that do not define the experiment: runs differing only in these are seeds of one setting
-# (where and how fast a run ran, how much of it was logged; budget_seconds matches another run's wall-clock)
+# args.json settings that do not define the experiment, so runs differing only in these are seeds of one setting
 NOT_SETTINGS = ("seed", "out", "resume", "threads", "device", "world_size", "eval_episodes", "log_episodes",
                 "max_skips", "budget_seconds", "curve_every", "curve_episodes")
 # settings of the merged teacher and its guidance: left out of the label of a method that has no such teacher
@@ -272,7 +247,7 @@ HELD_OUT_CURVES = (("eval/agent_success", "held-out success: agent"),  # drawn w
 
 def read_run(run_dir) -> dict:
     """{dir, args, metrics, eval}: args.json, metrics.jsonl (a dict per update), eval.json (None if absent);
-    ValueError naming the run if one is missing or unreadable. num() reads null and bare NaN values as NaN."""
+    ValueError naming the run if one is missing or unreadable."""
     d = Path(run_dir)
     try:
         metrics = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -288,8 +263,7 @@ def read_run(run_dir) -> dict:
 def group_runs(runs) -> dict:
     """{label: [runs]} in first-seen order; runs are seeds of one group if every args.json setting but NOT_SETTINGS
     agrees. Label: the method, "(key=value, ...)" for each setting that differs between the runs (teacher settings
-    only for turbo methods), the task if they span several. ValueError if a group would pool one seed twice (the
-    same run given twice, or a copy)."""
+    only for turbo methods), the task if they span several. ValueError if a group would pool one seed twice."""
     keys = sorted({k for r in runs for k in r["args"]} - set(NOT_SETTINGS) - {"method", "task"})
     differ = [k for k in keys if any(r["args"].get(k) != runs[0]["args"].get(k) for r in runs)]
     with_task = len({r["args"].get("task") for r in runs}) > 1
@@ -298,12 +272,10 @@ def group_runs(runs) -> dict:
         a = r["args"]
         label = str(a.get("method", "?"))
         shown = [k for k in differ if not (k in TEACHER_SETTINGS and label in ("ppo", "gtr", "sft"))]
-        if shown:
-            label += " (" + ", ".join(f"{k}={a.get(k, '?')}" for k in shown) + ")"
-        if with_task:
-            label = f"{a.get('task', '?')}/{label}"
+        label += " (" + ", ".join(f"{k}={a.get(k, '?')}" for k in shown) + ")" if shown else ""
+        label = f"{a.get('task', '?')}/{label}" if with_task else label
         other = seen.setdefault((label, a.get("seed")), r)
-        if other is not r:
+        if other is not r:  # the same run given twice, or a copy of it
             raise ValueError(f"{other['dir']} and {r['dir']} are the same setting with the same seed "
                              f"{a.get('seed')}: a seed may count only once in a group")
         groups.setdefault(label, []).append(r)
@@ -321,9 +293,8 @@ def mean_sd(xs, digits=3) -> str:
 def compare_table(groups) -> str:
     """One line per group: mean ± sd over its seeds of the agent, SFT-start and teacher rows of each run's
     eval.json (a run without one is n/a there, its curves are drawn all the same) and of the final wall-clock."""
-    head = ("| method | seeds | SFT start | success | source | teacher success | return | grounding "
-            "| thought entropy | wall-clock (s) |\n" + "|---" * 10 + "|\n")
-    lines = []
+    lines = ["| method | seeds | SFT start | success | source | teacher success | return | grounding "
+             "| thought entropy | wall-clock (s) |", "|---" * 10 + "|"]
     for label, runs in groups.items():
         evs = [r["eval"] or {} for r in runs]
         cell = lambda row, key="success", digits=3: mean_sd(  # noqa: E731
@@ -331,11 +302,11 @@ def compare_table(groups) -> str:
         source = {"not evaluated" if ev.get("agent") is None else "held-out"
                   if r["args"].get("eval_split", "eval") == "eval" else "train split" for r, ev in zip(runs, evs)}
         wall = mean_sd([num(r["metrics"][-1].get("charts/wall_time")) for r in runs], 0)
-        lines.append(f"| {label} | {','.join(str(r['args'].get('seed', '?')) for r in runs)} "
-                     f"| {cell('start (SFT)')} | {cell('agent')} | {' + '.join(sorted(source))} | {cell('teacher')} "
-                     f"| {cell('agent', 'return', 2)} | {cell('agent', 'grounding')} "
-                     f"| {cell('agent', 'thought_entropy')} | {wall} |")
-    return head + "\n".join(lines) + "\n"
+        cells = [label, ",".join(str(r["args"].get("seed", "?")) for r in runs), cell("start (SFT)"), cell("agent"),
+                 " + ".join(sorted(source)), cell("teacher"), cell("agent", "return", 2), cell("agent", "grounding"),
+                 cell("agent", "thought_entropy"), wall]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def curve(run, key):
@@ -347,8 +318,8 @@ def curve(run, key):
 
 def plot_curves(groups, path):
     """Panels (CURVES, then HELD_OUT_CURVES if logged) against env steps: per group the seed mean, shaded between
-    seed min and max. Runs of a group are interpolated onto the env-step grid of its shortest run (the steps all
-    of them reached). Written as PNG exactly at `path`, whatever its extension."""
+    seed min and max, each run interpolated onto the env steps of the group's shortest run (those all reached).
+    Written as PNG exactly at `path`, whatever its extension."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -415,9 +386,9 @@ def board_frame(env, task) -> np.ndarray:
     from PIL import Image, ImageDraw
     f, side, ink = font(12), CELL * GIF_SCALE, (0, 0, 0)   # side: px per grid cell in the frame
     tiles = draw_grid(np.array([[kind for _, kind in LEGEND[task]]]))   # [32, >= 16 * kinds, 3], padded
-    legend_w = sum(CELL + 14 + int(f.getlength(name)) for name, _ in LEGEND[task])
+    widths = [CELL + 14 + int(f.getlength(name)) for name, _ in LEGEND[task]]  # tile, gap, name, gap
     h, w = board.shape[:2]
-    img = Image.new("RGB", (max(LABEL_LEFT + w, int(legend_w) + 4), LABEL_TOP + h + LEGEND_H), (255, 255, 255))
+    img = Image.new("RGB", (max(LABEL_LEFT + w, sum(widths) + 4), LABEL_TOP + h + LEGEND_H), (255, 255, 255))
     img.paste(Image.fromarray(board), (LABEL_LEFT, LABEL_TOP))
     draw = ImageDraw.Draw(img)
     for r in range(env.h):
@@ -425,10 +396,10 @@ def board_frame(env, task) -> np.ndarray:
     for c in range(env.w):
         draw.text((LABEL_LEFT + (c + 0.5) * side, LABEL_TOP / 2), str(c), fill=ink, font=f, anchor="mm")
     x, y = 4, LABEL_TOP + h + (LEGEND_H - CELL) // 2
-    for k, (name, _) in enumerate(LEGEND[task]):
+    for k, ((name, _), width) in enumerate(zip(LEGEND[task], widths)):
         img.paste(Image.fromarray(tiles[:CELL, k * CELL:(k + 1) * CELL]), (x, y))
         draw.text((x + CELL + 4, y + CELL / 2), name, fill=ink, font=f, anchor="lm")
-        x += CELL + 14 + int(f.getlength(name))
+        x += width
     return np.asarray(img)
 
 
@@ -438,10 +409,9 @@ def captioned_frames(entries, min_width=320, max_lines=12, size=12) -> list:
     from PIL import Image, ImageDraw
     f = font(size)
     width = max(min_width, max(e["frame"].shape[1] for e in entries))
-    line_h = f.getbbox("Hg")[3] + 3
+    frame_h, line_h = max(e["frame"].shape[0] for e in entries), f.getbbox("Hg")[3] + 3
     wrapped = [textwrap.wrap(e["caption"], int((width - 8) / (0.6 * size))) for e in entries]
     wrapped = [lines[:max_lines - 1] + ["..."] if len(lines) > max_lines else lines for lines in wrapped]
-    frame_h = max(e["frame"].shape[0] for e in entries)
     images = []
     for e, lines in zip(entries, wrapped):
         img = Image.new("RGB", (width, frame_h + 8 + line_h * max(map(len, wrapped))), (255, 255, 255))
@@ -456,9 +426,8 @@ def captioned_frames(entries, min_width=320, max_lines=12, size=12) -> list:
 def write_replays(actor, task, n, seed, out_dir, split="eval") -> list[dict]:
     """Play the first `n` episodes of the evaluation stream one at a time and write out_dir/replay_k.gif for
     each (looping, 0.9 s a frame). Returns [{file, length, success, return, level, frames}]."""
-    record = []
+    record, out = [], []
     eps, _ = play(actor, task, n, seed, num_envs=1, record=record, split=split, desc="replays")
-    out = []
     for k, e in enumerate(eps):
         path = os.path.join(out_dir, f"replay_{k}.gif")
         # captions carry the turn number, so no two frames are identical (Pillow would merge them)
@@ -475,8 +444,29 @@ def write_replays(actor, task, n, seed, out_dir, split="eval") -> list[dict]:
 
 
 class OneLineParser(argparse.ArgumentParser):
+    source = ""  # " (from FILE)" while defaults read from FILE are parsed: an error names it
+
     def error(self, message):  # one line, no usage block, exit status 2 ("eval.py run" says "eval.py" too)
-        self.exit(2, f"{self.prog.split()[0]}: error: {' '.join(message.splitlines())}\n")
+        self.exit(2, f"{self.prog.split()[0]}: error: {' '.join(message.splitlines())}{self.source}\n")
+
+
+def join_negative_numbers(argv) -> list[str]:
+    """["--seed", "-1e-5"] -> ["--seed=-1e-5"]: argparse takes "-1e-5" or "-inf" for a flag and would report a
+    missing value instead of letting the flag's type name the bad number. train.py's command line too."""
+    out = []
+    for a in map(str, argv):
+        if out and re.fullmatch(r"--[^=]+", out[-1]) and a.startswith("-") and is_number(a):
+            out[-1] += "=" + a
+        else:
+            out.append(a)
+    return out
+
+
+def is_number(text) -> bool:
+    try:
+        return float(text) is not None
+    except ValueError:
+        return False
 
 
 def checked(typ, ok, rule):
@@ -489,158 +479,134 @@ def checked(typ, ok, rule):
     return parse
 
 
-POSITIVE = (lambda v: 0 < v < math.inf, "> 0 and finite")  # nan fails both comparisons
-SETTINGS = {  # `run` settings a run's args.json supplies unless a flag does: name -> (argparse type, default, help)
-    "task": (checked(str, TASKS.__contains__, "one of " + ", ".join(sorted(TASKS))), None, "task"),
-    "seed": (checked(int, lambda v: v >= 0, ">= 0"), 0, "evaluation seed"),
-    "temperature": (checked(float, *POSITIVE), 1.0, "sampling temperature"),
-    "max_new_tokens": (checked(int, lambda v: v >= 1, ">= 1"), 64, "answer length cap"),
-    "top_k": (checked(int, lambda v: v >= 0, ">= 0"), 0, "top-k at sampling, 0 = off"),
-    "repetition_penalty": (checked(float, *POSITIVE), 1.0, "repetition penalty at sampling"),
-    "eval_split": (checked(str, EVAL_SPLITS.__contains__, "eval or train"), "eval",
+at_least = lambda lo: checked(int, lambda v: v >= lo, f">= {lo}")  # noqa: E731
+POSITIVE = checked(float, lambda v: 0 < v < math.inf, "> 0 and finite")  # nan fails both comparisons
+SAVED = {  # `run` settings whose default is the run's args.json value, else this: name -> (type, default, help)
+    "task": (checked(str, TASKS.__contains__, "one of " + ", ".join(sorted(TASKS))), None, "required with --agent"),
+    "seed": (at_least(0), 0, "evaluation seed"),
+    "temperature": (POSITIVE, 1.0, "sampling temperature"),
+    "max_new_tokens": (at_least(1), 64, "answer length cap"),
+    "top_k": (at_least(0), 0, "top-k at sampling, 0 = off"),
+    "repetition_penalty": (POSITIVE, 1.0, "repetition penalty at sampling"),
+    "eval_split": (checked(str, ("eval", "train").__contains__, "eval or train"), "eval",
                    "eval: held-out levels | train: the training distribution")}
 
 
-def join_negative_numbers(argv) -> list[str]:
-    """["--seed", "-1e-5"] -> ["--seed=-1e-5"]: argparse takes "-1e-5" or "-inf" for a flag and would report a
-    missing value instead of letting the flag's type name the bad number. train.py's command line too."""
-    def is_number(text):
-        try:
-            return float(text) is not None
-        except ValueError:
-            return False
-
-    out = []
-    for a in map(str, argv):
-        if out and re.fullmatch(r"--[^=]+", out[-1]) and a.startswith("-") and is_number(a):
-            out[-1] += "=" + a
-        else:
-            out.append(a)
-    return out
-
-
-def read_settings(ns, error):
-    """(settings, agent dir, teacher dir or None, out dir) of `run`. A flag wins over the run's args.json, which
-    wins over the SETTINGS defaults; a value from args.json goes through its flag's type, the file named if bad."""
-    if bool(ns.run) == bool(ns.agent):
-        error("give a run directory or --agent DIR, not both" if ns.run else
-              "give a run directory (python eval.py run runs/X) or --agent DIR --task TASK")
-    agent, teacher, saved, src = ns.agent, None, {}, os.path.join(ns.run or "", "args.json")
-    if ns.agent and not os.path.isdir(ns.agent):
-        error(f"{ns.agent}: no such agent directory")
-    if ns.run:  # its last checkpoint: ckpt/, else ckpt.prev/ (alone after a crash during the swap)
-        ckpt = next((c for c in (os.path.join(ns.run, d) for d in ("ckpt", "ckpt.prev"))
-                     if os.path.isdir(os.path.join(c, "agent"))), None)
-        if ckpt is None:
-            error(f"{ns.run}: " + ("no checkpoint (ckpt/agent) in it; has the run finished an update?"
-                                   if os.path.isdir(ns.run) else "no such run directory"))
-        agent, teacher = os.path.join(ckpt, "agent"), os.path.join(ckpt, "teacher")
-        teacher = teacher if os.path.isdir(teacher) and not ns.no_teacher else None
-        try:
-            saved = json.loads(Path(src).read_text()) if os.path.isfile(src) else {}
-            if not isinstance(saved, dict):
-                raise ValueError("not a JSON object of settings")
-        except (OSError, ValueError) as e:
-            error(f"{src}: unreadable ({e})")
-    settings = {}
-    for k, (parse, default, _) in SETTINGS.items():
-        value = getattr(ns, k)
-        if value is None and k in saved:
-            try:  # via str(): a bool, or a float where an int belongs, is refused as it would be as a flag
-                value = parse(str(saved[k]))
-            except (ValueError, argparse.ArgumentTypeError) as e:
-                error(f"--{k.replace('_', '-')}: {e} (from {src})")
-        settings[k] = default if value is None else value
-    if settings["task"] is None:
-        error(f"--task is required {'with --agent' if ns.agent else f'({src} names none)'}: one of "
-              + ", ".join(sorted(TASKS)))
-    out = ns.out or ns.run or "."
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:  # a file of that name, no permission
-        error(f"--out {out}: cannot make that directory ({e.strerror})")
-    return settings, agent, teacher, out
-
-
-def run_cli(ns, error) -> dict:
-    """`eval.py run`: agent (+ teacher) sampled and greedy, random and expert rows -> table, eval_full.json, GIFs."""
-    settings, agent_dir, teacher_dir, out_dir = read_settings(ns, error)
-    task, seed, split, T = settings["task"], settings["seed"], settings["eval_split"], settings["temperature"]
-    from agent import Agent, CheckpointError  # here: transformers loads in seconds, a bad flag is answered at once
-    models = {}
-    for name, path in (("agent", agent_dir), ("teacher", teacher_dir)):
-        if path:
-            try:
-                models[name] = Agent.load(path, device=ns.device, dtype=getattr(torch, ns.dtype))
-            except (CheckpointError, OSError, ValueError) as e:  # a corrupt or missing file, named
-                error(str(e).splitlines()[0])
-    decoding = dict(temperature=T, max_new_tokens=settings["max_new_tokens"], top_k=settings["top_k"],
-                    repetition_penalty=settings["repetition_penalty"])
-    rows = {}
-    for name, model in models.items():
-        for greedy in (False, True):
-            label = f"{name} ({'greedy' if greedy else f'T={T:g}'})"
-            rows[label] = evaluate(model, task, ns.episodes, seed=seed, greedy=greedy, num_envs=ns.num_envs,
-                                   split=split, desc=f"eval {label}", **decoding)
-            print(f"{label}: success {rows[label]['success']:.3f}", file=sys.stderr)
-    rows.update(reference_rows(task, ns.episodes, seed, split=split))
-    what = ("held-out episodes (split=eval)" if split == "eval" else
-            "episodes from the training distribution (split=train)")
-    print(f"{task}, {ns.episodes} {what}, seed {seed}\n\n{format_table(rows)}")
-    replays = []
-    if ns.gif:
-        with seeded(seed, ns.device):
-            replays = write_replays(agent_actor(models["agent"], **decoding), task, ns.gif, seed, out_dir, split=split)
-        for r in replays:
-            print(f"wrote {r['file']}: {r['length']} turns + final frame, success {r['success']}")
-    result = {"meta": {"task": task, "episodes": ns.episodes, "seed": seed,
-                       "split": "eval (crc32 % 10 == 0)" if split == "eval" else "train",
-                       "agent": agent_dir, "teacher": teacher_dir, **settings},
-              "rows": rows, "replays": replays}
-    path = os.path.join(out_dir, "eval_full.json")
-    write_json(path, result)  # NaN metrics (e.g. entropy of the random row) become null: valid JSON
-    print(f"wrote {path}", file=sys.stderr)
-    return result
-
-
-def main(argv=None):
-    """Command line -> `run` or `compare`; a bad input exits 2 with one line (SystemExit, also in-process)."""
+def parser():
+    """(the command line, its `run` subparser, whose SAVED defaults a run's args.json may replace)."""
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = checked(str, lambda d: d == "cpu" or bool(re.fullmatch(r"cuda(:\d+)?", d)) and int(d[5:] or 0) < cuda,
                      f"cpu or one of the {cuda} CUDA devices this torch build sees (cuda, cuda:N)")
-    at_least = lambda lo: checked(int, lambda v: v >= lo, f">= {lo}")  # noqa: E731
     p = OneLineParser(prog="eval.py", description="Evaluate a run or an agent directory (run), or compare runs.")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="evaluate a run or an agent directory")
-    r.add_argument("run", nargs="?", help="run directory written by train.py (runs/X)")
+    r = sub.add_parser("run", help="evaluate a run or an agent directory",
+                       description="Agent (and teacher) sampled and greedy, random and expert rows: a table, "
+                                   "eval_full.json, GIF replays.")
+    r.add_argument("run", nargs="?", help="run directory written by train.py (runs/X): its last checkpoint")
     r.add_argument("--agent", help="evaluate a bare agent directory instead (anything Agent.load accepts)")
-    for name, (parse, default, text) in SETTINGS.items():  # None: the run's args.json decides, else `default`
-        r.add_argument("--" + name.replace("_", "-"), type=parse, help=f"{text} (default: the run's; "
-                       + ("required with --agent)" if default is None else f"{default} with --agent)"))
-    r.add_argument("--episodes", type=at_least(1), default=100, help="episodes per row")
+    for name, (parse, default, text) in SAVED.items():
+        r.add_argument("--" + name.replace("_", "-"), type=parse, default=default, help=f"{text} (default: the run's"
+                       + (")" if default is None else f", else {default})"))
+    r.add_argument("--episodes", type=at_least(1), default=100, help="episodes per row (default: %(default)s)")
     r.add_argument("--gif", type=at_least(0), default=0, help="write this many GIF replays replay_k.gif")
     r.add_argument("--out", help="where eval_full.json and GIFs go (default: the run dir; cwd with --agent)")
     r.add_argument("--no-teacher", action="store_true", help="skip the teacher rows")
-    r.add_argument("--num-envs", type=at_least(1), default=16, help="episodes played in parallel (batch size)")
+    r.add_argument("--num-envs", type=at_least(1), default=16, help="episodes played at once (default: %(default)s)")
     r.add_argument("--device", type=device, default="cuda" if cuda else "cpu", help="cpu | cuda | cuda:N")
     r.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights dtype")
     c = sub.add_parser("compare", help="compare runs: a markdown table and learning curves")
     c.add_argument("runs", nargs="+", help="run directories")
     c.add_argument("--out", default="compare.png", help="PNG of the learning curves (its directory must exist)")
     c.add_argument("--table", help="also write the markdown table to this file (its directory must exist)")
-    argv = join_negative_numbers(sys.argv[1:] if argv is None else argv)
-    if argv[:1] not in (["run"], ["compare"], ["-h"], ["--help"]):
-        argv = ["run", *argv]  # `eval.py runs/X` is `eval.py run runs/X`
-    ns = p.parse_args(argv)
-    if ns.command == "run":
-        with torch.no_grad():  # not set_grad_enabled: main() is also called in-process (tests)
-            run_cli(ns, p.error)
-        return
+    return p, r
+
+
+def run_inputs(ns, error):
+    """`run`'s (agent dir, teacher dir or None, {setting: text} of SAVED from the run's args.json). A run's last
+    checkpoint is ckpt/, else ckpt.prev/ (alone after a crash while one replaced the other)."""
+    if bool(ns.run) == bool(ns.agent):
+        error("give a run directory or --agent DIR, not both" if ns.run else
+              "give a run directory (python eval.py run runs/X) or --agent DIR --task TASK")
+    if ns.agent:
+        return ns.agent if os.path.isdir(ns.agent) else error(f"{ns.agent}: no such agent directory"), None, {}
+    ckpt = next((c for c in (os.path.join(ns.run, d) for d in ("ckpt", "ckpt.prev"))
+                 if os.path.isdir(os.path.join(c, "agent"))), None)
+    if ckpt is None:
+        error(f"{ns.run}: " + ("no checkpoint (ckpt/agent) in it; has the run finished an update?"
+                               if os.path.isdir(ns.run) else "no such run directory"))
+    src, teacher = os.path.join(ns.run, "args.json"), os.path.join(ckpt, "teacher")
     try:
-        print(compare(ns.runs, ns.out, ns.table))
+        saved = json.loads(Path(src).read_text()) if os.path.isfile(src) else {}
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object of settings")
     except (OSError, ValueError) as e:
-        p.error(str(e))
-    print(f"wrote {ns.out}" + (f" and {ns.table}" if ns.table else ""), file=sys.stderr)
+        error(f"{src}: unreadable ({e})")
+    teacher = teacher if os.path.isdir(teacher) and not ns.no_teacher else None
+    return os.path.join(ckpt, "agent"), teacher, {k: str(v) for k, v in saved.items() if k in SAVED}
+
+
+def run_cli(ns, agent_dir, teacher_dir, error):
+    """`eval.py run`: agent (+ teacher) sampled and greedy, random and expert rows -> table, eval_full.json, GIFs."""
+    out_dir, task, seed, split = ns.out or ns.run or ".", ns.task, ns.seed, ns.eval_split
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:  # a file of that name, no permission
+        error(f"--out {out_dir}: cannot make that directory ({e.strerror})")
+    from agent import Agent, CheckpointError  # here, as transformers takes seconds to load: bad flags answer first
+    try:  # a corrupt or missing file, named
+        models = {name: Agent.load(path, device=ns.device, dtype=getattr(torch, ns.dtype))
+                  for name, path in (("agent", agent_dir), ("teacher", teacher_dir)) if path}
+    except (CheckpointError, OSError, ValueError) as e:
+        error(str(e).splitlines()[0])
+    decoding = {k: getattr(ns, k) for k in ("temperature", "max_new_tokens", "top_k", "repetition_penalty")}
+    rows = {}
+    for name, model in models.items():
+        for greedy in (False, True):
+            label = f"{name} ({'greedy' if greedy else f'T={ns.temperature:g}'})"
+            rows[label] = evaluate(model, task, ns.episodes, seed=seed, greedy=greedy, num_envs=ns.num_envs,
+                                   split=split, desc=f"eval {label}", **decoding)
+            print(f"{label}: success {rows[label]['success']:.3f}", file=sys.stderr)
+    rows.update(reference_rows(task, ns.episodes, seed, split=split))
+    what = "held-out episodes" if split == "eval" else "episodes from the training distribution"
+    print(f"{task}, {ns.episodes} {what} (split={split}), seed {seed}\n\n{format_table(rows)}")
+    with seeded(seed, ns.device):
+        replays = write_replays(agent_actor(models["agent"], **decoding), task, ns.gif, seed, out_dir,
+                                split=split) if ns.gif else []
+    for r in replays:
+        print(f"wrote {r['file']}: {r['length']} turns + final frame, success {r['success']}")
+    path = os.path.join(out_dir, "eval_full.json")
+    write_json(path, {"meta": {"task": task, "episodes": ns.episodes, "seed": seed,
+                               "split": "eval (crc32 % 10 == 0)" if split == "eval" else "train",
+                               "agent": agent_dir, "teacher": teacher_dir, **{k: getattr(ns, k) for k in SAVED}},
+                      "rows": rows, "replays": replays})
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def main(argv=None):
+    """Command line -> `run` or `compare` (`eval.py runs/X` is `eval.py run runs/X`); a bad input exits 2 with
+    one line (SystemExit, also in-process)."""
+    argv = join_negative_numbers(sys.argv[1:] if argv is None else argv)
+    argv = argv if argv[:1] in (["run"], ["compare"], ["-h"], ["--help"]) else ["run", *argv]
+    p, run_parser = parser()
+    ns = p.parse_args(argv)
+    if ns.command == "compare":
+        try:
+            print(compare(ns.runs, ns.out, ns.table))
+        except (OSError, ValueError) as e:
+            p.error(str(e))
+        print(f"wrote {ns.out}" + (f" and {ns.table}" if ns.table else ""), file=sys.stderr)
+        return
+    agent_dir, teacher_dir, saved = run_inputs(ns, p.error)
+    src = os.path.join(ns.run or "", "args.json")
+    if saved:  # parsed again with the run's settings as defaults: a flag still wins, each passes its flag's type
+        run_parser.set_defaults(**saved)
+        run_parser.source = f" (from {src})"
+        ns = p.parse_args(argv)
+    if ns.task is None:
+        p.error(f"--task is required {'with --agent' if ns.agent else f'({src} names none)'}: one of "
+                + ", ".join(sorted(TASKS)))
+    with torch.no_grad():  # not set_grad_enabled: main() is also called in-process (tests)
+        run_cli(ns, agent_dir, teacher_dir, p.error)
 
 
 if __name__ == "__main__":

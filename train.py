@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from distill import dagger_loss, guide_mask, gtr_labels, teacher_answers, teacher_kl, teacher_kl_loss, turbo_sft_labels
+from distill import dagger_loss, guide_mask, gtr_labels, teacher_answers, teacher_kl, turbo_sft_labels
 from env import FORMAT_VERSION, TASKS, LockstepEnvs
 from eval import OneLineParser, compare, evaluate, format_table, join_negative_numbers, json_safe, write_json
 from merge import MergeHistory
@@ -116,19 +116,18 @@ class Args:
     teacher: str = arg("merged", "merged: TIES over the agent's checkpoints | static: the SFT model")
     guide: str = arg("thought", "tokens the teacher guides: thought | thought+action (section 4.4)")
     kl_estimator: str = arg("clip", "clip (paper) | k1 | abs | k3 | exact (full vocabulary) | forward")
-    kl_mode: str = arg("shaping", "shaping: beta x KL off the return (paper) | loss: a k3 KL loss | both")
-    kl_loss_coef: float = arg(0.1, "--kl-mode loss or both: weight of the KL loss")
     merge: str = arg("ties", "merge of the checkpoint history: ties | linear")
     weighting: str = arg("ema", "history weighting: ema (the paper's best; SMA lags a still-improving agent) | sma")
     ratio: str = arg("turn", "turn: one ratio per turn (paper) | token: one clipped ratio per token")
-    baseline: str = arg("critic", "critic: GAE with the value head (paper) | group: group-relative, no critic (GiGPO)")
-    group_size: int = arg(4, "--baseline group: envs per start level, each plays its episode to the end")
     # --- large models
     lora_rank: int = arg(0, "LoRA rank on every linear layer, 0 = full fine-tuning (paper 128)")
     lora_alpha: float = arg(0.0, "LoRA alpha, 0 = 2 x rank (paper 256)")
-    bf16: bool = arg(True, "bfloat16 autocast (weights and Adam stay fp32; a LoRA base is held in bf16)")
+    bf16: bool = arg(None, "bfloat16 autocast, weights and Adam in fp32, a LoRA base held in bf16 (default: on for "
+                           "CUDA and for CPUs with bf16 kernels, AVX-512 and newer; off elsewhere, where bf16 is slower)")
 
     def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = fast_bf16(self.device)
         if self.sft_noise == -1:
             self.sft_noise = {"sokoban": 0.5, "gridworld": 0.3}.get(self.task, 0.0)
         self.format_reward = self.format_reward or {"ppo": "0,0", "gtr": "5,0"}.get(self.method, "3,-2")
@@ -159,10 +158,6 @@ class Args:
             yield "lora_rank", "is for PATH or hub models; tiny and small train all their weights"
         if self.budget_by == "time" and not self.budget_seconds > 0:
             yield "budget_seconds", "must be positive under --budget-by time"
-        if self.kl_mode != "shaping" and self.kl_estimator in ("exact", "forward"):
-            yield "kl_mode", f"{self.kl_mode} needs a sampled-token --kl-estimator, not {self.kl_estimator}"
-        if self.baseline == "group" and self.num_envs % self.group_size:
-            yield "num_envs", f"{self.num_envs} must be a multiple of --group-size {self.group_size}"
         try:
             valid, invalid = (float(x) for x in self.format_reward.split(","))
             ok = math.isfinite(valid) and math.isfinite(invalid)
@@ -174,10 +169,9 @@ class Args:
 
 CHOICES = {"task": tuple(TASKS), "method": METHODS, "budget_by": ("steps", "time"), "eval_split": ("eval", "train"),
            "invalid": ("penalty", "random"), "teacher": ("merged", "static"), "guide": ("thought", "thought+action"),
-           "kl_estimator": ("clip", "k1", "abs", "k3", "exact", "forward"), "kl_mode": ("shaping", "loss", "both"),
-           "merge": ("ties", "linear"), "weighting": ("ema", "sma"), "ratio": ("turn", "token"),
-           "baseline": ("critic", "group")}
-RANGES = [("total_steps num_envs num_steps sft_batch ppo_epochs minibatch max_new_tokens merge_every group_size "
+           "kl_estimator": ("clip", "k1", "abs", "k3", "exact", "forward"),
+           "merge": ("ties", "linear"), "weighting": ("ema", "sma"), "ratio": ("turn", "token")}
+RANGES = [("total_steps num_envs num_steps sft_batch ppo_epochs minibatch max_new_tokens merge_every "
            "log_episodes curve_episodes lr sft_lr vf_lr temperature clip density kl_clip max_grad_norm repetition_penalty",
            lambda v: v > 0, "must be positive"),
           ("seed threads eval_episodes curve_every teacher_retries max_skips top_k vf_clip vf_coef "
@@ -186,125 +180,6 @@ RANGES = [("total_steps num_envs num_steps sft_batch ppo_epochs minibatch max_ne
           ("gamma gae_lambda sft_noise", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
           ("density ema_alpha", lambda v: 0 < v <= 1, "must be in (0, 1]"),
           ("sft_steps", lambda v: v >= -1, "must be >= 0 (-1 = the task's default)")]
-# --help headings, each before the field it names
-HEADINGS = {"task": "what to train", "num_envs": "budgets and logging", "sft_steps": "SFT warm-up (tiny and small)",
-            "temperature": "sampling", "ppo_epochs": "PPO (section 2)", "kl_coef": "the teacher (section 4)",
-            "teacher": "ablations", "lora_rank": "large models (PATH or hub id)"}
-# Flags a resumed run may change: they extend or re-evaluate it, or say where it runs, not what it learns.
-RESUME_FLAGS = ("total_steps", "budget_seconds", "eval_episodes", "curve_every", "curve_episodes", "threads", "device")
-TYPES = {"int": int, "float": float, "str": str}
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def parse_args(argv=None) -> Args:
-    """Command line -> Args; a bad value exits 2 with one line naming the flag. A new run refuses an --out that
-    holds one; --resume DIR takes the run's args.json, where only RESUME_FLAGS may change."""
-    p = OneLineParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                      usage="%(prog)s [--task T] [--method M] [--model M] [--total-steps N] [--seed S] [flags below]")
-    group = p
-    for f in dataclasses.fields(Args):
-        group = p.add_argument_group(HEADINGS[f.name]) if f.name in HEADINGS else group
-        kind = {"action": argparse.BooleanOptionalAction} if f.type == "bool" else {"type": TYPES[f.type]}
-        default = "" if f.default == "" else " (default: %(default)s)"
-        group.add_argument(flag(f.name), default=f.default, help=f.metadata["help"] + default, **kind)
-    argv = join_negative_numbers(sys.argv[1:] if argv is None else list(argv))  # `--lr -1` -> `--lr=-1`
-    ns = vars(p.parse_args(argv))
-    if ns["resume"]:  # a resumed run keeps the settings it was started with
-        run_dir = os.path.normpath(ns["resume"])
-        saved = read_saved_args(run_dir, p.error)
-        given = [a[2:].split("=")[0].removeprefix("no-").replace("-", "_") for a in argv if a.startswith("--")]
-        for name in dict.fromkeys(given):  # in command-line order, each once
-            if name in ("", "resume"):
-                continue
-            if name not in RESUME_FLAGS:
-                p.error(f"{flag(name)} cannot change in a resumed run (--resume keeps the run's args.json); "
-                        f"only {', '.join(map(flag, RESUME_FLAGS))} can")
-            if ns[name] != saved.get(name):
-                print(f"resume: {flag(name)} {ns[name]} (the run had {saved.get(name)})")
-                saved[name] = ns[name]
-        ns = {**saved, "resume": run_dir, "out": run_dir}
-    try:
-        args = Args(**ns)
-    except (ValueError, TypeError) as e:
-        p.error(str(e))
-    k = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun; every rank takes an equal share
-    for name in ("num_envs", "minibatch"):
-        if getattr(args, name) % k:
-            p.error(f"{flag(name)} {getattr(args, name)} must be divisible by the {k} torchrun processes")
-    if args.baseline == "group" and (args.num_envs // k) % args.group_size:
-        p.error(f"--group-size {args.group_size} must divide the {args.num_envs // k} envs of each of {k} processes")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: this torch build ({torch.__version__}) sees no CUDA device")
-    positions = model_positions(args.model, p.error, "--model")
-    if args.init:
-        positions = model_positions(args.init, p.error, "--init", local_only=True)
-    if positions is not None and args.max_new_tokens >= positions:
-        p.error(f"--max-new-tokens {args.max_new_tokens} does not fit the model's {positions} positions "
-                f"(prompt included)")
-    if not args.resume:  # the default --out too, made from task, method and seed
-        if os.path.isfile(args.out):
-            p.error(f"--out {args.out} is a file, not a run directory")
-        if any(os.path.exists(os.path.join(args.out, n)) for n in ("args.json", "metrics.jsonl", "ckpt")):
-            p.error(f"--out {args.out} already holds a run; continue it with --resume {args.out}, "
-                    f"or give a fresh --out")
-    return args
-
-
-def read_json_object(path: str, error) -> dict:
-    """The JSON object in `path`; a file that holds none is named in one error line."""
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        error(f"{path} is damaged (not readable JSON: {e})")
-    if not isinstance(obj, dict):
-        error(f"{path} is damaged (a JSON {type(obj).__name__}, not an object)")
-    return obj
-
-
-def read_saved_args(run_dir: str, error) -> dict:
-    """A run's args.json, each value of its field's type; a damaged file is named in one line."""
-    path = os.path.join(run_dir, "args.json")
-    if not os.path.isfile(path):
-        error(f"--resume {run_dir}: no args.json there, not a run directory")
-    saved = read_json_object(path, error)
-    types = {f.name: f.type for f in dataclasses.fields(Args)}
-    for k, v in saved.items():  # a float field may hold an int
-        if k in types and type(v).__name__ != types[k] and not (types[k] == "float" and type(v) is int):
-            error(f"{path} is damaged: {k} = {v!r} is not a {types[k]}")
-    missing = [k for k in ("task", "method", "model", "seed", "out") if k not in saved]
-    if missing:
-        error(f"{path} is damaged: it lacks {', '.join(missing)}")
-    return {k: v for k, v in saved.items() if k in types}  # settings added to Args later take their defaults
-
-
-def model_positions(model: str, error, which: str, local_only=False) -> int | None:
-    """The positions the model covers (prompt and answer): tiny and small 4096 (agent.build_config), a model
-    directory what its config.json says; None for a hub id (its config is not here)."""
-    if model in ("tiny", "small") and not local_only:
-        return 4096
-    if os.path.isfile(model):
-        error(f"{which} {model} is a file; give a model directory (with config.json)")
-    if not os.path.isdir(model):
-        if local_only or model.startswith((".", "/", "~")) or model.count("/") != 1:  # not a hub id owner/name
-            error(f"{which} {model}: no such model directory")
-        return None
-    path = os.path.join(model, "config.json")
-    if not os.path.isfile(path):
-        error(f"{model} is not a model checkpoint: no config.json in it")
-    cfg = read_json_object(path, error)
-    if "vision_config" not in cfg:
-        error(f"{model} is not a vision-language checkpoint (config.json has no vision_config; "
-              f"model_type={cfg.get('model_type')!r})")
-    try:
-        return int(cfg.get("text_config", cfg).get("max_position_embeddings") or cfg["max_position_embeddings"])
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The small math: schedules, GAE, the PPO losses, returns (section 2) and the shaping terms (sections 1, 4.2)
 
@@ -313,6 +188,17 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def fast_bf16(device: str) -> bool:
+    """Whether bf16 autocast speeds this device up: CUDA, or a CPU whose oneDNN has bf16 kernels. On a CPU
+    without them (AVX2 only) bf16 matmuls fall back to reference code, many times slower than fp32."""
+    if device.startswith("cuda"):
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def autocast(args):
@@ -395,52 +281,20 @@ def shaping(buf, args):
     fmt = buf["format_ok"]
     reward = fmt * args.format_valid + (1 - fmt) * args.format_invalid
     penalty = torch.zeros_like(reward)
-    if args.method == "turbo-kl" and args.kl_mode != "loss":
+    if args.method == "turbo-kl":
         penalty = args.kl_coef * torch.where(fmt > 0, buf["kl"], torch.full_like(buf["kl"], args.kl_invalid))
     return reward, penalty
 
 
 def compute_returns(buf, last_value, args):
-    """--baseline critic (the paper): GAE on env rewards, then the shaping terms join the turn's return.
+    """GAE on env rewards, then the shaping terms join the turn's return (sections 2, 4.2).
     -> (returns, advantages normalised over all ranks' turns), both [T, N]."""
-    if args.baseline == "group":
-        return group_advantages(buf, args)
     adv = gae(buf["rewards"], buf["values"], buf["dones"], last_value, args.gamma, args.gae_lambda)
     reward, penalty = shaping(buf, args)
     returns = adv + buf["values"] + reward - penalty
     advantages = returns - buf["values"]
     mean, std = global_mean_std(advantages)
     return returns, (advantages - mean) / (std + 1e-8)
-
-
-def group_advantages(buf, args):
-    """--baseline group: advantages without a critic, as GiGPO; the envs of a group played one start level.
-        episode level: A_ep = R_i - mean of R over the episode's group         (R: undiscounted env return)
-        step level:    A_st = G_t - mean of G over the group's turns from the same state   (G: return-to-go)
-        A = A_ep + A_st + (s_t - mean s), s_t the turn's shaping terms; then normalised over all ranks' turns.
-    -> (G + s, A), both [T, N], 0 on inactive turns (each column holds one whole episode)."""
-    act, rewards = buf["active"], buf["rewards"]
-    N = act.shape[1]
-
-    def group_mean(values, ids, weights):  # the mean over entries with the same id, read back per entry
-        ids = ids.long()
-        n = int(ids.max()) + 1 if ids.numel() else 0
-        sums = torch.zeros(n).index_add_(0, ids, values * weights)
-        return sums[ids] / torch.zeros(n).index_add_(0, ids, weights)[ids].clamp_min(1.0)
-
-    G, nxt = torch.zeros_like(rewards), torch.zeros_like(rewards[0])
-    for t in reversed(range(rewards.shape[0])):
-        nxt = (rewards[t] + args.gamma * nxt) * act[t]
-        G[t] = nxt
-    R = (rewards * act).sum(0)  # [N]
-    A_ep = R - group_mean(R, torch.arange(N) // args.group_size, torch.ones(N))  # [N]
-    A_st = G - group_mean(G.reshape(-1), buf["state_id"].reshape(-1), act.reshape(-1)).view_as(G)
-    reward, penalty = shaping(buf, args)
-    s = reward - penalty
-    s_mean, _ = global_mean_std(s[act > 0])
-    advantages = (A_ep[None, :] + A_st + s - s_mean) * act
-    mean, std = global_mean_std(advantages[act > 0])
-    return (G + s) * act, (advantages - mean) / (std + 1e-8) * act
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -561,156 +415,47 @@ def rl_optimizer(agent, args, new_run: bool = True):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Ranks under torchrun: every helper is the identity in a one-process run
-
-RANK_STRIDE = 100_003  # rank r plays the level stream of seed + r * RANK_STRIDE (rank 0: the one-process stream)
-
-
-def world() -> tuple[int, int]:
-    """(rank, number of processes)."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
-
-def init_distributed(args):
-    """From torchrun's env vars. CUDA: one GPU per rank, nccl for its tensors, gloo for CPU ones; CPU: gloo."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    cuda = args.device.startswith("cuda")
-    if cuda:
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(args.device)
-    # a long timeout: the other ranks wait while rank 0 runs the SFT warm-up or the start evaluation
-    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
-
-
-def barrier():
-    if world()[1] > 1:
-        dist.barrier()
-
-
-def all_reduce(x, op: str = "sum"):
-    """x, a tensor or a number, summed ("sum"), averaged ("mean") or maxed ("max") over ranks."""
-    n = world()[1]
-    if n == 1:
-        return x
-    t = x.clone() if torch.is_tensor(x) else torch.tensor([float(x)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    if op == "mean":
-        t = t / n
-    return t if torch.is_tensor(x) else t.item()
-
-
-def all_reduce_grads(params, finite: bool) -> bool:
-    """Average the gradients over ranks in one flat all-reduce, so all ranks clip and step alike. finite: this
-    rank's loss was (it ran backward); returns whether every rank's was, so all skip a bad step together."""
-    n = world()[1]
-    if n == 1:
-        return finite
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]  # no backward: zeros
-    ok = torch.tensor([1.0 if finite else 0.0], device=grads[0].device)
-    flat = torch.cat([g.reshape(-1).float() for g in grads] + [ok])  # [sum(numel) + 1]
-    dist.all_reduce(flat)
-    offset = 0
-    for p, g in zip(params, grads):  # in place: the only extra memory is `flat`
-        p.grad = g.copy_(flat[offset:offset + g.numel()].view_as(g)).div_(n)
-        offset += g.numel()
-    return bool(flat[-1] == n)
-
-
-def global_mean_std(x: torch.Tensor):
-    """Mean and unbiased std of x's entries over all ranks, as if one process held them all."""
-    if world()[1] == 1:
-        return x.mean(), x.std()
-    s = torch.stack([x.sum(), torch.tensor(float(x.numel()))]).double()
-    dist.all_reduce(s)
-    mean = s[0] / s[1]
-    sq = ((x.double() - mean) ** 2).sum()  # a second pass: no cancellation in sum(x^2) - n mean^2
-    dist.all_reduce(sq)
-    return mean.to(x.dtype), (sq / (s[1] - 1)).sqrt().to(x.dtype)
-
-
-def gather(x):
-    """Every rank's x, in rank order, on every rank: lists are concatenated, and a dict of rollout tensors [T, N/K]
-    becomes [T, N] with rank r's envs in columns r*N/K.. (the one-process order)."""
-    n = world()[1]
-    if n == 1:
-        return x
-    parts = [None] * n
-    dist.all_gather_object(parts, x)
-    if isinstance(x, dict):
-        return {k: torch.cat([part[k] for part in parts], 1) for k in x}
-    return [item for part in parts for item in part]
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The loop, in run order: rollout with guidance, returns, PPO epochs, log
 
 
-BUF_KEYS = ("rewards", "dones", "values", "format_ok", "action_valid", "kl", "grounding", "entropy", "active",
-            "state_id")
+BUF_KEYS = ("rewards", "dones", "values", "format_ok", "action_valid", "kl", "grounding", "entropy")
 
 
 def rollout(agent, teacher, envs, args, stats, dagger=None):
-    """One update's turns in this rank's N envs -> (a Batch per turn of the envs that played, [T, N] tensors of
-    BUF_KEYS, V of the state after the last turn [N]). --baseline critic: --num-steps turns, a finished env
-    starts its next episode at once. --baseline group: groups of --group-size envs start one level each and
-    play it to the end, a finished env sits out (active 0). gtr, turbo-sft: (image, prompt, label) -> dagger."""
-    N, group = len(envs), args.baseline == "group"
-    if group:
-        envs.reset_groups(args.group_size)
-    T = max(env.max_steps for env in envs.envs) if group else args.num_steps
+    """--num-steps turns in this rank's N envs (a finished env starts its next episode at once) -> (a Batch per
+    turn, [T, N] tensors of BUF_KEYS, V of the state after the last turn [N]). Guidance happens here, with the
+    teacher fixed for the update: turbo-kl scores the agent's tokens; gtr and turbo-sft put (image, prompt,
+    label) into the DAgger buffer."""
+    N, T = len(envs), args.num_steps
     buf = {k: torch.zeros(T, N) for k in BUF_KEYS}
-    state_ids = {}  # (group, state text) -> id: a group's turns from the same state share a baseline
-    active = np.ones(N, bool)
-    batches, t = [], 0
-    while t < T and active.any():
-        idx = np.flatnonzero(active)
-        sub = [envs.envs[i] for i in idx]
-        all_images, all_prompts = envs.observe()
-        images, prompts = [all_images[i] for i in idx], [all_prompts[i] for i in idx]
-        if group:
-            keys = envs.state_keys()
-            buf["state_id"][t, idx] = torch.tensor([float(state_ids.setdefault((i // args.group_size, keys[i]),
-                                                                               len(state_ids))) for i in idx])
+    batches = []
+    for t in range(T):
+        images, prompts = envs.observe()
         if args.method == "gtr":  # what the corrector knows of the state the agent is about to act in
-            experts, optimal = [e.expert_answer() for e in sub], [e.optimal_actions() for e in sub]
+            experts, optimal = [e.expert_answer() for e in envs.envs], [e.optimal_actions() for e in envs.envs]
         with torch.no_grad(), autocast(args):
             batch = agent.sample(images, prompts, **sampling(args))
             t0 = time.time()
-            if args.method == "turbo-kl":
-                kl, teacher_logp = teacher_kl(agent, teacher, batch, guide_mask(batch, args.guide), args.kl_estimator,
-                                              args.kl_clip)
-                buf["kl"][t, idx] = kl.float().cpu()
-                if args.kl_mode != "shaping":  # the KL loss reads them in PPO: the teacher is fixed for the update
-                    batch.teacher_logp = teacher_logp.float()
-            elif args.method == "turbo-sft":
-                guide = teacher_answers(teacher, images, prompts, sub, args.teacher_retries, **sampling(args))
+            if args.method == "turbo-kl":  # section 4.2: the teacher scores the agent's own sampled tokens
+                kl = teacher_kl(agent, teacher, batch, guide_mask(batch, args.guide), args.kl_estimator, args.kl_clip)
+                buf["kl"][t] = kl.float().cpu()
+            elif args.method == "turbo-sft":  # section 4.3: the teacher answers the same observations itself
+                guide = teacher_answers(teacher, images, prompts, envs.envs, args.teacher_retries, **sampling(args))
             stats["teacher_time"] += time.time() - t0
-        texts = [""] * N
-        for j, i in enumerate(idx):
-            texts[i] = batch.texts[j]
-        out = envs.step_texts(texts, active=active if group else None)
+        out = envs.step_texts(batch.texts)
         if args.method in ("gtr", "turbo-sft"):
-            actions = out["action"][idx]
-            labels = gtr_labels(experts, optimal, actions, out["grounding"][idx], sub) if args.method == "gtr" \
-                else turbo_sft_labels(guide, actions, sub)
+            labels = gtr_labels(experts, optimal, out["action"], out["grounding"], envs.envs) if args.method == "gtr" \
+                else turbo_sft_labels(guide, out["action"], envs.envs)
             dagger.extend((images[j], prompts[j], y) for j, y in enumerate(labels) if y is not None)
             stats["labels"] += sum(y is not None for y in labels)
         batches.append(batch.to("cpu"))
         for key, k in (("rewards", "reward"), ("dones", "done"), ("format_ok", "format_ok"),
                        ("action_valid", "action_valid"), ("grounding", "grounding")):
-            buf[key][t, idx] = torch.as_tensor(out[k][idx], dtype=torch.float32)
-        buf["values"][t, idx] = batch.values.float().cpu()
-        buf["entropy"][t, idx] = batch.thought_entropy.float().cpu()
-        buf["active"][t, idx] = 1.0
-        stats["env_steps"] += len(idx)
+            buf[key][t] = torch.as_tensor(out[k], dtype=torch.float32)
+        buf["values"][t] = batch.values.float().cpu()
+        buf["entropy"][t] = batch.thought_entropy.float().cpu()
+        stats["env_steps"] += N
         stats["episodes"].extend(gather(out["episodes"]))  # the same list, same order on every rank
-        if group:
-            active &= ~out["done"]
-        t += 1
-    buf = {k: v[:t] for k, v in buf.items()}
-    if group:  # every episode ended: nothing to bootstrap
-        return batches, buf, torch.zeros(N)
     images, prompts = envs.observe()
     with torch.no_grad(), autocast(args):  # V(s_T) for the bootstrap; the value reads only the prompt
         last = agent.encode(images, prompts, [""] * N).values.float().cpu()
@@ -718,15 +463,14 @@ def rollout(agent, teacher, envs, args, stats, dagger=None):
 
 
 def ppo_data(batches, buf, last_value, args):
-    """The PPO buffer: the turns played, flattened turn-major in the order of Batch.cat(batches)."""
+    """The PPO buffer: every turn played, flattened turn-major in the order of Batch.cat(batches)."""
     from agent import Batch
     returns, advantages = compute_returns(buf, last_value, args)
-    act = buf["active"] > 0
-    return {"batch": Batch.cat(batches), "returns": returns[act], "advantages": advantages[act],
-            "values": buf["values"][act]}
+    return {"batch": Batch.cat(batches), "returns": returns.reshape(-1), "advantages": advantages.reshape(-1),
+            "values": buf["values"].reshape(-1)}
 
 
-LOSS_KEYS = ("losses/policy", "losses/value", "losses/approx_kl", "losses/clipfrac", "losses/sft", "losses/teacher_kl")
+LOSS_KEYS = ("losses/policy", "losses/value", "losses/approx_kl", "losses/clipfrac", "losses/sft")
 
 
 def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, keep_states=False):
@@ -756,12 +500,7 @@ def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, kee
                 pg, approx_kl, clipfrac = token_ppo_loss(logp, mb.logp.float(), adv,
                                                          args.thought_coef * thought + action, args.clip)
             vl = value_loss(values, old_values, returns, args.vf_clip)
-            vf_coef = args.vf_coef if args.baseline == "critic" else 0.0  # group: no critic to fit
-            loss = pg + vf_coef * vl + args.sft_coef * sft.float()
-            kl = zero
-            if mb.teacher_logp is not None and args.kl_mode != "shaping":
-                kl = teacher_kl_loss(logp, mb.teacher_logp.float(), guide_mask(mb, args.guide))
-                loss = loss + args.kl_loss_coef * kl
+            loss = pg + args.vf_coef * vl + args.sft_coef * sft.float()
             opt.zero_grad(set_to_none=True)
             finite = bool(torch.isfinite(loss))  # one sync per minibatch, not per token
             if finite:
@@ -779,14 +518,12 @@ def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, kee
                 continue
             stats["skips_in_row"] = 0
             opt.step()
-            logs.append(torch.stack([pg.detach(), vl.detach(), approx_kl, clipfrac, sft.detach().float(), kl.detach()]))
+            logs.append(torch.stack([pg.detach(), vl.detach(), approx_kl, clipfrac, sft.detach().float()]))
         if keep_states:
             states.append(agent.trainable_state())
     means = all_reduce(torch.stack(logs).mean(0), "mean").tolist() if logs else [float("nan")] * len(LOSS_KEYS)
     # the share of the returns' variance the rollout's values explained: ~0 means A is little more than G
     ev = 1 - (data["returns"] - data["values"]).var() / data["returns"].var().clamp_min(1e-8)
-    if args.baseline == "group":  # no critic is trained: no value loss, nothing to explain
-        means[1], ev = float("nan"), torch.tensor(float("nan"))
     return states, {**dict(zip(LOSS_KEYS, means)), "losses/explained_variance": all_reduce(ev, "mean").item()}
 
 
@@ -805,8 +542,7 @@ def new_stats() -> dict:
 
 def log_row(update, args, buf, stats, losses, lr):
     """One metrics.jsonl row, on every rank. buf: all ranks' [T, N] rollout tensors (gather)."""
-    act = buf["active"] > 0  # the turns played (group rollouts leave finished envs idle)
-    fmt, g = buf["format_ok"][act], buf["grounding"][act]
+    fmt, g = buf["format_ok"].reshape(-1), buf["grounding"].reshape(-1)
     g = g[~torch.isnan(g)]
     eps = stats["episodes"][-args.log_episodes:]
 
@@ -819,10 +555,10 @@ def log_row(update, args, buf, stats, losses, lr):
         "charts/episodic_return": mean("return"),
         "charts/episodic_length": mean("length"),
         "charts/format_rate": fmt.mean().item(),
-        "charts/invalid_rate": 1.0 - buf["action_valid"][act].mean().item(),
+        "charts/invalid_rate": 1.0 - buf["action_valid"].reshape(-1).mean().item(),
         "charts/thought_grounding": g.mean().item() if g.numel() else float("nan"),
-        "charts/thought_entropy": buf["entropy"][act].mean().item(),
-        "teacher/kl": buf["kl"][act][fmt > 0].mean().item() if args.method == "turbo-kl" and fmt.sum() > 0
+        "charts/thought_entropy": buf["entropy"].reshape(-1).mean().item(),
+        "teacher/kl": buf["kl"].reshape(-1)[fmt > 0].mean().item() if args.method == "turbo-kl" and fmt.sum() > 0
         else float("nan"),
         "teacher/labels": int(all_reduce(stats["labels"])),
         **{k: losses.get(k, float("nan")) for k in LOSS_KEYS + ("losses/explained_variance",)},
@@ -831,122 +567,6 @@ def log_row(update, args, buf, stats, losses, lr):
         "teacher/time": stats["teacher_time"],
         "charts/skipped_steps": stats["skipped_steps"],
     }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints: ckpt/ holds everything a killed run needs to continue bit-identically
-
-
-def save_checkpoint(args, update, agent, teacher, opt, envs, history, stats, dagger, demos=None):
-    """ckpt.tmp/ is filled (with manifest.json), then ckpt/ -> ckpt.prev/ and ckpt.tmp/ -> ckpt/: a crash leaves
-    a complete checkpoint. state.pt: the shared parts and rank 0's own; under torchrun rank r > 0 adds
-    state_rank<r>.pt (its envs, RNG streams, stats, DAgger buffer). Call it on every rank."""
-    from agent import atomic_write, write_manifest
-    final, tmp = os.path.join(args.out, "ckpt"), os.path.join(args.out, "ckpt.tmp")
-    rank, n = world()
-    own = {"update": update, "envs": envs.state_dict(), "stats": stats, "dagger": dagger,
-           "demos": demos.state_dict() if demos is not None else None,
-           "rng": (random.getstate(), np.random.get_state(), torch.get_rng_state())}
-
-    def write(tmp):
-        os.makedirs(tmp)
-        barrier()  # ckpt.tmp/ exists before the other ranks write into it
-        agent.save(os.path.join(tmp, "agent"))  # the weights are equal on every rank: one copy
-        if teacher is not None:
-            teacher.save(os.path.join(tmp, "teacher"))
-        torch.save({**own, "optimizer": opt.state_dict(), "world_size": n,
-                    "history": history.state_dict() if history is not None else None}, os.path.join(tmp, "state.pt"))
-        barrier()  # every rank's file is complete before the manifest and the swap
-        write_manifest(tmp)  # the SHA-256 of every file, checked by --resume
-
-    try:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            atomic_write(final, write, tmp=tmp, keep_prev="ckpt.prev")
-        else:
-            barrier()
-            torch.save(own, os.path.join(tmp, f"state_rank{rank}.pt"))
-            barrier()
-    except OSError as e:  # disk full, permissions: the previous ckpt/ is untouched
-        raise OSError(e.errno, f"saving checkpoint of update {update} to {tmp} failed ({e.strerror or e}); "
-                               f"the previous checkpoint in {final} is intact") from e
-
-
-def find_checkpoint(run_dir):
-    """ckpt/ if it verifies, else ckpt.prev/ (with a line saying why); None if no update finished."""
-    from agent import CheckpointError, verify_manifest
-    problems = []
-    for path in (os.path.join(run_dir, "ckpt"), os.path.join(run_dir, "ckpt.prev")):
-        if not os.path.isdir(path):
-            continue
-        try:
-            if not os.path.isfile(os.path.join(path, "state.pt")):
-                raise CheckpointError(f"{path} is incomplete (no state.pt)")
-            verify_manifest(path)
-        except CheckpointError as e:
-            problems.append(str(e))
-            continue
-        for p in problems:
-            print(f"resume: {p}; using {path} instead")
-        return path
-    if problems:
-        raise CheckpointError("; ".join(problems) + " (no other complete checkpoint to fall back to)")
-    return None
-
-
-def load_train_state(path):
-    from agent import CheckpointError
-    try:
-        state = torch.load(path, weights_only=False)
-    except Exception as e:  # truncated or foreign file: name it
-        raise CheckpointError(f"checkpoint file {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or "update" not in state:
-        raise CheckpointError(f"checkpoint file {path} is not a train state of this project")
-    return state
-
-
-def resume(ckpt, args, opt, params, history, envs, demos, metrics_path):
-    """Optimizer, merge history, envs, demos and RNG streams from `ckpt`; metrics rows after it are dropped (and a
-    damaged one, with a warning: a full disk cuts the last short). -> (stats, DAgger buffer, next update)."""
-    from agent import CheckpointError, atomic_write_text
-    rank, n_ranks = world()
-    state = load_train_state(os.path.join(ckpt, "state.pt"))
-    if state.get("world_size", 1) != n_ranks:
-        raise CheckpointError(f"{ckpt} was written by {state.get('world_size', 1)} processes; resume it with "
-                              f"as many (torchrun --nproc_per_node), not {n_ranks}")
-    own = state if rank == 0 else load_train_state(os.path.join(ckpt, f"state_rank{rank}.pt"))
-    if own["update"] != state["update"]:
-        raise CheckpointError(f"{ckpt}: state_rank{rank}.pt is of update {own['update']}, state.pt of "
-                              f"{state['update']}")
-    try:  # the optimizer moments and the merge history must fit the agent in ckpt/agent
-        opt.load_state_dict(state["optimizer"])
-        for p in params:
-            for moment in opt.state.get(p, {}).values():
-                if torch.is_tensor(moment) and moment.dim() and moment.shape != p.shape:
-                    raise ValueError(f"optimizer state of shape {tuple(moment.shape)} for a weight of shape "
-                                     f"{tuple(p.shape)}")
-        if history is not None:
-            history.load_state_dict(state["history"])
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint file {os.path.join(ckpt, 'state.pt')} does not match the agent in "
-                              f"{os.path.join(ckpt, 'agent')} (a different model?): {e}") from None
-    envs.load_state_dict(own["envs"])
-    if demos is not None:
-        demos.load_state_dict(own["demos"])
-    random.setstate(own["rng"][0]); np.random.set_state(own["rng"][1]); torch.set_rng_state(own["rng"][2])
-    if rank == 0:
-        kept = []
-        with open(metrics_path, "a+") as f:  # a+: an empty file if it is missing
-            f.seek(0)
-            for i, line in enumerate(f, 1):
-                try:
-                    if line.strip() and json.loads(line)["update"] <= state["update"]:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-                except (ValueError, KeyError, TypeError):
-                    print(f"resume: dropped line {i} of {metrics_path}, it is not a complete metrics row")
-        atomic_write_text(metrics_path, "".join(kept))
-        print(f"resumed {args.out} after update {state['update']}")
-    return own["stats"], own["dagger"], state["update"] + 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1083,6 +703,326 @@ def final_evaluation(agent, teacher, args):
     compare([args.out], png=curves)
     print((f"results: {results}  " if args.eval_episodes > 0 else "")
           + f"curves: {curves}  metrics: {os.path.join(args.out, 'metrics.jsonl')}")
+
+
+# ==========================================================================================================
+# Plumbing below: the command line, ranks under torchrun, checkpoints. The method is all above.
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command line: a bad value exits 2 with one line naming the flag
+
+
+# --help headings, each before the field it names
+HEADINGS = {"task": "what to train", "num_envs": "budgets and logging", "sft_steps": "SFT warm-up (tiny and small)",
+            "temperature": "sampling", "ppo_epochs": "PPO (section 2)", "kl_coef": "the teacher (section 4)",
+            "teacher": "ablations", "lora_rank": "large models (PATH or hub id)"}
+# Flags a resumed run may change: they extend or re-evaluate it, or say where it runs, not what it learns.
+RESUME_FLAGS = ("total_steps", "budget_seconds", "eval_episodes", "curve_every", "curve_episodes", "threads", "device")
+TYPES = {"int": int, "float": float, "str": str}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse_args(argv=None) -> Args:
+    """Command line -> Args; a bad value exits 2 with one line naming the flag. A new run refuses an --out that
+    holds one; --resume DIR takes the run's args.json, where only RESUME_FLAGS may change."""
+    p = OneLineParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                      usage="%(prog)s [--task T] [--method M] [--model M] [--total-steps N] [--seed S] [flags below]")
+    group = p
+    for f in dataclasses.fields(Args):
+        group = p.add_argument_group(HEADINGS[f.name]) if f.name in HEADINGS else group
+        kind = {"action": argparse.BooleanOptionalAction} if f.type == "bool" else {"type": TYPES[f.type]}
+        default = "" if f.default in ("", None) else " (default: %(default)s)"
+        group.add_argument(flag(f.name), default=f.default, help=f.metadata["help"] + default, **kind)
+    argv = join_negative_numbers(sys.argv[1:] if argv is None else list(argv))  # `--lr -1` -> `--lr=-1`
+    ns = vars(p.parse_args(argv))
+    if ns["resume"]:  # a resumed run keeps the settings it was started with
+        run_dir = os.path.normpath(ns["resume"])
+        saved = read_saved_args(run_dir, p.error)
+        given = [a[2:].split("=")[0].removeprefix("no-").replace("-", "_") for a in argv if a.startswith("--")]
+        for name in dict.fromkeys(given):  # in command-line order, each once
+            if name in ("", "resume"):
+                continue
+            if name not in RESUME_FLAGS:
+                p.error(f"{flag(name)} cannot change in a resumed run (--resume keeps the run's args.json); "
+                        f"only {', '.join(map(flag, RESUME_FLAGS))} can")
+            if ns[name] != saved.get(name):
+                print(f"resume: {flag(name)} {ns[name]} (the run had {saved.get(name)})")
+                saved[name] = ns[name]
+        ns = {**saved, "resume": run_dir, "out": run_dir}
+    try:
+        args = Args(**ns)
+    except (ValueError, TypeError) as e:
+        p.error(str(e))
+    k = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun; every rank takes an equal share
+    for name in ("num_envs", "minibatch"):
+        if getattr(args, name) % k:
+            p.error(f"{flag(name)} {getattr(args, name)} must be divisible by the {k} torchrun processes")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch build ({torch.__version__}) sees no CUDA device")
+    positions = model_positions(args.model, p.error, "--model")
+    if args.init:
+        positions = model_positions(args.init, p.error, "--init", local_only=True)
+    if positions is not None and args.max_new_tokens >= positions:
+        p.error(f"--max-new-tokens {args.max_new_tokens} does not fit the model's {positions} positions "
+                f"(prompt included)")
+    if not args.resume:  # the default --out too, made from task, method and seed
+        if os.path.isfile(args.out):
+            p.error(f"--out {args.out} is a file, not a run directory")
+        if any(os.path.exists(os.path.join(args.out, n)) for n in ("args.json", "metrics.jsonl", "ckpt")):
+            p.error(f"--out {args.out} already holds a run; continue it with --resume {args.out}, "
+                    f"or give a fresh --out")
+    return args
+
+
+def read_json_object(path: str, error) -> dict:
+    """agent.read_json, its one line given to `error` (exit 2)."""
+    from agent import CheckpointError, read_json
+    try:
+        return read_json(path)
+    except CheckpointError as e:
+        error(str(e))
+
+
+def read_saved_args(run_dir: str, error) -> dict:
+    """A run's args.json, each value of its field's type; a damaged file is named in one line."""
+    path = os.path.join(run_dir, "args.json")
+    if not os.path.isfile(path):
+        error(f"--resume {run_dir}: no args.json there, not a run directory")
+    saved = read_json_object(path, error)
+    types = {f.name: f.type for f in dataclasses.fields(Args)}
+    for k, v in saved.items():  # a float field may hold an int
+        if k in types and type(v).__name__ != types[k] and not (types[k] == "float" and type(v) is int):
+            error(f"{path} is damaged: {k} = {v!r} is not a {types[k]}")
+    missing = [k for k in ("task", "method", "model", "seed", "out") if k not in saved]
+    if missing:
+        error(f"{path} is damaged: it lacks {', '.join(missing)}")
+    return {k: v for k, v in saved.items() if k in types}  # settings added to Args later take their defaults
+
+
+def model_positions(model: str, error, which: str, local_only=False) -> int | None:
+    """The positions the model covers (prompt and answer): tiny and small 4096 (agent.build_config), a model
+    directory what its config.json says; None for a hub id (its config is not here)."""
+    if model in ("tiny", "small") and not local_only:
+        return 4096
+    if os.path.isfile(model):
+        error(f"{which} {model} is a file; give a model directory (with config.json)")
+    if not os.path.isdir(model):
+        if local_only or model.startswith((".", "/", "~")) or model.count("/") != 1:  # not a hub id owner/name
+            error(f"{which} {model}: no such model directory")
+        return None
+    path = os.path.join(model, "config.json")
+    if not os.path.isfile(path):
+        error(f"{model} is not a model checkpoint: no config.json in it")
+    cfg = read_json_object(path, error)
+    if "vision_config" not in cfg:
+        error(f"{model} is not a vision-language checkpoint (config.json has no vision_config; "
+              f"model_type={cfg.get('model_type')!r})")
+    try:
+        return int(cfg.get("text_config", cfg).get("max_position_embeddings") or cfg["max_position_embeddings"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ranks under torchrun: every helper is the identity in a one-process run
+
+RANK_STRIDE = 100_003  # rank r plays the level stream of seed + r * RANK_STRIDE (rank 0: the one-process stream)
+
+
+def world() -> tuple[int, int]:
+    """(rank, number of processes)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def init_distributed(args):
+    """From torchrun's env vars. CUDA: one GPU per rank, nccl for its tensors, gloo for CPU ones; CPU: gloo."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    # a long timeout: the other ranks wait while rank 0 runs the SFT warm-up or the start evaluation
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+
+
+def barrier():
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def all_reduce(x, op: str = "sum"):
+    """x, a tensor or a number, summed ("sum"), averaged ("mean") or maxed ("max") over ranks."""
+    n = world()[1]
+    if n == 1:
+        return x
+    t = x.clone() if torch.is_tensor(x) else torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    if op == "mean":
+        t = t / n
+    return t if torch.is_tensor(x) else t.item()
+
+
+def all_reduce_grads(params, finite: bool) -> bool:
+    """Average the gradients over ranks in one flat all-reduce, so all ranks clip and step alike. finite: this
+    rank's loss was (it ran backward); returns whether every rank's was, so all skip a bad step together."""
+    n = world()[1]
+    if n == 1:
+        return finite
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]  # no backward: zeros
+    ok = torch.tensor([1.0 if finite else 0.0], device=grads[0].device)
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [ok])  # [sum(numel) + 1]
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):  # in place: the only extra memory is `flat`
+        p.grad = g.copy_(flat[offset:offset + g.numel()].view_as(g)).div_(n)
+        offset += g.numel()
+    return bool(flat[-1] == n)
+
+
+def global_mean_std(x: torch.Tensor):
+    """Mean and unbiased std of x's entries over all ranks, as if one process held them all."""
+    if world()[1] == 1:
+        return x.mean(), x.std()
+    s = torch.stack([x.sum(), torch.tensor(float(x.numel()))]).double()
+    dist.all_reduce(s)
+    mean = s[0] / s[1]
+    sq = ((x.double() - mean) ** 2).sum()  # a second pass: no cancellation in sum(x^2) - n mean^2
+    dist.all_reduce(sq)
+    return mean.to(x.dtype), (sq / (s[1] - 1)).sqrt().to(x.dtype)
+
+
+def gather(x):
+    """Every rank's x, in rank order, on every rank: lists are concatenated, and a dict of rollout tensors [T, N/K]
+    becomes [T, N] with rank r's envs in columns r*N/K.. (the one-process order)."""
+    n = world()[1]
+    if n == 1:
+        return x
+    parts = [None] * n
+    dist.all_gather_object(parts, x)
+    if isinstance(x, dict):
+        return {k: torch.cat([part[k] for part in parts], 1) for k in x}
+    return [item for part in parts for item in part]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: ckpt/ holds everything a killed run needs to continue bit-identically
+
+
+def save_checkpoint(args, update, agent, teacher, opt, envs, history, stats, dagger, demos=None):
+    """ckpt.tmp/ is filled (with manifest.json), then ckpt/ -> ckpt.prev/ and ckpt.tmp/ -> ckpt/: a crash leaves
+    a complete checkpoint. state.pt: the shared parts and rank 0's own; under torchrun rank r > 0 adds
+    state_rank<r>.pt (its envs, RNG streams, stats, DAgger buffer). Call it on every rank."""
+    from agent import atomic_write, write_manifest
+    final, tmp = os.path.join(args.out, "ckpt"), os.path.join(args.out, "ckpt.tmp")
+    rank, n = world()
+    own = {"update": update, "envs": envs.state_dict(), "stats": stats, "dagger": dagger,
+           "demos": demos.state_dict() if demos is not None else None,
+           "rng": (random.getstate(), np.random.get_state(), torch.get_rng_state())}
+
+    def write(tmp):
+        os.makedirs(tmp)
+        barrier()  # ckpt.tmp/ exists before the other ranks write into it
+        agent.save(os.path.join(tmp, "agent"))  # the weights are equal on every rank: one copy
+        if teacher is not None:
+            teacher.save(os.path.join(tmp, "teacher"))
+        torch.save({**own, "optimizer": opt.state_dict(), "world_size": n,
+                    "history": history.state_dict() if history is not None else None}, os.path.join(tmp, "state.pt"))
+        barrier()  # every rank's file is complete before the manifest and the swap
+        write_manifest(tmp)  # the SHA-256 of every file, checked by --resume
+
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            atomic_write(final, write, tmp=tmp, keep_prev="ckpt.prev")
+        else:
+            barrier()
+            torch.save(own, os.path.join(tmp, f"state_rank{rank}.pt"))
+            barrier()
+    except OSError as e:  # disk full, permissions: the previous ckpt/ is untouched
+        raise OSError(e.errno, f"saving checkpoint of update {update} to {tmp} failed ({e.strerror or e}); "
+                               f"the previous checkpoint in {final} is intact") from e
+
+
+def find_checkpoint(run_dir):
+    """ckpt/ if it verifies, else ckpt.prev/ (with a line saying why); None if no update finished."""
+    from agent import CheckpointError, verify_manifest
+    problems = []
+    for path in (os.path.join(run_dir, "ckpt"), os.path.join(run_dir, "ckpt.prev")):
+        if not os.path.isdir(path):
+            continue
+        try:
+            if not os.path.isfile(os.path.join(path, "state.pt")):
+                raise CheckpointError(f"{path} is incomplete (no state.pt)")
+            verify_manifest(path)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        for p in problems:
+            print(f"resume: {p}; using {path} instead")
+        return path
+    if problems:
+        raise CheckpointError("; ".join(problems) + " (no other complete checkpoint to fall back to)")
+    return None
+
+
+def load_train_state(path):
+    from agent import CheckpointError
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as e:  # truncated or foreign file: name it
+        raise CheckpointError(f"checkpoint file {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or "update" not in state:
+        raise CheckpointError(f"checkpoint file {path} is not a train state of this project")
+    return state
+
+
+def resume(ckpt, args, opt, params, history, envs, demos, metrics_path):
+    """Optimizer, merge history, envs, demos and RNG streams from `ckpt`; metrics rows after it are dropped (and a
+    damaged one, with a warning: a full disk cuts the last short). -> (stats, DAgger buffer, next update)."""
+    from agent import CheckpointError, atomic_write_text
+    rank, n_ranks = world()
+    state = load_train_state(os.path.join(ckpt, "state.pt"))
+    if state.get("world_size", 1) != n_ranks:
+        raise CheckpointError(f"{ckpt} was written by {state.get('world_size', 1)} processes; resume it with "
+                              f"as many (torchrun --nproc_per_node), not {n_ranks}")
+    own = state if rank == 0 else load_train_state(os.path.join(ckpt, f"state_rank{rank}.pt"))
+    if own["update"] != state["update"]:
+        raise CheckpointError(f"{ckpt}: state_rank{rank}.pt is of update {own['update']}, state.pt of "
+                              f"{state['update']}")
+    try:  # the optimizer moments and the merge history must fit the agent in ckpt/agent
+        opt.load_state_dict(state["optimizer"])
+        for p in params:
+            for moment in opt.state.get(p, {}).values():
+                if torch.is_tensor(moment) and moment.dim() and moment.shape != p.shape:
+                    raise ValueError(f"optimizer state of shape {tuple(moment.shape)} for a weight of shape "
+                                     f"{tuple(p.shape)}")
+        if history is not None:
+            history.load_state_dict(state["history"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint file {os.path.join(ckpt, 'state.pt')} does not match the agent in "
+                              f"{os.path.join(ckpt, 'agent')} (a different model?): {e}") from None
+    envs.load_state_dict(own["envs"])
+    if demos is not None:
+        demos.load_state_dict(own["demos"])
+    random.setstate(own["rng"][0]); np.random.set_state(own["rng"][1]); torch.set_rng_state(own["rng"][2])
+    if rank == 0:
+        kept = []
+        with open(metrics_path, "a+") as f:  # a+: an empty file if it is missing
+            f.seek(0)
+            for i, line in enumerate(f, 1):
+                try:
+                    if line.strip() and json.loads(line)["update"] <= state["update"]:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    print(f"resume: dropped line {i} of {metrics_path}, it is not a complete metrics row")
+        atomic_write_text(metrics_path, "".join(kept))
+        print(f"resumed {args.out} after update {state['update']}")
+    return own["stats"], own["dagger"], state["update"] + 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The system benchmark of issue 8, one table: what a training update costs, part by part.
+"""The system benchmark, one table: what a training update costs, part by part.
 
 Every number is timed through the project's own code on real environments (Sokoban 6x6, 96x96 images):
   rollout      LockstepEnvs.observe -> Agent.sample -> step_texts, per turn of B envs in lockstep:

@@ -91,11 +91,10 @@ def main():
     labels = []  # per played turn, in the buffer's order: +1 if the move was optimal in the state it was played from
     step_texts = envs.step_texts
 
-    def labelled_step(texts, active=None):
+    def labelled_step(texts):
         optimal = envs.optimal_actions()
-        out = step_texts(texts, active)
-        labels.extend(1.0 if int(m) in o else -1.0 for i, (m, o) in enumerate(zip(out["action"], optimal))
-                      if active is None or active[i])
+        out = step_texts(texts)
+        labels.extend(1.0 if int(m) in o else -1.0 for m, o in zip(out["action"], optimal))
         return out
 
     envs.step_texts = labelled_step

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from agent import Agent, Batch, CheckpointError, lora_modules, verify_manifest, write_manifest
+from agent import Agent, Batch, CheckpointError, lora_modules, read_json, verify_manifest, write_manifest
 
 ANSWERS = ['{"thoughts":"player 2,4 box 2,2 so left.","action":"left"}',
            '{"thoughts":"player 1,1 box 3,1 so down.","action":"down"}',
@@ -325,39 +325,71 @@ def test_plain_save_pretrained_loads(agent, tmp_path):
     assert torch.equal(lg, lg2) and (v2 == 0).all()   # fresh value head: zero last layer
 
 
-def test_bad_checkpoints_raise(agent, tmp_path, monkeypatch):
-    with pytest.raises(CheckpointError, match="no such checkpoint"):
+def shorten(f, keep):
+    f.write_bytes(f.read_bytes()[:keep])
+
+
+def set_config(d, **kw):
+    (d / "config.json").write_text(json.dumps(dict(json.loads((d / "config.json").read_text()), **kw)))
+
+
+# damage done to a freshly saved agent -> the one CheckpointError line Agent.load must give
+DAMAGES = {
+    "truncated weights": (lambda d: shorten(d / "model.safetensors", (d / "model.safetensors").stat().st_size // 2),
+                          r"model.safetensors is truncated or corrupt"),
+    "corrupt header": (lambda d: (d / "model.safetensors").write_bytes(
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......" + (d / "model.safetensors").read_bytes()[100:]),
+                       r"model.safetensors is truncated or corrupt"),
+    "no weights": (lambda d: (d / "model.safetensors").unlink(), r"model.safetensors is missing"),
+    "truncated value head": (lambda d: shorten(d / "value_head.safetensors", -3),
+                             r"value_head.safetensors is truncated"),
+    # no manifest: the shape check on load still names a head of another agent
+    "foreign value head": (lambda d: ((d / "manifest.json").unlink(),
+                                      save_file({"0.weight": torch.zeros(3, 3)}, str(d / "value_head.safetensors"))),
+                           r"value_head.safetensors does not fit this agent"),
+    "no config": (lambda d: (d / "config.json").unlink(), r"config.json is missing, so .* is not a transformers"),
+    "config not an object": (lambda d: (d / "config.json").write_text("[1, 2]"),
+                             r"config.json is damaged \(a JSON list, not an object\)"),
+    "another model type": (lambda d: set_config(d, model_type="llama"),
+                           r"config.json: model_type 'llama' is not a Qwen2.5-VL"),
+    "no tokenizer": (lambda d: (d / "tokenizer_config.json").unlink(), r"tokenizer_config.json is missing"),
+    "manifest mismatch": (lambda d: (d / "agent.json").write_text((d / "agent.json").read_text() + " "),
+                          r"agent.json is damaged: its SHA-256 differs"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_bad_checkpoints_raise(agent, tmp_path, damage):
+    path = tmp_path / "ckpt"
+    agent.save(path)
+    hurt, message = DAMAGES[damage]
+    hurt(path)
+    with pytest.raises(CheckpointError, match=message) as e:
+        Agent.load(path)
+    assert str(path) in str(e.value)   # names the file
+
+
+def test_missing_checkpoints_raise(tmp_path, monkeypatch):
+    with pytest.raises(CheckpointError, match="no such checkpoint directory$"):
         Agent.load(tmp_path / "missing")
-    good = tmp_path / "good"
-    agent.save(good)
-    weights = good / "model.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(data[: len(data) // 2])                    # truncated
-    with pytest.raises(CheckpointError, match="model.safetensors.*truncated"):
-        Agent.load(good)
-    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......" + data[100:])   # corrupt header
-    with pytest.raises(CheckpointError, match="model.safetensors"):
-        Agent.load(good)
-    weights.write_bytes(data)
-    vh = good / "value_head.safetensors"
-    vh.write_bytes(vh.read_bytes()[:-3])
-    with pytest.raises(CheckpointError, match="value_head.safetensors is truncated"):
-        Agent.load(good)
-    (good / "manifest.json").unlink()   # no manifest: the shape check on load still names a foreign head
-    save_file({"0.weight": torch.zeros(3, 3)}, str(vh))
-    with pytest.raises(CheckpointError, match="value_head.safetensors does not fit this agent"):
-        Agent.load(good)
-    (good / "tokenizer_config.json").unlink()
-    with pytest.raises(CheckpointError, match="tokenizer_config.json is missing"):
-        Agent.load(good)
-    cfg = json.loads((good / "config.json").read_text())
-    (good / "config.json").write_text(json.dumps(dict(cfg, model_type="llama")))
-    with pytest.raises(CheckpointError, match="config.json.*not a Qwen2.5-VL"):
-        Agent.load(good)
+    (tmp_path / ".missing.old").mkdir()   # what a save interrupted between its two renames leaves
+    with pytest.raises(CheckpointError, match=r"interrupted save left the previous copy at .*\.missing\.old"):
+        Agent.load(tmp_path / "missing")
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)   # no network retries here
     with pytest.raises(CheckpointError, match="hub"):
         Agent.load("nobody-here/no-such-model")
+
+
+@pytest.mark.parametrize("text, message", [("{not json", "not readable JSON"), ("", "not readable JSON"),
+                                           ("[1, 2]", r"a JSON list, not an object"), ("3", "a JSON int")])
+def test_read_json_wants_an_object(tmp_path, text, message):
+    f = tmp_path / "x.json"
+    f.write_text(text)
+    with pytest.raises(CheckpointError, match=f"x.json is damaged \\({message}"):
+        read_json(f)
+    f.write_text('{"a": [1]}')
+    assert read_json(f) == {"a": [1]}
 
 
 def test_lora(agent, tmp_path):

@@ -52,7 +52,7 @@ def torchrun(script, *argv, cwd, extra_env=None, wait=True, timeout=120):
 # One PPO step: 2 ranks x 2 envs == 1 rank x 4 envs
 
 STEP_ARGS = dict(task="gridworld", model="tiny", method="ppo", num_envs=4, num_steps=4, ppo_epochs=1, minibatch=16,
-                 max_new_tokens=24, bf16=False, threads=1, baseline="critic")
+                 max_new_tokens=24, bf16=False, threads=1)
 
 
 def one_step(agent, batches, buf, last, args):

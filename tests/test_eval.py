@@ -192,9 +192,11 @@ def test_eval_run_writes_full_json_and_gif_with_one_frame_per_turn(runs):
 @pytest.fixture
 def bad_inputs(tmp_path):
     """Paths the bad-input table fills in: {run} looks like a finished run (empty ckpt/agent), {saved} is one
-    whose args.json holds a bad temperature, {agent} an empty directory, {file} a regular file."""
-    paths = {k: tmp_path / k for k in ("run", "saved", "agent", "norun", "file", "missing")}
-    for k, settings in (("run", {"task": "gridworld", "seed": 1}), ("saved", {"task": "gridworld", "temperature": 0})):
+    whose args.json holds a bad temperature, {notask} one whose args.json names no task, {agent} an empty
+    directory, {file} a regular file."""
+    paths = {k: tmp_path / k for k in ("run", "saved", "notask", "agent", "norun", "file", "missing")}
+    for k, settings in (("run", {"task": "gridworld", "seed": 1}), ("saved", {"task": "gridworld", "temperature": 0}),
+                        ("notask", {"seed": 1})):
         (paths[k] / "ckpt" / "agent").mkdir(parents=True)
         (paths[k] / "args.json").write_text(json.dumps(settings))
         (paths[k] / "metrics.jsonl").write_text('{"env_steps": 8, "charts/success_rate": 0.5}\n')
@@ -230,7 +232,9 @@ BAD = [  # (argv, fragments the one line must contain: the flag or path, and the
     ("{missing}", ["{missing}", "no such run"]),
     ("{norun}", ["{norun}", "no checkpoint"]),
     ("run {run} --top-k -5", ["--top-k", "-5"]),
-    ("{saved}", ["--temperature", "got 0", "args.json"]),  # a bad saved value, no flag given
+    ("{saved}", ["--temperature", "got 0", "{saved}/args.json"]),  # a bad saved value, no flag given
+    ("{saved} --temperature 0.5", ["{saved}/ckpt/agent"]),  # the flag wins: only the empty checkpoint is refused
+    ("{notask}", ["--task is required", "{notask}/args.json names none"]),
     ("compare {missing}", ["{missing}"]),
     ("compare {run} --out {missing}/c.png", ["--out", "{missing}", "existing directory"]),
     ("compare {run} --table {missing}/t.md", ["--table", "{missing}", "existing directory"]),
