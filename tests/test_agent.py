@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import agent as agent_mod
 from agent import Agent, Batch, CheckpointError, lora_modules, read_json, verify_manifest, write_manifest
 
 ANSWERS = ['{"thoughts":"player 2,4 box 2,2 so left.","action":"left"}',
@@ -216,6 +217,25 @@ def test_kv_decoder_samples_like_generate(agent):
     gen = out[:, enc["input_ids"].shape[1]:][:, :b.gen_ids.shape[1]]
     real = b.gen_mask.bool()
     assert torch.equal(gen[real], b.gen_ids[real])
+
+
+@pytest.mark.parametrize("shapes", [[(96, 96, 3)] * 3, [(96, 96, 3), (128, 192, 3), (96, 96, 3)]])
+def test_speed_up_changes_no_number(agent, shapes):
+    """The linear patch embedding, the batched vision attention (images of one size; else its fallback) and
+    eager attention give what transformers' own Conv3d, per-image attention and sdpa give, in fp32."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+    imgs = [images(1, seed=i, shape=s)[0] for i, s in enumerate(shapes)]
+    batch = agent.tokenize(imgs, PROMPTS[:3], ANSWERS[:3])
+    slow = agent.copy_frozen()
+    for m in slow.model.modules():   # back to the classes and attention transformers builds
+        m.__class__ = {agent_mod.LinearPatchEmbed: qwen.Qwen2_5_VisionPatchEmbed,
+                       agent_mod.BatchedVisionAttention: qwen.Qwen2_5_VLVisionAttention}.get(type(m), type(m))
+    slow.model.set_attn_implementation("sdpa")
+    assert type(slow.model.model.visual.patch_embed) is qwen.Qwen2_5_VisionPatchEmbed
+    with torch.no_grad():
+        fast_out, slow_out = agent.score(batch, return_logits=True), slow.score(batch, return_logits=True)
+    for f, s in zip(fast_out, slow_out):
+        assert f.shape == s.shape and (f - s).abs().max() < 1e-5
 
 
 def test_left_padding_invariance(agent):
