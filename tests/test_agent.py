@@ -227,9 +227,9 @@ def test_speed_up_changes_no_number(agent, shapes):
     imgs = [images(1, seed=i, shape=s)[0] for i, s in enumerate(shapes)]
     batch = agent.tokenize(imgs, PROMPTS[:3], ANSWERS[:3])
     slow = agent.copy_frozen()
+    original = {fast: orig for orig, fast in agent_mod.FAST_CLASSES.items()}
     for m in slow.model.modules():   # back to the classes and attention transformers builds
-        m.__class__ = {agent_mod.LinearPatchEmbed: qwen.Qwen2_5_VisionPatchEmbed,
-                       agent_mod.BatchedVisionAttention: qwen.Qwen2_5_VLVisionAttention}.get(type(m), type(m))
+        m.__class__ = original.get(type(m), type(m))
     slow.model.set_attn_implementation("sdpa")
     assert type(slow.model.model.visual.patch_embed) is qwen.Qwen2_5_VisionPatchEmbed
     with torch.no_grad():
