@@ -1,17 +1,12 @@
-"""env.py: the three tasks as gymnasium environments, their solvers and expert answers, the answer parser, and
-the lockstep batch of envs that the trainer and the evaluator play: the paper's setting (docs/method.md section 1)
-at this project's scale (section 6).
+"""env.py: the paper's three tasks (docs/method.md section 1) as gymnasium environments at this project's scale
+(section 6), and the lockstep batch of envs that the trainer and the evaluator play.
 
 Each env (`SokobanEnv`, `GridWorldEnv`, `Points24Env`) reads as rules (`_random_level`, `step`), observation
-(`_obs`, an RGB image, with `prompt`), expert answer (`expert_answer`, `optimal_actions`: privileged, from a
+(`_obs`, an RGB image, and `prompt`), expert answer (`expert_answer`, `optimal_actions`: privileged, from a
 solver, for SFT demos and GTR's corrector) and grounding (`grounding(thought)`: the share of a thought's
-checkable facts that are true, section 6's metric). An answer is one JSON object, a thought and an action;
-`parse_answer` reads the action by the paper's rule (the text after the last `"action":`). `LockstepEnvs`
-plays N envs together from N answer texts.
-
-Coordinates in thoughts are "r,c" (row, column), 0-based, counting the border walls (row 0 is the top wall), so
-they name the cells of the image one to one. Turns are short (a Sokoban prompt is 41 tokens with the image, an
-answer about 27) because sampling, scoring and PPO pay for every token.
+checkable facts that are true, section 6's metric). An answer is one short JSON object, a thought and an action,
+because sampling, scoring and PPO pay for every token. Coordinates in thoughts are "r,c" (row, column), 0-based,
+counting the border walls, so they name the cells of the image one to one.
 """
 from __future__ import annotations
 
@@ -32,9 +27,7 @@ from gymnasium import spaces
 
 MOVES = ["up", "down", "left", "right"]
 FORMAT_VERSION = 2  # of prompts, answers and images: a cached SFT agent of another version is not reused
-# No well-formed answer of a 256-token generation is longer; longer text is not parsed as JSON, so a megabyte
-# of garbage costs one linear scan.
-MAX_JSON_CHARS = 20_000
+MAX_JSON_CHARS = 20_000  # longer than any well-formed answer; longer text is scanned, never parsed as JSON
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -80,9 +73,8 @@ def parse_answer(text, action_names, keys=("thoughts", "action")):
 
 
 def extract_thought(text) -> str | None:
-    """The first closed string value of a "thoughts" key in the first MAX_JSON_CHARS characters, JSON escapes
-    decoded (kept raw if they do not decode); broken JSON around it is fine. None when there is none (or `text`
-    is not a str); an empty thought is ""."""
+    """The first closed "thoughts" string in the first MAX_JSON_CHARS characters (broken JSON around it is fine),
+    JSON escapes decoded where they decode; None if there is none or `text` is not a str."""
     m = _THOUGHT_VALUE.search(text[:MAX_JSON_CHARS]) if isinstance(text, str) else None
     if m is None:
         return None
@@ -108,21 +100,6 @@ def position_facts(thought: str) -> list[tuple[str, int, int]]:
     (off every board), so a 5,000-digit number is a false fact, not a slow int()."""
     num = lambda s: int(s) if len(s) <= 6 else 10 ** 6  # noqa: E731
     return [(k, num(r), num(c)) for k, r, c in _POSITION_FACT.findall(thought[:MAX_JSON_CHARS])]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Train / eval split: a level is held out by its canonical text, whatever seed dealt it
-
-SPLITS = (None, "train", "eval")  # None deals every level
-
-
-def in_eval_split(canonical: str) -> bool:
-    """A level belongs to the held-out evaluation set iff crc32 of its canonical text is 0 mod 10."""
-    return zlib.crc32(canonical.encode()) % 10 == 0
-
-
-def split_accepts(canonical: str, split: str | None) -> bool:
-    return split is None or in_eval_split(canonical) == (split == "eval")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,11 +146,19 @@ def font(size: int):
 
 
 # ---------------------------------------------------------------------------------------------------
-# What the envs share: levels and turns; for the two grid tasks, walled rooms, XSB text and position facts
+# What the envs share: levels of a split and turns; for the two grid tasks, walled rooms and position facts
+
+SPLITS = (None, "train", "eval")  # None deals every level
+
+
+def in_eval_split(canonical: str) -> bool:
+    """A level is held out for evaluation iff crc32 of its canonical text is 0 mod 10, whatever seed dealt it."""
+    return zlib.crc32(canonical.encode()) % 10 == 0
+
 
 class _TurnEnv(gym.Env):
-    """A level drawn until one is accepted, the turn counter, the invalid-answer turn, the enlarged image.
-    A subclass draws levels (`_random_level`) and plays them (`step`, `_obs`, `prompt`, ...)."""
+    """A level drawn until one of the split is accepted, the turn counter, the invalid-answer turn, the enlarged
+    image. A subclass draws levels (`_random_level`) and plays them (`step`, `_obs`, `prompt`, ...)."""
 
     answer_keys = ("thoughts", "action")
     action_names: list = []
@@ -195,11 +180,13 @@ class _TurnEnv(gym.Env):
                 return self._obs(), self._info()
         raise RuntimeError(f"no {type(self).__name__} level for split={self.split!r} in {self.max_tries} tries")
 
+    def _in_split(self, canonical: str) -> bool:
+        return self.split is None or in_eval_split(canonical) == (self.split == "eval")
+
     def _action(self, action) -> int:
-        a, n = int(action), self.action_space.n
-        if not 0 <= a < n:
-            raise ValueError(f"{type(self).__name__} action must be in 0..{n - 1}, got {action}")
-        return a
+        if not 0 <= int(action) < self.action_space.n:
+            raise ValueError(f"{type(self).__name__} action must be in 0..{self.action_space.n - 1}, got {action}")
+        return int(action)
 
     def _info(self, success=False):
         return {"level": self.level, "steps": self.steps, "success": bool(success)}
@@ -232,10 +219,6 @@ def _neighbours(walls: np.ndarray):
                   else -1 for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1))) for r in range(h) for c in range(w)]
 
 
-def _pos(p: int, w: int) -> str:
-    return f"{p // w},{p % w}"  # flat cell index -> "r,c"
-
-
 def to_xsb(walls: np.ndarray, targets, boxes, player: int) -> str:
     """A state as XSB text, rows joined by newlines: '#' wall, ' ' floor, '.' target, '$' box, '*' box on a
     target, '@' player, '+' player on a target. The canonical text of Sokoban and GridWorld levels."""
@@ -250,6 +233,9 @@ class _GridEnv(_TurnEnv):
     thoughts that state positions ("player 2,3"), checked against `_truth()`: {kind: set of flat cells}."""
 
     action_names = list(MOVES)
+
+    def _pos(self, p: int) -> str:
+        return f"{p // self.w},{p % self.w}"  # flat cell index -> "r,c"
 
     def grounding(self, thought):
         """Share of the stated positions (of the kinds this task has) that are true now; None if none is."""
@@ -278,45 +264,24 @@ def sokoban_move(nbr, player: int, boxes: frozenset, a: int):
     return q, (boxes - {q}) | {r}, (q, r)
 
 
-def live_cells(nbr, targets) -> set:
-    """Cells from which a lone box can still reach some target: the solver never pushes a box elsewhere, which
-    makes it several times faster with two boxes. Found backwards from the targets: a box at `prev` can be
-    pushed onto a live cell if the cell behind `prev`, where the player stands, is free."""
-    opposite = (1, 0, 3, 2)
-    live, todo = set(targets), deque(targets)
-    while todo:
-        q = todo.popleft()
-        for a in range(4):
-            prev = nbr[q][opposite[a]]  # the box came from prev, pushed in direction a
-            if prev >= 0 and prev not in live and nbr[prev][opposite[a]] >= 0:
-                live.add(prev)
-                todo.append(prev)
-    return live
-
-
-def solve_sokoban(nbr, targets, boxes, player, max_depth=None, live=None):
+def solve_sokoban(nbr, targets, boxes, player, max_depth=None):
     """BFS over (player, boxes): the shortest list of move indices that puts every box on a target; None if
-    there is none (within `max_depth` moves when given). live: live_cells(nbr, targets), if known."""
+    there is none (within `max_depth` moves when given)."""
     targets, start = frozenset(targets), (player, frozenset(boxes))
-    live = live_cells(nbr, targets) if live is None else live
     if start[1] == targets:
         return []
-    parent, frontier, depth = {start: None}, [start], 0  # parent: state -> (previous state, move)
+    seen, frontier, depth = {start}, [(start, [])], 0  # frontier: the states `depth` moves away, with the moves
     while frontier and (max_depth is None or depth < max_depth):
         depth, nxt = depth + 1, []
-        for state in frontier:
+        for (p, bx), path in frontier:
             for a in range(4):
-                p2, bx2, pushed = sokoban_move(nbr, *state, a)
-                if p2 == state[0] or (pushed is not None and pushed[1] not in live) or (p2, bx2) in parent:
+                p2, bx2, _ = sokoban_move(nbr, p, bx, a)
+                if p2 == p or (p2, bx2) in seen:  # blocked, or reached in fewer moves
                     continue
-                parent[(p2, bx2)] = (state, a)
-                if bx2 == targets:  # walk back to the start
-                    path, s = [], (p2, bx2)
-                    while parent[s] is not None:
-                        s, a2 = parent[s]
-                        path.append(a2)
-                    return path[::-1]
-                nxt.append((p2, bx2))
+                if bx2 == targets:
+                    return path + [a]
+                seen.add((p2, bx2))
+                nxt.append(((p2, bx2), path + [a]))
         frontier = nxt
     return None
 
@@ -329,9 +294,9 @@ class SokobanEnv(_GridEnv):
     +10 when every box is on a target (terminated); truncated after max_steps turns.
 
     Levels: a dim_room room (border walls included), 0..inner_walls random inner walls, num_boxes boxes, kept
-    only if the BFS-optimal solution takes min_solution_len..max_solution_len moves. The default 1-8 moves on
-    6x6 is short enough that a few minutes of SFT start the tiny agent well above the 5% below which
-    self-improvement fails (docs/method.md section 5), and long enough to leave RL room.
+    only if the optimal solution takes min_solution_len..max_solution_len moves. The default, 1-8 moves on 6x6,
+    lets a few minutes of SFT start the tiny agent well above the 5% below which self-improvement fails
+    (docs/method.md section 5) and leaves RL room.
     """
 
     def __init__(self, dim_room=(6, 6), num_boxes=1, max_steps=15, min_solution_len=1, max_solution_len=8,
@@ -344,21 +309,18 @@ class SokobanEnv(_GridEnv):
     def _load(self, walls, targets, boxes, player):
         self.walls, (self.h, self.w), self.nbr = walls, walls.shape, _neighbours(walls)
         self.targets, self.boxes, self.player = frozenset(targets), frozenset(boxes), int(player)
-        self.live, self._solution_cache = live_cells(self.nbr, self.targets), {}  # (player, boxes) -> move list
+        self._solution_cache = {}  # (player, boxes) -> move list
 
     def _random_level(self):
         """Random placement, accepted if of the wanted split and optimal length."""
         n, k = self.num_boxes, int(self.np_random.integers(0, self.inner_walls + 1))
         walls, cells = _random_room(self.np_random, *self.dim_room, k, 2 * n + 1)
-        targets, boxes, player = set(cells[:n]), set(cells[n:2 * n]), cells[-1]
-        level = to_xsb(walls, targets, boxes, player)
-        if not split_accepts(level, self.split):
+        self._load(walls, cells[:n], cells[n:2 * n], cells[-1])
+        level = self.state_text()
+        if not self._in_split(level):
             return None
-        sol = solve_sokoban(_neighbours(walls), targets, boxes, player, self.max_solution_len)
-        if sol is None or len(sol) < self.min_solution_len:
-            return None
-        self._load(walls, targets, boxes, player)
-        return level
+        sol = solve_sokoban(self.nbr, self.targets, self.boxes, self.player, self.max_solution_len)
+        return level if sol is not None and len(sol) >= self.min_solution_len else None
 
     def step(self, action):
         self.player, self.boxes, pushed = sokoban_move(self.nbr, self.player, self.boxes, self._action(action))
@@ -379,6 +341,9 @@ class SokobanEnv(_GridEnv):
         kinds[self.player] = PLAYER_ON_TARGET if self.player in self.targets else PLAYER
         return draw_grid(kinds.reshape(self.h, self.w))
 
+    def prompt(self) -> str:
+        return "Sokoban: you blue, push brown boxes onto red targets. JSON thoughts, action."
+
     def state_text(self) -> str:
         """The full state as XSB (equal text = equal state)."""
         return to_xsb(self.walls, self.targets, self.boxes, self.player)
@@ -387,7 +352,7 @@ class SokobanEnv(_GridEnv):
         """Optimal move list from the current (or a given) state; None if unsolvable."""
         key = (self.player if player is None else player, self.boxes if boxes is None else frozenset(boxes))
         if key not in self._solution_cache:
-            self._solution_cache[key] = solve_sokoban(self.nbr, self.targets, key[1], key[0], live=self.live)
+            self._solution_cache[key] = solve_sokoban(self.nbr, self.targets, key[1], key[0])
         return self._solution_cache[key]
 
     def optimal_actions(self) -> set:
@@ -400,15 +365,12 @@ class SokobanEnv(_GridEnv):
                 best.add(a)
         return best
 
-    def prompt(self) -> str:
-        return "Sokoban: you blue, push brown boxes onto red targets. JSON thoughts, action."
-
     def expert_answer(self) -> str:
         """The positions the image shows, the plan's first push and the first optimal move, e.g.
         "player 2,3 box 2,2 target 3,2 push down from above so up."."""
-        facts = [f"player {_pos(self.player, self.w)}"]
-        facts += [f"box {_pos(b, self.w)}" for b in sorted(self.boxes)]
-        facts += [f"target {_pos(t, self.w)}" for t in sorted(self.targets)]
+        facts = [f"player {self._pos(self.player)}"]
+        facts += [f"box {self._pos(b)}" for b in sorted(self.boxes)]
+        facts += [f"target {self._pos(t)}" for t in sorted(self.targets)]
         sol = self.solve()
         if not sol:
             move = 0
@@ -420,7 +382,7 @@ class SokobanEnv(_GridEnv):
                 if pushed is not None:
                     break
                 p, bx = p2, bx2
-            box, d = ("" if len(self.boxes) == 1 else f" box {_pos(pushed[0], self.w)}"), MOVES[a]
+            box, d = ("" if len(self.boxes) == 1 else f" box {self._pos(pushed[0])}"), MOVES[a]
             facts.append(f"push{box} {d} now so {d}." if p == self.player else
                          f"push{box} {d} from {_PUSH_SIDE[d]} so {MOVES[move]}.")
         return answer_json({"thoughts": " ".join(facts), "action": MOVES[move]})
@@ -461,7 +423,7 @@ class GridWorldEnv(_GridEnv):
         walls, (player, goal) = _random_room(self.np_random, self.size, self.size, k, 2)
         self._load(walls, player, goal)
         level = self.state_text()
-        return level if self.player in self.dist and split_accepts(level, self.split) else None
+        return level if self.player in self.dist and self._in_split(level) else None
 
     def step(self, action):
         q = self.nbr[self.player][self._action(action)]
@@ -478,6 +440,9 @@ class GridWorldEnv(_GridEnv):
         kinds[self.player] = PLAYER_ON_GOAL if self.player == self.goal else PLAYER
         return draw_grid(kinds.reshape(self.h, self.w))
 
+    def prompt(self) -> str:
+        return "GridWorld: you blue, walk to the green goal; gray blocks. JSON thoughts, action."
+
     def state_text(self) -> str:
         """The full state as XSB, the goal as the one target (equal text = equal state)."""
         return to_xsb(self.walls, {self.goal}, (), self.player)
@@ -487,12 +452,9 @@ class GridWorldEnv(_GridEnv):
         d = self.dist.get(self.player)
         return {a for a, q in enumerate(self.nbr[self.player]) if q >= 0 and self.dist.get(q) == d - 1} if d else set()
 
-    def prompt(self) -> str:
-        return "GridWorld: you blue, walk to the green goal; gray blocks. JSON thoughts, action."
-
     def expert_answer(self) -> str:
         move = MOVES[min(self.optimal_actions(), default=0)]
-        thought = f"player {_pos(self.player, self.w)} goal {_pos(self.goal, self.w)} path starts {move} so {move}."
+        thought = f"player {self._pos(self.player)} goal {self._pos(self.goal)} path starts {move} so {move}."
         return answer_json({"thoughts": thought, "action": move})
 
     def _truth(self):
@@ -547,49 +509,43 @@ def evaluate_formula(tokens):
         return None
 
 
-def _numbers(tokens):
-    return sorted(int(t) for t in tokens if t.isdigit())
-
-
-def _trees(seq):
-    """All binary expression trees over the ordered numbers `seq` (strings) as (exact value, node) pairs; a
-    node is a number or (left node, op, right node). Division by zero is skipped."""
-    if len(seq) == 1:
-        return [(Fraction(int(seq[0])), seq[0])]
+def _trees(nums: tuple) -> list:
+    """Every expression tree over the ordered numbers `nums` (strings) as (exact value, node) pairs; a node
+    is a number or (left node, op, right node). Division by zero is skipped."""
+    if len(nums) == 1:
+        return [(Fraction(int(nums[0])), nums[0])]
     out = []
-    for k in range(1, len(seq)):
-        for lv, ln in _subtrees(seq[:k]):
-            for rv, rn in _subtrees(seq[k:]):
-                out += [(lv + rv, (ln, "+", rn)), (lv - rv, (ln, "-", rn)), (lv * rv, (ln, "*", rn))]
-                if rv:
-                    out.append((lv / rv, (ln, "/", rn)))
+    for k in range(1, len(nums)):
+        for (lv, ln), (rv, rn) in itertools.product(_subtrees(nums[:k]), _subtrees(nums[k:])):
+            out += [(lv + rv, (ln, "+", rn)), (lv - rv, (ln, "-", rn)), (lv * rv, (ln, "*", rn))]
+            if rv:
+                out.append((lv / rv, (ln, "/", rn)))
     return out
 
 
 _subtrees = lru_cache(maxsize=None)(_trees)  # parts of hands repeat across hands; whole hands are not kept
 
 
-def _spellings(node, root=True):
-    """Every text of a tree: each operation below the root with or without parentheses."""
+def _spellings(node):
+    """Every text of a tree: each operation with or without parentheses."""
     if isinstance(node, str):
         return [node]
     left, op, right = node
-    out = [a + op + b for a in _spellings(left, False) for b in _spellings(right, False)]
-    return out if root else out + ["(" + s + ")" for s in out]
+    out = [a + op + b for a in _spellings(left) for b in _spellings(right)]
+    return out + ["(" + s + ")" for s in out]
 
 
 @lru_cache(maxsize=1024)
 def solve24(hand: tuple) -> tuple:
     """Every formula that makes exactly 24 from a sorted tuple of four values, each used once, as (tokens,
     text) pairs sorted by (number of tokens, text): the first is the shortest. Exhaustive over orders, the
-    four operations and every parenthesisation (each pair encloses an operation; the whole formula may be in
-    one); a spelling whose omitted parentheses change the value is not a solution."""
+    four operations and every parenthesisation; a spelling whose omitted parentheses change the value is not
+    a solution."""
     found = set()
     for perm in set(itertools.permutations(hand)):
         for value, node in _trees(tuple(str(v) for v in perm)):
             if value == 24:
-                found.update(s for s in _spellings(node, root=False)
-                             if s not in found and evaluate_formula(tokenize_formula(s)) == 24)
+                found.update(s for s in _spellings(node) if evaluate_formula(tokenize_formula(s)) == 24)
     return tuple(sorted(((tuple(tokenize_formula(s)), s) for s in found), key=lambda x: (len(x[0]), x[1])))
 
 
@@ -632,8 +588,8 @@ def _card_image(rank: int, suit: str) -> np.ndarray:
     color = (200, 20, 20) if suit in "hd" else (0, 0, 0)
     draw.text((CARD_W / 2, CARD_H / 2), rank_label(rank), fill=color, font=font(26), anchor="mm")
     card = np.array(img)
-    card[3:13, 3:13][_SUIT_MASK[suit]] = color
-    card[CARD_H - 12:CARD_H - 2, CARD_W - 12:CARD_W - 2][_SUIT_MASK[suit]] = color
+    for y, x in ((3, 3), (CARD_H - 12, CARD_W - 12)):
+        card[y:y + 10, x:x + 10][_SUIT_MASK[suit]] = color
     return card
 
 
@@ -669,19 +625,16 @@ class Points24Env(_TurnEnv):
 
     def _random_level(self):
         """Four cards from the deck, accepted if of the wanted split (and solvable if solvable_only)."""
-        cards = [(int(i) % 13 + 1, _SUITS[int(i) // 13]) for i in self.np_random.choice(52, 4, replace=False)]
-        hand = tuple(sorted(card_value(r) for r, _ in cards))
-        if not split_accepts(str(hand), self.split) or (self.solvable_only and not solve24(hand)):
-            return None
-        self._deal(cards)
-        return str(hand)
+        self._deal([(int(i) % 13 + 1, _SUITS[int(i) // 13]) for i in self.np_random.choice(52, 4, replace=False)])
+        level = str(self.hand)
+        return level if self._in_split(level) and (not self.solvable_only or solve24(self.hand)) else None
 
     def step(self, action):
         token = P24_ACTIONS[self._action(action)]
         self.steps += 1
         reward, terminated, truncated, success = 0.0, False, False, False
         if token == "=":
-            success = evaluate_formula(self.formula) == 24 and _numbers(self.formula) == list(self.hand)
+            success = self._makes_24(self.formula)
             reward, terminated = (10.0 if success else -1.0), True
         else:
             self.formula.append(token)
@@ -692,12 +645,20 @@ class Points24Env(_TurnEnv):
         truncated = truncated or (not terminated and self.steps >= self.max_steps)
         return self._obs(), reward, terminated, truncated, self._info(success)
 
+    def _makes_24(self, tokens) -> bool:
+        """The formula uses exactly the dealt values and is exactly 24."""
+        return sorted(int(t) for t in tokens if t.isdigit()) == list(self.hand) and evaluate_formula(tokens) == 24
+
     def _obs(self):
         img = self._background.copy()
         for i, tok in enumerate(self.formula[:24]):
             y, x = 96 + (i // 12) * CELL, (i % 12) * CELL
             img[y:y + CELL, x:x + CELL] = _token_tile(tok)
         return img
+
+    def prompt(self) -> str:
+        return (f"Points24: make 24 with each card once (A=1, JQK=10), one token a turn, = submits. "
+                f"Formula: {''.join(self.formula) or '(empty)'}. JSON cards, formula, thoughts, action.")
 
     def state_text(self) -> str:
         """The full state as text: the cards (their suits do not matter) and the formula."""
@@ -713,10 +674,6 @@ class Points24Env(_TurnEnv):
         cons, n = self._consistent(), len(self.formula)
         shortest = [t for t, _ in cons if len(t) == len(cons[0][0])] if cons else [()]
         return {P24_ACTIONS.index(t[n] if len(t) > n else "=") for t in shortest}
-
-    def prompt(self) -> str:
-        return (f"Points24: make 24 with each card once (A=1, JQK=10), one token a turn, = submits. "
-                f"Formula: {''.join(self.formula) or '(empty)'}. JSON cards, formula, thoughts, action.")
 
     def expert_answer(self) -> str:
         """The cards, the formula so far, the shortest consistent solution and its next token, e.g.
@@ -750,8 +707,7 @@ class Points24Env(_TurnEnv):
         m = re.search(r"\btarget\s+([^.]*)", thought)
         if m:
             tokens = tokenize_formula(m.group(1).strip())
-            facts.append(tokens is not None and tokens[:len(self.formula)] == self.formula
-                         and _numbers(tokens) == list(self.hand) and evaluate_formula(tokens) == 24)
+            facts.append(tokens is not None and tokens[:len(self.formula)] == self.formula and self._makes_24(tokens))
         return sum(facts) / len(facts) if facts else None
 
 
@@ -780,9 +736,6 @@ class LockstepEnvs:
     uniformly random legal action (the reference code), drawn from this helper's own generator. Either way
     the turn's reward gets `invalid_penalty` added and its action_valid is False.
     """
-
-    _STATE = ("seed", "invalid", "invalid_penalty", "envs", "next_episode", "ep_return", "ep_len", "ep_invalid",
-              "obs", "levels")  # with task, rng and noise_rng: everything state_dict saves
 
     def __init__(self, task, num_envs, seed, split="train", invalid="penalty", invalid_penalty=-1.0, **env_kwargs):
         if invalid not in ("penalty", "random"):
@@ -826,13 +779,12 @@ class LockstepEnvs:
         out = {"reward": np.zeros(n), **{k: np.zeros(n, bool) for k in ("terminated", "truncated", "done",
                                                                        "format_ok", "action_valid")},
                "grounding": np.full(n, np.nan), "action": np.full(n, -1, np.int64), "episodes": []}
-        for i, env in enumerate(self.envs):  # read every answer before any env moves
-            action, out["format_ok"][i] = parse_answer(texts[i], env.action_names, env.answer_keys)
-            g = env.grounding(extract_thought(texts[i]))
-            out["grounding"][i] = np.nan if g is None else g
-            out["action_valid"][i], out["action"][i] = action is not None, -1 if action is None else action
         for i, env in enumerate(self.envs):
-            action = int(out["action"][i])
+            action, out["format_ok"][i] = parse_answer(texts[i], env.action_names, env.answer_keys)
+            g = env.grounding(extract_thought(texts[i]))  # on the state the answer was given
+            out["grounding"][i] = np.nan if g is None else g
+            action = -1 if action is None else action
+            out["action_valid"][i], out["action"][i] = action >= 0, action
             if action >= 0:
                 obs, r, term, trunc, info = env.step(action)
             elif self.invalid == "random":
@@ -866,17 +818,14 @@ class LockstepEnvs:
         return [env.optimal_actions() for env in self.envs]
 
     def state_dict(self):
-        """Everything needed to continue bit-identically (pickle-able): env objects, counters, generators."""
-        return copy.deepcopy({"task": self.task, **{k: getattr(self, k) for k in self._STATE},
-                              "rng": self.rng.bit_generator.state, "noise_rng": self.noise_rng.bit_generator.state})
+        """Every attribute, the generators as their states (pickle-able): enough to continue bit-identically."""
+        return copy.deepcopy({**vars(self), "rng": self.rng.bit_generator.state,
+                              "noise_rng": self.noise_rng.bit_generator.state})
 
     def load_state_dict(self, state):
-        state = copy.deepcopy(state)
         if state["task"] != self.task or len(state["envs"]) != len(self.envs):
             raise ValueError(f"state is for {len(state['envs'])} {state['task']} envs, "
                              f"this helper has {len(self.envs)} {self.task} envs")
-        for k in self._STATE:
-            setattr(self, k, state[k])
-        self.rng = np.random.default_rng()
-        self.rng.bit_generator.state = state["rng"]
-        self.noise_rng.bit_generator.state = state["noise_rng"]
+        state = copy.deepcopy(state)
+        self.rng.bit_generator.state, self.noise_rng.bit_generator.state = state.pop("rng"), state.pop("noise_rng")
+        vars(self).update(state)

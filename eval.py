@@ -69,11 +69,6 @@ def num(x) -> float:
     return float("nan") if x is None else float(x)
 
 
-def _mean(xs) -> float:
-    xs = [x for x in xs if not math.isnan(x)]
-    return float(np.mean(xs)) if xs else float("nan")
-
-
 def ngrams(words, n):
     return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
 
@@ -111,13 +106,15 @@ def self_bleu2(texts, max_texts=200) -> float:
 
 
 def episode_metrics(eps, turns) -> dict:
-    """Episode and turn dicts (from `play`) -> one row of the metrics in the module docstring."""
-    mean = lambda dicts, key: _mean([d[key] for d in dicts])  # noqa: E731
+    """Episode and turn dicts (from `play`) -> one row of the metrics in the module docstring. A mean leaves out
+    nan values (a turn whose thought states no checkable fact has nan grounding); none left is nan."""
+    def mean(dicts, key):
+        xs = [d[key] for d in dicts if not math.isnan(d[key])]
+        return float(np.mean(xs)) if xs else float("nan")
     thoughts = [t["thought"] for t in turns if t["thought"].strip()]
     return {"episodes": len(eps), "success": mean(eps, "success"), "return": mean(eps, "return"),
             "length": mean(eps, "length"), "format_rate": mean(turns, "format_ok"),
-            "invalid_rate": 1.0 - mean(turns, "action_valid"),
-            "grounding": mean(turns, "grounding"),  # turns that state no checkable fact are nan
+            "invalid_rate": 1.0 - mean(turns, "action_valid"), "grounding": mean(turns, "grounding"),
             "distinct2": distinct_n(thoughts, 2), "self_bleu2": self_bleu2(thoughts),
             "thought_entropy": mean(turns, "entropy"), "tokens": mean(turns, "tokens")}
 
@@ -131,8 +128,31 @@ def format_table(rows: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Playing episodes. An actor maps (images, prompts, envs, rows) -> (answer texts, thought entropy [len(rows)],
-# generated tokens [len(rows)]) for the envs envs.envs[i], i in rows.
+# Evaluating: episodes played by an actor, which maps (images, prompts, envs, rows) -> (answer texts, thought
+# entropy [len(rows)], generated tokens [len(rows)]) for the envs envs.envs[i], i in rows.
+
+
+def evaluate(agent, task, episodes=100, seed=0, temperature=1.0, greedy=False, max_new_tokens=64, top_k=0,
+             repetition_penalty=1.0, num_envs=16, split="eval", desc="eval") -> dict:
+    """Evaluation of an Agent -> one row of episode_metrics. Same seed -> same levels (and samples)."""
+    actor = agent_actor(agent, greedy, temperature=temperature, max_new_tokens=max_new_tokens, top_k=top_k,
+                        repetition_penalty=repetition_penalty)
+    with seeded(seed, agent.device):
+        return episode_metrics(*play(actor, task, episodes, seed, num_envs=num_envs, split=split, desc=desc))
+
+
+def reference_rows(task, episodes=100, seed=0, split="eval") -> dict:
+    """Rows from no model: the random-action agent and the expert (solver) agent, on the same levels."""
+    return {name: episode_metrics(*play(actor, task, episodes, seed, split=split, desc=f"eval {name}"))
+            for name, actor in (("random", random_actor(seed)), ("expert", expert_actor))}
+
+
+@contextlib.contextmanager
+def seeded(seed, device):
+    """Sampling seeded for reproducibility without disturbing the caller's RNG streams (train.py's)."""
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(seed + EVAL_SEED_OFFSET)
+        yield
 
 
 def agent_actor(agent, greedy=False, **decoding):
@@ -163,11 +183,10 @@ def expert_actor(images, prompts, envs, rows):
     return [envs.envs[i].expert_answer() for i in rows], np.full(len(rows), np.nan), np.full(len(rows), np.nan)
 
 
-def play(actor, task, episodes, seed, num_envs=16, record=None, split="eval", desc="eval"):
+def play(actor, task, episodes, seed, num_envs=16, split="eval", desc="eval"):
     """Exactly `episodes` episodes of `split` ("eval": held-out levels; "train": the training distribution) ->
     (episode dicts, turn dicts), counted on a progress bar. Env i plays episodes i, i+num_envs, ...; an env that
-    has met its quota idles, so short episodes are not over-represented. `record`: a list that gets env 0's turns
-    as {"episode", "frame" (board_frame), "caption"}, and after each of its episodes the state it ended in."""
+    has met its quota idles, so short episodes are not over-represented."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     num_envs = max(1, min(num_envs, episodes))
@@ -180,16 +199,7 @@ def play(actor, task, episodes, seed, num_envs=16, record=None, split="eval", de
         images, prompts = envs.observe()
         texts, entropy, ntok = actor([images[i] for i in rows], [prompts[i] for i in rows], envs, rows)
         answers = dict(zip(rows, texts))  # idle envs answer "": their extra turns are never counted
-        recording = record is not None and done[0] < quota[0]
-        if recording:  # the envs auto-reset, so the state an episode ends in is replayed on a copy
-            before, frame = copy.deepcopy(envs.envs[0]), board_frame(envs.envs[0], task)
         out = envs.step_texts([answers.get(i, "") for i in range(num_envs)])
-        a = int(out["action"][0])
-        if recording:
-            record.append({"episode": int(done[0]), "frame": frame, "caption": (
-                f"turn {1 + sum(r['episode'] == done[0] for r in record)}: "
-                f"{(extract_thought(answers[0]) or '').strip()} -> action: "
-                f"{before.action_names[a] if a >= 0 else 'INVALID (turn skipped)'} (reward {out['reward'][0]:+.1f})")})
         for j, i in enumerate(rows):
             turns.append({"format_ok": bool(out["format_ok"][i]), "action_valid": bool(out["action_valid"][i]),
                           "grounding": float(out["grounding"][i]), "entropy": float(entropy[j]),
@@ -197,37 +207,9 @@ def play(actor, task, episodes, seed, num_envs=16, record=None, split="eval", de
         for e in (e for e in out["episodes"] if done[e["env"]] < quota[e["env"]]):
             eps.append(e)
             bar.update(1)
-            if recording and e["env"] == 0:
-                before.step(a) if a >= 0 else before.skip_turn()
-                record.append({"episode": int(done[0]), "frame": board_frame(before, task), "caption": (
-                    f"end: {'solved' if e['success'] else 'not solved'} in {e['length']} turns, "
-                    f"return {e['return']:+.1f}")})
             done[e["env"]] += 1
     bar.close()
     return eps, turns
-
-
-@contextlib.contextmanager
-def seeded(seed, device):
-    """Sampling seeded for reproducibility without disturbing the caller's RNG streams (train.py's)."""
-    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
-        torch.manual_seed(seed + EVAL_SEED_OFFSET)
-        yield
-
-
-def evaluate(agent, task, episodes=100, seed=0, temperature=1.0, greedy=False, max_new_tokens=64, top_k=0,
-             repetition_penalty=1.0, num_envs=16, split="eval", desc="eval") -> dict:
-    """Evaluation of an Agent -> one row of episode_metrics. Same seed -> same levels (and samples)."""
-    actor = agent_actor(agent, greedy, temperature=temperature, max_new_tokens=max_new_tokens, top_k=top_k,
-                        repetition_penalty=repetition_penalty)
-    with seeded(seed, agent.device):
-        return episode_metrics(*play(actor, task, episodes, seed, num_envs=num_envs, split=split, desc=desc))
-
-
-def reference_rows(task, episodes=100, seed=0, split="eval") -> dict:
-    """Rows from no model: the random-action agent and the expert (solver) agent, on the same levels."""
-    return {name: episode_metrics(*play(actor, task, episodes, seed, split=split, desc=f"eval {name}"))
-            for name, actor in (("random", random_actor(seed)), ("expert", expert_actor))}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -243,6 +225,19 @@ CURVES = (("charts/success_rate", "success rate"), ("charts/thought_grounding", 
           ("charts/thought_entropy", "thought-token entropy"), ("teacher/kl", "teacher KL (turbo methods)"))
 HELD_OUT_CURVES = (("eval/agent_success", "held-out success: agent"),  # drawn when a run logged them
                    ("eval/teacher_success", "held-out success: merged teacher"))  # (train.py --curve-every)
+
+
+def compare(run_dirs, png="compare.png", table_path=None) -> str:
+    """Read runs (one or more), group them, write the PNG (and the table if asked); returns the markdown table."""
+    for flag, path in (("--out", png), ("--table", table_path)):  # checked first: a typo must not cost the plot
+        if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(path) or ".")):
+            raise ValueError(f"{flag} {path}: not a file in an existing directory")
+    groups = group_runs([read_run(d) for d in run_dirs])
+    table = compare_table(groups)
+    plot_curves(groups, png)
+    if table_path:
+        Path(table_path).write_text(table)
+    return table
 
 
 def read_run(run_dir) -> dict:
@@ -353,19 +348,6 @@ def plot_curves(groups, path):
     plt.close(fig)
 
 
-def compare(run_dirs, png="compare.png", table_path=None) -> str:
-    """Read runs (one or more), group them, write the PNG (and the table if asked); returns the markdown table."""
-    for flag, path in (("--out", png), ("--table", table_path)):  # checked first: a typo must not cost the plot
-        if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(path) or ".")):
-            raise ValueError(f"{flag} {path}: not a file in an existing directory")
-    groups = group_runs([read_run(d) for d in run_dirs])
-    table = compare_table(groups)
-    plot_curves(groups, png)
-    if table_path:
-        Path(table_path).write_text(table)
-    return table
-
-
 # ----------------------------------------------------------------------------------------------------------
 # GIF replays: one frame per turn (the state the agent saw, captioned with its thought and action) plus the
 # state the episode ended in (captioned with the outcome). Replay k plays episode k of the level stream.
@@ -374,6 +356,36 @@ LEGEND = {"sokoban": (("player", PLAYER), ("box", BOX), ("target", TARGET), ("bo
                       ("wall", WALL)),
           "gridworld": (("player", PLAYER), ("goal", GOAL), ("wall", WALL))}
 LABEL_LEFT, LABEL_TOP, LEGEND_H = 20, 16, 24  # px: row numbers, column numbers, legend line
+
+
+def write_replays(actor, task, n, seed, out_dir, split="eval") -> list[dict]:
+    """Play the first `n` episodes of `play`'s level stream one at a time and write out_dir/replay_k.gif for
+    each (looping, 0.9 s a frame). Returns [{file, length, success, return, level, frames}]."""
+    envs, frames, out = LockstepEnvs(task, 1, seed=seed + EVAL_SEED_OFFSET, split=split), [], []
+    bar = tqdm(total=n, desc="replays", unit="ep", leave=False)
+    while len(out) < n:
+        images, prompts = envs.observe()
+        (text,), _, _ = actor(images, prompts, envs, [0])
+        before = copy.deepcopy(envs.envs[0])  # the env resets when an episode ends: its end state is replayed here
+        step = envs.step_texts([text])
+        a = int(step["action"][0])
+        action = before.action_names[a] if a >= 0 else "INVALID (turn skipped)"
+        caption = f"turn {len(frames) + 1}: {(extract_thought(text) or '').strip()} -> action: {action}"
+        # the turn number keeps any two frames apart (Pillow would merge identical ones)
+        frames.append((board_frame(before, task), f"{caption} (reward {step['reward'][0]:+.1f})"))
+        for e in step["episodes"]:
+            before.step(a) if a >= 0 else before.skip_turn()
+            outcome = f"{'solved' if e['success'] else 'not solved'} in {e['length']} turns"
+            frames.append((board_frame(before, task), f"end: {outcome}, return {e['return']:+.1f}"))
+            images = captioned_frames(frames)
+            path = os.path.join(out_dir, f"replay_{len(out)}.gif")
+            images[0].save(path, save_all=True, append_images=images[1:], duration=900, loop=0)
+            out.append({"file": path, "length": e["length"], "success": e["success"], "return": e["return"],
+                        "level": e["level"], "frames": len(images)})
+            frames = []
+            bar.update(1)
+    bar.close()
+    return out
 
 
 def board_frame(env, task) -> np.ndarray:
@@ -403,19 +415,19 @@ def board_frame(env, task) -> np.ndarray:
     return np.asarray(img)
 
 
-def captioned_frames(entries, min_width=320, max_lines=12, size=12) -> list:
-    """Record entries -> PIL images of one size (a GIF needs it): the frame on top (centred), the caption below,
-    wrapped at 0.6 * size px a character (Pillow's font: a digit is 0.58 em, most letters less)."""
+def captioned_frames(frames, min_width=320, max_lines=12, size=12) -> list:
+    """[(frame, caption)] -> PIL images of one size (a GIF needs it): the frame on top (centred), the caption
+    below, wrapped at 0.6 * size px a character (Pillow's font: a digit is 0.58 em, most letters less)."""
     from PIL import Image, ImageDraw
     f = font(size)
-    width = max(min_width, max(e["frame"].shape[1] for e in entries))
-    frame_h, line_h = max(e["frame"].shape[0] for e in entries), f.getbbox("Hg")[3] + 3
-    wrapped = [textwrap.wrap(e["caption"], int((width - 8) / (0.6 * size))) for e in entries]
+    width = max(min_width, max(frame.shape[1] for frame, _ in frames))
+    frame_h, line_h = max(frame.shape[0] for frame, _ in frames), f.getbbox("Hg")[3] + 3
+    wrapped = [textwrap.wrap(caption, int((width - 8) / (0.6 * size))) for _, caption in frames]
     wrapped = [lines[:max_lines - 1] + ["..."] if len(lines) > max_lines else lines for lines in wrapped]
     images = []
-    for e, lines in zip(entries, wrapped):
+    for (frame, _), lines in zip(frames, wrapped):
         img = Image.new("RGB", (width, frame_h + 8 + line_h * max(map(len, wrapped))), (255, 255, 255))
-        img.paste(Image.fromarray(e["frame"]), ((width - e["frame"].shape[1]) // 2, 0))
+        img.paste(Image.fromarray(frame), ((width - frame.shape[1]) // 2, 0))
         draw = ImageDraw.Draw(img)
         for k, line in enumerate(lines):
             draw.text((4, frame_h + 4 + k * line_h), line, fill=(0, 0, 0), font=f)
@@ -423,50 +435,31 @@ def captioned_frames(entries, min_width=320, max_lines=12, size=12) -> list:
     return images
 
 
-def write_replays(actor, task, n, seed, out_dir, split="eval") -> list[dict]:
-    """Play the first `n` episodes of the evaluation stream one at a time and write out_dir/replay_k.gif for
-    each (looping, 0.9 s a frame). Returns [{file, length, success, return, level, frames}]."""
-    record, out = [], []
-    eps, _ = play(actor, task, n, seed, num_envs=1, record=record, split=split, desc="replays")
-    for k, e in enumerate(eps):
-        path = os.path.join(out_dir, f"replay_{k}.gif")
-        # captions carry the turn number, so no two frames are identical (Pillow would merge them)
-        images = captioned_frames([r for r in record if r["episode"] == k])
-        images[0].save(path, save_all=True, append_images=images[1:], duration=900, loop=0)
-        out.append({"file": path, "length": e["length"], "success": e["success"], "return": e["return"],
-                    "level": e["level"], "frames": len(images)})
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------
-# CLI. Every value goes through its flag's argparse type, a setting read from a run's args.json too: a bad one
-# is refused in one line before any model is loaded.
+# CLI: `run` and `compare`. Every value passes its flag's type, a setting read from a run's args.json too, so a
+# bad one is refused in one line (exit 2) before any model is loaded. train.py parses its flags the same way.
 
 
 class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose error is one line `PROG: error: ...` and exit status 2, with no usage block."""
     source = ""  # " (from FILE)" while defaults read from FILE are parsed: an error names it
 
-    def error(self, message):  # one line, no usage block, exit status 2 ("eval.py run" says "eval.py" too)
+    def error(self, message):  # a subcommand's prog ("eval.py run") reports as "eval.py"
         self.exit(2, f"{self.prog.split()[0]}: error: {' '.join(message.splitlines())}{self.source}\n")
 
 
 def join_negative_numbers(argv) -> list[str]:
     """["--seed", "-1e-5"] -> ["--seed=-1e-5"]: argparse takes "-1e-5" or "-inf" for a flag and would report a
-    missing value instead of letting the flag's type name the bad number. train.py's command line too."""
+    missing value instead of letting the flag's type name the bad number."""
     out = []
     for a in map(str, argv):
-        if out and re.fullmatch(r"--[^=]+", out[-1]) and a.startswith("-") and is_number(a):
-            out[-1] += "=" + a
-        else:
-            out.append(a)
+        if out and re.fullmatch(r"--[^=]+", out[-1]) and a.startswith("-"):
+            with contextlib.suppress(ValueError):  # float() reads it: a number, the flag's value
+                float(a)
+                out[-1] += "=" + a
+                continue
+        out.append(a)
     return out
-
-
-def is_number(text) -> bool:
-    try:
-        return float(text) is not None
-    except ValueError:
-        return False
 
 
 def checked(typ, ok, rule):
@@ -519,6 +512,33 @@ def parser():
     c.add_argument("--out", default="compare.png", help="PNG of the learning curves (its directory must exist)")
     c.add_argument("--table", help="also write the markdown table to this file (its directory must exist)")
     return p, r
+
+
+def main(argv=None):
+    """Command line -> `run` or `compare` (`eval.py runs/X` is `eval.py run runs/X`); a bad input exits 2 with
+    one line (SystemExit, also in-process)."""
+    argv = join_negative_numbers(sys.argv[1:] if argv is None else argv)
+    argv = argv if argv[:1] in (["run"], ["compare"], ["-h"], ["--help"]) else ["run", *argv]
+    p, run_parser = parser()
+    ns = p.parse_args(argv)
+    if ns.command == "compare":
+        try:
+            print(compare(ns.runs, ns.out, ns.table))
+        except (OSError, ValueError) as e:
+            p.error(str(e))
+        print(f"wrote {ns.out}" + (f" and {ns.table}" if ns.table else ""), file=sys.stderr)
+        return
+    agent_dir, teacher_dir, saved = run_inputs(ns, p.error)
+    src = os.path.join(ns.run or "", "args.json")
+    if saved:  # parsed again with the run's settings as defaults: a flag still wins, each passes its flag's type
+        run_parser.set_defaults(**saved)
+        run_parser.source = f" (from {src})"
+        ns = p.parse_args(argv)
+    if ns.task is None:
+        p.error(f"--task is required {'with --agent' if ns.agent else f'({src} names none)'}: one of "
+                + ", ".join(sorted(TASKS)))
+    with torch.no_grad():  # not set_grad_enabled: main() is also called in-process (tests)
+        run_cli(ns, agent_dir, teacher_dir, p.error)
 
 
 def run_inputs(ns, error):
@@ -580,33 +600,6 @@ def run_cli(ns, agent_dir, teacher_dir, error):
                                "agent": agent_dir, "teacher": teacher_dir, **{k: getattr(ns, k) for k in SAVED}},
                       "rows": rows, "replays": replays})
     print(f"wrote {path}", file=sys.stderr)
-
-
-def main(argv=None):
-    """Command line -> `run` or `compare` (`eval.py runs/X` is `eval.py run runs/X`); a bad input exits 2 with
-    one line (SystemExit, also in-process)."""
-    argv = join_negative_numbers(sys.argv[1:] if argv is None else argv)
-    argv = argv if argv[:1] in (["run"], ["compare"], ["-h"], ["--help"]) else ["run", *argv]
-    p, run_parser = parser()
-    ns = p.parse_args(argv)
-    if ns.command == "compare":
-        try:
-            print(compare(ns.runs, ns.out, ns.table))
-        except (OSError, ValueError) as e:
-            p.error(str(e))
-        print(f"wrote {ns.out}" + (f" and {ns.table}" if ns.table else ""), file=sys.stderr)
-        return
-    agent_dir, teacher_dir, saved = run_inputs(ns, p.error)
-    src = os.path.join(ns.run or "", "args.json")
-    if saved:  # parsed again with the run's settings as defaults: a flag still wins, each passes its flag's type
-        run_parser.set_defaults(**saved)
-        run_parser.source = f" (from {src})"
-        ns = p.parse_args(argv)
-    if ns.task is None:
-        p.error(f"--task is required {'with --agent' if ns.agent else f'({src} names none)'}: one of "
-                + ", ".join(sorted(TASKS)))
-    with torch.no_grad():  # not set_grad_enabled: main() is also called in-process (tests)
-        run_cli(ns, agent_dir, teacher_dir, p.error)
 
 
 if __name__ == "__main__":
