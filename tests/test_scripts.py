@@ -158,3 +158,54 @@ def test_merge_probe_keeps_the_history_train_py_merged(tmp_path):
     table = out.stdout.split("4 checkpoints of")[1].splitlines()  # after train.py's own table
     rows = [line.split("|")[1:-1] for line in table if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == 11 and rows[0][0].strip() == "agent (last checkpoint)" and rows[0][2].strip() == "+0.000"
+
+
+def test_critic_ceiling_statistics_by_hand(tmp_path):
+    """Four states, two returns each: G = [1,3], [1,3], [5,7], [5,7]. Var(G) = 5 (mean 4). State means 2,2,6,6
+    have variance 4; the within-state variance is 2 (ddof 1), so Var(V^pi) = 4 - 2/2 = 3 and the ceiling is 3/5.
+    A V equal to the state means leaves residuals of +-1 (EV 1 - 1/5); a constant V explains nothing. Lengths
+    2,2,4,4 predict each state by its twin's mean (EV 0.8); lengths 2,4,2,4 pair each state with one of the
+    other mean, residuals -5,-3 / 3,5 (variance 17, EV 1 - 17/5). Then the script itself runs on a tiny agent."""
+    import importlib.util
+    import numpy as np
+    spec = importlib.util.spec_from_file_location("critic_ceiling", os.path.join(ROOT, "scripts", "critic_ceiling.py"))
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    G = np.array([[1.0, 3.0], [1.0, 3.0], [5.0, 7.0], [5.0, 7.0]])
+    r = probe.ceiling_stats(G, np.array([2, 2, 4, 4]), np.array([2.0, 2.0, 6.0, 6.0]))
+    assert r["return_var"] == pytest.approx(5.0) and r["ceiling_ev"] == pytest.approx(0.6)
+    assert r["value_head_ev"] == pytest.approx(0.8) and r["solution_length_ev"] == pytest.approx(0.8)
+    r = probe.ceiling_stats(G, np.array([2, 4, 2, 4]), np.array([9.0, 9.0, 9.0, 9.0]))
+    assert r["value_head_ev"] == pytest.approx(0.0) and r["solution_length_ev"] == pytest.approx(1 - 17 / 5)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "critic_ceiling.py"), "--states", "6", "--k",
+                          "2", "--", "--task", "gridworld", "--model", "tiny", "--sft-steps", "5", "--num-envs", "4",
+                          "--num-steps", "3", "--max-new-tokens", "24"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = json.loads(out.stdout.splitlines()[-1])
+    assert row["states"] == 6 and row["k"] == 2 and row["ceiling_ev_se"] >= 0
+    assert row["return_var"] >= 0 and row["solution_length_ev"] <= 1 and row["value_head_ev"] <= 1
+
+
+def test_solver_critic_table_by_hand(tmp_path):
+    """update_table with alpha 0.5: length 2 first sees targets 1 and 3 (entry 2), then 6 (0.5 x 2 + 0.5 x 6 = 4);
+    length -1 (unsolvable) sees -1; an unseen length reads 0. Then the script trains a tiny agent: 2 updates."""
+    import importlib.util
+    import numpy as np
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    spec = importlib.util.spec_from_file_location("solver_critic", os.path.join(ROOT, "scripts", "solver_critic.py"))
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    table = {}
+    probe.update_table(table, np.array([2, 2, -1]), np.array([1.0, 3.0, -1.0]), 0.5)
+    probe.update_table(table, np.array([[2]]), np.array([[6.0]]), 0.5)
+    assert table == {2: 4.0, -1: -1.0}
+    assert probe.table_values(table, np.array([[2, 5], [-1, 2]])).tolist() == [[4.0, 0.0], [-1.0, 4.0]]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "solver_critic.py"), "--task", "gridworld",
+                          "--model", "tiny", "--sft-steps", "5", "--num-envs", "4", "--num-steps", "4", "--minibatch",
+                          "8", "--total-steps", "32", "--max-new-tokens", "24", "--eval-episodes", "2", "--out", "run"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["update"] for r in rows] == [1, 2] and rows[0]["losses/explained_variance"] == 0.0  # V = 0 at first
+    assert "V by solution length:" in out.stdout
