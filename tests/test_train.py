@@ -196,33 +196,42 @@ EXTRA_KEYS = {"charts/episodic_length", "teacher/labels", "losses/sft", "losses/
               "charts/skipped_steps"}
 
 
-@pytest.mark.parametrize("method", ["ppo", "gtr", "turbo-sft", "turbo-kl", "sft", "ppo --ratio token"])
-def test_smoke_two_updates(method, tmp_path):
-    method, *extra = method.split()
-    r = run_train(*SMOKE, "--method", method, *extra, "--out", str(tmp_path / method), cwd=tmp_path)
+def check_smoke_run(method, run, r):
+    """Two updates of 16 turns ran, every method logging the same keys, and the run's files are there."""
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in open(tmp_path / method / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [row["update"] for row in rows] == [1, 2]
     assert METRIC_KEYS <= set(rows[0]) and rows[1]["env_steps"] == 32
     assert set(rows[0]) == METRIC_KEYS | EXTRA_KEYS  # every method logs the same keys, so compare can plot them
-    ev = json.load(open(tmp_path / method / "eval.json"))
+    ev = json.load(open(run / "eval.json"))
     assert ("teacher" in ev) == method.startswith("turbo") and ev["agent"]["episodes"] == 4
-    run = tmp_path / method  # the last line says where the results are, and they are there
+    # the last line says where the results are, and they are there
     assert r.stdout.strip().splitlines()[-1] == (f"results: {run / 'eval.json'}  curves: {run / 'curves.png'}  "
                                                  f"metrics: {run / 'metrics.jsonl'}")
     assert (run / "curves.png").stat().st_size > 0
     if method == "gtr":  # an untrained tiny agent is always wrong: every turn gets a corrector label
         assert rows[-1]["teacher/labels"] == 32 and rows[-1]["losses/sft"] > 0
     from agent import Agent
-    Agent.load(str(tmp_path / method / "ckpt" / "agent"))  # the checkpoint is a loadable agent
+    Agent.load(str(run / "ckpt" / "agent"))  # the checkpoint is a loadable agent
+    return rows
+
+
+@pytest.mark.parametrize("method", ["ppo", "gtr", "turbo-sft", "sft", "ppo --ratio token"])  # turbo-kl: below
+def test_smoke_two_updates(method, tmp_path):
+    method, *extra = method.split()
+    r = run_train(*SMOKE, "--method", method, *extra, "--out", str(tmp_path / method), cwd=tmp_path)
+    check_smoke_run(method, tmp_path / method, r)
 
 
 def test_curve_every_logs_held_out_success_without_changing_training(tmp_path):
-    """--curve-every scores agent and teacher on held-out levels every N updates (the eval/ keys) and draws
-    them; evaluation samples from its own generator, so every training number equals the run without it."""
+    """The turbo-kl smoke run, then the same with --curve-every: it scores agent and teacher on held-out levels
+    every N updates (the eval/ keys) and draws them; evaluation samples from its own generator, so every training
+    number equals the run without it."""
     runs = {}
     for name, extra in (("plain", []), ("curve", ["--curve-every", "1", "--curve-episodes", "2"])):
         r = run_train(*SMOKE, "--method", "turbo-kl", *extra, "--out", str(tmp_path / name), cwd=tmp_path)
+        if name == "plain":
+            check_smoke_run("turbo-kl", tmp_path / name, r)
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
     held = {"eval/agent_success", "eval/teacher_success"}
