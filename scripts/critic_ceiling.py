@@ -88,7 +88,7 @@ def continuation_returns(agent, states, k, args):
         texts, values = sample_texts(agent, [conts[i] for i in idx], args)
         first_values = values if first_values is None else first_values
         for i, text in zip(idx, texts):
-            env = conts[i]
+            env = conts[i]  # LockstepEnvs.step_texts under --invalid penalty, without its reset on done
             action, _ = parse_answer(text, env.action_names, env.answer_keys)
             _, r, term, trunc, _ = env.step(action) if action is not None else env.skip_turn()
             G[i] += disc[i] * (r + (args.invalid_penalty if action is None else 0.0))
@@ -106,8 +106,8 @@ def main():
     a = p.parse_args()
     args = train.parse_args(a.train_args + ["--out", os.path.join("runs", "critic-ceiling-probe")]
                             if "--out" not in a.train_args else a.train_args)
-    if args.task not in ("sokoban", "gridworld") or a.states < 2 or a.k < 2:
-        p.error("needs --task sokoban or gridworld, --states >= 2 and --k >= 2")
+    if args.task not in ("sokoban", "gridworld") or a.states < 2 or a.k < 2 or args.invalid != "penalty":
+        p.error("needs --task sokoban or gridworld, --states >= 2, --k >= 2 and --invalid penalty")
     if args.threads:
         torch.set_num_threads(args.threads)
     agent = train.load_init_agent(a.agent, args) if a.agent else train.make_agent(args)

@@ -213,7 +213,6 @@ def check_smoke_run(method, run, r):
         assert rows[-1]["teacher/labels"] == 32 and rows[-1]["losses/sft"] > 0
     from agent import Agent
     Agent.load(str(run / "ckpt" / "agent"))  # the checkpoint is a loadable agent
-    return rows
 
 
 @pytest.mark.parametrize("method", ["ppo", "gtr", "turbo-sft", "sft", "ppo --ratio token"])  # turbo-kl: below
