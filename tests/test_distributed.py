@@ -121,7 +121,7 @@ def test_two_ranks_with_half_the_envs_each_take_the_one_process_step(tmp_path):
 # A real run: identical ranks, rank-0 files, kill and resume
 
 RUN = ["--task", "gridworld", "--model", "tiny", "--sft-steps", "10", "--num-envs", "4", "--num-steps", "4",
-       "--total-steps", "64", "--ppo-epochs", "2", "--minibatch", "8", "--max-new-tokens", "48",
+       "--total-steps", "64", "--ppo-epochs", "2", "--minibatch", "8", "--max-new-tokens", "24",
        "--eval-episodes", "0", "--method", "turbo-kl", "--threads", "1"]
 TRAIN = os.path.join(ROOT, "train.py")
 

@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import eval as E  # noqa: E402
+from test_train import share_sft_cache  # noqa: E402
 
 # one thread: on a loaded 2-core machine two torch threads per process are many times slower, not faster
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
@@ -144,7 +145,7 @@ def runs(tmp_path_factory):
         r = run_script("train.py", "--task", "gridworld", "--model", "tiny", "--sft-steps", "10", "--num-envs", "2",
                        "--num-steps", "4", "--total-steps", "16", "--ppo-epochs", "1", "--minibatch", "8",
                        "--max-new-tokens", "12", "--eval-episodes", "2", "--method", method, "--out", out[method],
-                       cwd=base)  # the SFT warm-up cache (runs/sft-cache) goes to the temp dir too
+                       cwd=share_sft_cache(base))
         assert r.returncode == 0, r.stderr[-3000:]
     return out
 

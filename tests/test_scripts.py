@@ -7,6 +7,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from test_train import share_sft_cache  # noqa: E402
 
 
 def test_reproduce_quick_plan(tmp_path):
@@ -34,7 +37,7 @@ def test_signal_probe_prints_one_line_per_update(tmp_path):
                           "--updates", "2", "--probe-states", "8", "--", "--task", "gridworld", "--model", "tiny",
                           "--sft-steps", "5", "--num-envs", "4", "--num-steps", "4", "--minibatch", "8",
                           "--max-new-tokens", "24"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                         cwd=share_sft_cache(tmp_path), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert [r["update"] for r in rows] == [0, 1, 2] and rows[-1]["env_steps"] == 32
@@ -132,11 +135,11 @@ def test_merge_probe_keeps_the_history_train_py_merged(tmp_path):
     import torch
     from agent import Agent
     from merge import MergeHistory
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "merge_probe.py"), "--episodes", "2", "--",
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "merge_probe.py"), "--episodes", "1", "--",
                           "--task", "gridworld", "--model", "tiny", "--sft-steps", "5", "--num-envs", "4",
                           "--num-steps", "4", "--minibatch", "8", "--total-steps", "32", "--ppo-epochs", "2",
-                          "--max-new-tokens", "24", "--eval-episodes", "2", "--threads", "1"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                          "--max-new-tokens", "12", "--eval-episodes", "1", "--threads", "1"],
+                         cwd=share_sft_cache(tmp_path), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     run = tmp_path / "runs" / "merge-probe-s1"
     files = sorted((run / "history").glob("0*.pt"))
@@ -180,7 +183,7 @@ def test_critic_ceiling_statistics_by_hand(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "critic_ceiling.py"), "--states", "6", "--k",
                           "2", "--", "--task", "gridworld", "--model", "tiny", "--sft-steps", "5", "--num-envs", "4",
                           "--num-steps", "3", "--max-new-tokens", "24"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                         cwd=share_sft_cache(tmp_path), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     row = json.loads(out.stdout.splitlines()[-1])
     assert row["states"] == 6 and row["k"] == 2 and row["ceiling_ev_se"] >= 0
@@ -204,7 +207,7 @@ def test_solver_critic_table_by_hand(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "solver_critic.py"), "--task", "gridworld",
                           "--model", "tiny", "--sft-steps", "5", "--num-envs", "4", "--num-steps", "4", "--minibatch",
                           "8", "--total-steps", "32", "--max-new-tokens", "24", "--eval-episodes", "2", "--out", "run"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                         cwd=share_sft_cache(tmp_path), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["update"] for r in rows] == [1, 2] and rows[0]["losses/explained_variance"] == 0.0  # V = 0 at first

@@ -1,10 +1,13 @@
 """train.py: the loop's arithmetic by hand, the CLI's errors, and smoke runs of the script itself."""
+import atexit
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -14,6 +17,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
+
+# One SFT warm-up cache for every train.py a test runs in its own directory: the tiny warm-ups they start from
+# (same task, model, steps, noise and seed: the cache key) are trained once per session, not once per test.
+# test_distributed.py keeps a cache of its own: it checks that rank 0 writes it while rank 1 waits.
+SFT_CACHE = tempfile.mkdtemp(prefix="gtr-test-sft-cache-")
+atexit.register(shutil.rmtree, SFT_CACHE, True)
+
+
+def share_sft_cache(cwd):
+    """cwd/runs/sft-cache -> the session's cache; returns cwd."""
+    os.makedirs(os.path.join(cwd, "runs"), exist_ok=True)
+    link = os.path.join(cwd, "runs", "sft-cache")
+    if not os.path.lexists(link):
+        os.symlink(SFT_CACHE, link)
+    return cwd
 
 
 def test_gae_by_hand_with_terminal_in_the_middle():
@@ -102,7 +120,9 @@ def test_warm_up_moments_carry_into_the_rl_optimizer(tmp_path, monkeypatch):
 
 
 def run_train(*argv, cwd=None, timeout=600, wait=True):
-    """train.py in a subprocess, the way a user runs it (its SFT cache lands under cwd/runs/)."""
+    """train.py in a subprocess, the way a user runs it; a given cwd shares the session's SFT cache."""
+    if cwd is not None:
+        share_sft_cache(cwd)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *argv]
     if not wait:
@@ -184,7 +204,7 @@ def test_model_dir_that_is_not_a_vlm_exits_2(tmp_path):
 
 
 SMOKE = ["--task", "gridworld", "--model", "tiny", "--sft-steps", "10", "--num-envs", "4", "--num-steps", "4",
-         "--total-steps", "32", "--ppo-epochs", "2", "--minibatch", "8", "--max-new-tokens", "48",
+         "--total-steps", "32", "--ppo-epochs", "2", "--minibatch", "8", "--max-new-tokens", "24",
          "--eval-episodes", "4"]
 METRIC_KEYS = {"update", "env_steps", "charts/success_rate", "charts/episodic_return", "charts/format_rate",
                "charts/invalid_rate", "charts/thought_grounding", "charts/thought_entropy", "teacher/kl",
@@ -215,7 +235,7 @@ def check_smoke_run(method, run, r):
     Agent.load(str(run / "ckpt" / "agent"))  # the checkpoint is a loadable agent
 
 
-@pytest.mark.parametrize("method", ["ppo", "gtr", "turbo-sft", "sft", "ppo --ratio token"])  # turbo-kl: below
+@pytest.mark.parametrize("method", ["ppo --ratio token", "gtr", "turbo-sft", "sft"])  # turbo-kl: below
 def test_smoke_two_updates(method, tmp_path):
     method, *extra = method.split()
     r = run_train(*SMOKE, "--method", method, *extra, "--out", str(tmp_path / method), cwd=tmp_path)
@@ -305,7 +325,7 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
 
 
 RESUME = ["--task", "gridworld", "--model", "tiny", "--sft-steps", "10", "--num-envs", "4", "--num-steps", "4",
-          "--total-steps", "64", "--ppo-epochs", "2", "--minibatch", "8", "--max-new-tokens", "48",
+          "--total-steps", "64", "--ppo-epochs", "2", "--minibatch", "8", "--max-new-tokens", "24",
           "--eval-episodes", "0", "--method", "turbo-kl"]
 TIME_KEYS = {"charts/wall_time", "teacher/time"}
 
