@@ -35,7 +35,7 @@ from transformers import (AutoModelForImageTextToText, GenerationConfig, PreTrai
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VisionPatchEmbed, Qwen2_5_VLVisionAttention,
                                                                 apply_rotary_pos_emb, apply_rotary_pos_emb_vision,
                                                                 is_flash_attention_requested)
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 from transformers.utils import logging as hf_logging
 
 from distill import masked_mean, token_logprobs
@@ -384,13 +384,39 @@ class Agent:
             if not (isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.ndim == 3 and im.shape[2] == 3):
                 raise ValueError(f"image {i}: need a uint8 HxWx3 numpy array, got "
                                  f"{type(im).__name__} {getattr(im, 'dtype', '')} {getattr(im, 'shape', '')}")
-        texts = [self.processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": str(p)}]}],
-            add_generation_prompt=True, tokenize=False) for p in prompts]
-        enc = self.processor(images=[[Image.fromarray(im)] for im in images], text=texts,   # one image per row
-                             return_tensors="pt", padding=True)
+        chat = {p: self.processor.apply_chat_template(   # once per distinct prompt
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+            add_generation_prompt=True, tokenize=False) for p in set(map(str, prompts))}
+        texts = [chat[str(p)] for p in prompts]
+        enc = self.encode_direct(images, texts) or self.processor(
+            images=[[Image.fromarray(im)] for im in images], text=texts, return_tensors="pt", padding=True)
         return {k: enc[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
                                     "image_grid_thw")}
+
+    def encode_direct(self, images, texts) -> dict | None:
+        """The processor's output computed as one array op over the batch, when the processor is the PIL one
+        and every image has one size that needs no resizing (the case of every env here): the same numbers,
+        without per-image PIL work (~50 ms of every 32-image call on a CPU). None otherwise."""
+        ip, H, W = self.processor.image_processor, *images[0].shape[:2]
+        p, m, t = ip.patch_size, ip.merge_size, ip.temporal_patch_size
+        if not (type(ip) is Qwen2VLImageProcessorPil and ip.do_rescale and ip.do_normalize
+                and all(im.shape == images[0].shape for im in images)
+                and smart_resize(H, W, p * m, ip.size.shortest_edge, ip.size.longest_edge) == (H, W)):
+            return None
+        # the processor's arithmetic (rescale in float64, then normalize in float32) for each of the 256 values
+        lut = (np.arange(256, dtype=np.float64)[:, None] * ip.rescale_factor).astype(np.float32)     # [256, C]
+        lut = (lut - np.array(ip.image_mean, np.float32)) / np.array(ip.image_std, np.float32)
+        N, C, gh, gw = len(images), lut.shape[1], H // p, W // p
+        x = torch.from_numpy(np.stack(images)).long() + 256 * torch.arange(C)                  # [N, H, W, C]
+        x = torch.from_numpy(lut.T.copy()).view(-1)[x]                     # value v of channel c at lut[v, c]
+        # rows in merge order (gh/m, gw/m, m, m), columns (C, temporal copies of the frame, p, p)
+        x = x.view(N, gh // m, m, p, gw // m, m, p, C).permute(0, 1, 4, 2, 5, 7, 3, 6)
+        x = x[:, :, :, :, :, :, None].expand(*x.shape[:6], t, p, p)
+        texts = [s.replace(self.processor.image_token, self.processor.image_token * (gh * gw // m ** 2)) for s in texts]
+        enc = self.tokenizer(texts, padding=True, return_tensors="pt")
+        return dict(enc, mm_token_type_ids=(enc["input_ids"] == self.processor.image_token_id).long(),
+                    pixel_values=x.reshape(N * gh * gw, C * t * p * p),
+                    image_grid_thw=torch.tensor([[1, gh, gw]] * N))
 
     def split_thought_action(self, ids: list[int]) -> int:
         """How many of the real generated `ids` are thought: those before the token holding the start of the

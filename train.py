@@ -345,7 +345,7 @@ def sft_warmup(agent, args):
     demos, steps = solver_envs(args.task, args.sft_batch, args.seed + 7919), args.sft_steps
     named = [(n, p) for n, p in agent.model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    opt = torch.optim.AdamW(params, lr=args.sft_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=args.sft_lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     bar = tqdm(range(steps), desc="SFT warm-up", dynamic_ncols=True)
     for step in bar:
         progress = min(1.0, (step - 30) / max(1, steps - 30))
@@ -403,7 +403,7 @@ def rl_optimizer(agent, args, new_run: bool = True):
     slowly). A new run under --carry-moments starts each weight from the cached warm-up's moments of that name."""
     body, head = policy_and_value_params(agent)
     opt = torch.optim.Adam([{"params": body, "base_lr": args.lr},
-                            {"params": head, "base_lr": args.vf_lr}], lr=args.lr, eps=1e-5)
+                            {"params": head, "base_lr": args.vf_lr}], lr=args.lr, eps=1e-5, fused=True)
     path = os.path.join(sft_cache_dir(args), "sft_moments.pt")
     if new_run and args.carry_moments and not args.init and args.model in ("tiny", "small") and os.path.isfile(path):
         moments = torch.load(path, weights_only=True)
@@ -612,7 +612,7 @@ def main(args: Args):
         params = policy_and_value_params(agent)[0]
         demos = solver_envs(args.task, args.minibatch // n_ranks, args.seed + 104729 + RANK_STRIDE * rank)
         opt = torch.optim.AdamW([{"params": params, "base_lr": args.sft_lr}], lr=args.sft_lr, betas=(0.9, 0.95),
-                                weight_decay=0.0)
+                                weight_decay=0.0, fused=True)
     else:
         opt = rl_optimizer(agent, args, new_run=not ckpt)
     if ckpt:

@@ -238,6 +238,23 @@ def test_speed_up_changes_no_number(agent, shapes):
         assert f.shape == s.shape and (f - s).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("shape", [(96, 96, 3), (128, 192, 3), (64, 32, 3)])
+def test_direct_encoding_equals_the_processor(agent, shape):
+    """tokenize_prompts skips the processor's per-image PIL work: the same tensors, bit for bit; mixed sizes,
+    and a size the processor would resize (not a multiple of 32 pixels), go through the processor itself."""
+    from PIL import Image
+    imgs, prompts = images(4, seed=3, shape=shape), [PROMPTS[0], PROMPTS[2], PROMPTS[0], PROMPTS[1] * 2]
+    texts = [agent.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+        add_generation_prompt=True, tokenize=False) for p in prompts]
+    ref = agent.processor(images=[[Image.fromarray(im)] for im in imgs], text=texts, return_tensors="pt", padding=True)
+    enc = agent.encode_direct(imgs, texts)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
+        assert enc[key].dtype == ref[key].dtype and torch.equal(enc[key], ref[key]), key
+    assert agent.encode_direct(imgs[:1] + images(1, shape=(96, 128, 3)), texts[:2]) is None
+    assert agent.encode_direct(images(2, shape=(100, 96, 3)), texts[:2]) is None
+
+
 def test_left_padding_invariance(agent):
     imgs = images(2, seed=5)
     alone = agent.encode(imgs[:1], PROMPTS[1:2], ANSWERS[:1])
