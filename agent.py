@@ -396,7 +396,7 @@ class Agent:
     def encode_direct(self, images, texts) -> dict | None:
         """The processor's output computed as one array op over the batch, when the processor is the PIL one
         and every image has one size that needs no resizing (the case of every env here): the same numbers,
-        without per-image PIL work (~50 ms of every 32-image call on a CPU). None otherwise."""
+        bit for bit, without the per-image PIL work that dominates a prompt's cost on a CPU. None otherwise."""
         ip, H, W = self.processor.image_processor, *images[0].shape[:2]
         p, m, t = ip.patch_size, ip.merge_size, ip.temporal_patch_size
         if not (type(ip) is Qwen2VLImageProcessorPil and ip.do_rescale and ip.do_normalize

@@ -400,7 +400,8 @@ def policy_and_value_params(agent):
 
 def rl_optimizer(agent, args, new_run: bool = True):
     """Adam over the policy (--lr) and the value head (--vf-lr: a fresh head must learn fast, the policy move
-    slowly). A new run under --carry-moments starts each weight from the cached warm-up's moments of that name."""
+    slowly). A new run under --carry-moments starts each weight from the cached warm-up's moments of that name.
+    fused=True here and in the warm-up: one kernel over all weights, the same update up to float rounding."""
     body, head = policy_and_value_params(agent)
     opt = torch.optim.Adam([{"params": body, "base_lr": args.lr},
                             {"params": head, "base_lr": args.vf_lr}], lr=args.lr, eps=1e-5, fused=True)
