@@ -384,14 +384,19 @@ class Agent:
             if not (isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.ndim == 3 and im.shape[2] == 3):
                 raise ValueError(f"image {i}: need a uint8 HxWx3 numpy array, got "
                                  f"{type(im).__name__} {getattr(im, 'dtype', '')} {getattr(im, 'shape', '')}")
-        chat = {p: self.processor.apply_chat_template(   # once per distinct prompt
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
-            add_generation_prompt=True, tokenize=False) for p in set(map(str, prompts))}
-        texts = [chat[str(p)] for p in prompts]
+        texts = self.chat_texts(prompts)
         enc = self.encode_direct(images, texts) or self.processor(
             images=[[Image.fromarray(im)] for im in images], text=texts, return_tensors="pt", padding=True)
         return {k: enc[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
                                     "image_grid_thw")}
+
+    def chat_texts(self, prompts) -> list[str]:
+        """Each prompt as the chat template's user turn (one image, then the text) and the assistant's opening,
+        rendered once per distinct prompt."""
+        chat = {p: self.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+            add_generation_prompt=True, tokenize=False) for p in set(map(str, prompts))}
+        return [chat[str(p)] for p in prompts]
 
     def encode_direct(self, images, texts) -> dict | None:
         """The processor's output computed as one array op over the batch, when the processor is the PIL one

@@ -39,6 +39,7 @@ from env import (BOX, BOX_ON_TARGET, CELL, GOAL, PLAYER, TARGET, TASKS, WALL, Lo
                  extract_thought, font)
 
 EVAL_SEED_OFFSET = 1_000_000  # evaluation episode seeds never coincide with a training run's seeds
+EVAL_BATCH = 100              # episodes played at once by default: 100 episodes in one batch
 GIF_SCALE = 4                 # env image enlarged 4x (nearest neighbour) in replays
 COLUMNS = ("success", "return", "length", "format_rate", "invalid_rate", "grounding", "distinct2", "self_bleu2",
            "thought_entropy", "tokens")
@@ -133,7 +134,7 @@ def format_table(rows: dict) -> str:
 
 
 def evaluate(agent, task, episodes=100, seed=0, temperature=1.0, greedy=False, max_new_tokens=64, top_k=0,
-             repetition_penalty=1.0, num_envs=100, split="eval", desc="eval") -> dict:
+             repetition_penalty=1.0, num_envs=EVAL_BATCH, split="eval", desc="eval") -> dict:
     """Evaluation of an Agent -> one row of episode_metrics. Same seed -> same levels (and samples)."""
     actor = agent_actor(agent, greedy, temperature=temperature, max_new_tokens=max_new_tokens, top_k=top_k,
                         repetition_penalty=repetition_penalty)
@@ -183,7 +184,7 @@ def expert_actor(images, prompts, envs, rows):
     return [envs.envs[i].expert_answer() for i in rows], np.full(len(rows), np.nan), np.full(len(rows), np.nan)
 
 
-def play(actor, task, episodes, seed, num_envs=100, split="eval", desc="eval"):
+def play(actor, task, episodes, seed, num_envs=EVAL_BATCH, split="eval", desc="eval"):
     """Exactly `episodes` episodes of `split` ("eval": held-out levels; "train": the training distribution) ->
     (episode dicts, turn dicts), counted on a progress bar. Env i plays episodes i, i+num_envs, ...; an env that
     has met its quota idles, so short episodes are not over-represented."""
@@ -504,7 +505,7 @@ def parser():
     r.add_argument("--gif", type=at_least(0), default=0, help="write this many GIF replays replay_k.gif")
     r.add_argument("--out", help="where eval_full.json and GIFs go (default: the run dir; cwd with --agent)")
     r.add_argument("--no-teacher", action="store_true", help="skip the teacher rows")
-    r.add_argument("--num-envs", type=at_least(1), default=100,
+    r.add_argument("--num-envs", type=at_least(1), default=EVAL_BATCH,
                    help="episodes played at once in one batch; lower it if memory is short (default: %(default)s)")
     r.add_argument("--device", type=device, default="cuda" if cuda else "cpu", help="cpu | cuda | cuda:N")
     r.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights dtype")

@@ -244,9 +244,7 @@ def test_direct_encoding_equals_the_processor(agent, shape):
     and a size the processor would resize (not a multiple of 32 pixels), go through the processor itself."""
     from PIL import Image
     imgs, prompts = images(4, seed=3, shape=shape), [PROMPTS[0], PROMPTS[2], PROMPTS[0], PROMPTS[1] * 2]
-    texts = [agent.processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
-        add_generation_prompt=True, tokenize=False) for p in prompts]
+    texts = agent.chat_texts(prompts)
     ref = agent.processor(images=[[Image.fromarray(im)] for im in imgs], text=texts, return_tensors="pt", padding=True)
     enc = agent.encode_direct(imgs, texts)
     for key in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
