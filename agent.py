@@ -223,6 +223,7 @@ class Batch:
     thought_mask: torch.Tensor       # [B, G] float: before the last `"action":`
     action_mask: torch.Tensor        # [B, G] float: from the token holding the last `"action":` on, + EOS
     logp: torch.Tensor               # [B, G] float: log-probs at `temperature` (0 at pad)
+    teacher_logp: torch.Tensor       # [B, G] float: the teacher's log-probs of the same tokens (turbo-kl; else 0)
     values: torch.Tensor             # [B] float
     texts: list                      # B decoded answers (no special tokens)
     thought_entropy: torch.Tensor    # [B] float: mean entropy over thought tokens at `temperature`
@@ -267,10 +268,11 @@ class Batch:
                               for b in batches])
 
         row = lambda k: torch.cat([getattr(b, k) for b in batches])
+        gen_keys = ("gen_mask", "thought_mask", "action_mask", "logp", "teacher_logp")
         return replace(batches[0], input_ids=pad("input_ids", True, batches[0].pad_id), prompt_len=P,
                        texts=[t for b in batches for t in b.texts],
                        **{k: pad(k, True) for k in ("attention_mask", "mm_token_type_ids")},
-                       **{k: pad(k, False) for k in ("gen_mask", "thought_mask", "action_mask", "logp")},
+                       **{k: pad(k, False) for k in gen_keys},
                        **{k: row(k) for k in ("pixel_values", "image_grid_thw", "values", "thought_entropy")})
 
 
@@ -451,8 +453,8 @@ class Agent:
                      pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
                      prompt_len=enc["input_ids"].shape[1], gen_mask=gen_mask.float(),
                      thought_mask=thought.float(), action_mask=(gen_mask & ~thought).float(),
-                     logp=torch.zeros(B, G, device=dev), values=z, texts=texts, thought_entropy=z.clone(),
-                     temperature=float(temperature), pad_id=self.pad_id)
+                     logp=torch.zeros(B, G, device=dev), teacher_logp=torch.zeros(B, G, device=dev), values=z,
+                     texts=texts, thought_entropy=z.clone(), temperature=float(temperature), pad_id=self.pad_id)
 
     @staticmethod
     def _set_stats(batch: Batch, logp, entropy, values) -> Batch:

@@ -7,6 +7,7 @@
       exact_reverse_kl, forward_kl   full-vocabulary KL per token (ablations)
       guide_mask          4.4: the tokens guided, the thoughts (or thought + action, ablation)
       teacher_kl          the frozen teacher scores the agent's sampled tokens -> one penalty per turn
+      reverse_kl_loss     ours: the same KL as a per-token loss in every PPO step (--kl-mode loss)
     3 and 4.3, SFT on guided thoughts:
       sft_loss            cross-entropy on the guided tokens
       gtr_labels          GTR's privileged corrector relabels the wrong turns (section 3)
@@ -15,8 +16,9 @@
 
 Sign convention: d = log pi_agent(token) - log pi_teacher(token) on tokens *sampled by the agent*, so
 E_agent[d] = KL(agent || teacher) (reverse KL) and d > 0 where the agent is more confident than the
-teacher. The penalty is reward shaping, NOT a loss: train.py subtracts beta * penalty from that turn's
-return at rollout time, with no gradient through it (the gradient arrives through the PPO ratio). Pass
+teacher. The paper's penalty is reward shaping, NOT a loss: train.py subtracts beta * penalty from that turn's
+return at rollout time, with no gradient through it (the gradient arrives through the PPO ratio);
+`reverse_kl_loss` is our alternative, a loss term (train.py --kl-mode loss). Pass
 detached log-probs; these functions do not detach for you. Agents and teachers are agent.Agent objects,
 passed in: this file needs torch and env.py, not transformers.
 
@@ -120,6 +122,22 @@ def forward_kl(agent_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: t
     return _full_kl(teacher_logits, agent_logits, mask, temperature)
 
 
+def reverse_kl_loss(agent_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor,
+                    clip: float = 10.0) -> torch.Tensor:
+    """--kl-mode loss (ours, not the paper's): KL(agent || teacher) as a loss with a gradient on every guided
+    token: the k2 estimate 0.5 d^2, d = log pi_agent - log pi_teacher of the sampled token clipped to
+    [-clip, clip], token mean over the batch -> scalar. agent_logp [B, G] carries the gradient, teacher_logp
+    [B, G] does not. On tokens the agent sampled, E[d grad log pi_agent] is the gradient of the reverse KL
+    itself (k3 = r - 1 - log r as a loss would follow the forward KL's), and each token's pull, d, is bounded:
+    down where the agent is surer than the teacher, up where it is less sure, which the paper's shaping (a
+    one-sided cost per turn) never does."""
+    _check_same_shape(agent_logp=agent_logp, teacher_logp=teacher_logp, mask=mask)
+    d = (agent_logp.float() - teacher_logp.detach().float()).clamp(-clip, clip)
+    m = mask.bool()
+    per_token = torch.where(m, 0.5 * d * d, torch.zeros((), device=d.device))
+    return per_token.sum() / m.sum().clamp_min(1)
+
+
 def guide_mask(batch, guide: str = "thought") -> torch.Tensor:
     """The tokens the teacher guides, [B, G]: thoughts (section 4.4), or "thought+action" (ablation)."""
     return batch.gen_mask if guide == "thought+action" else batch.thought_mask
@@ -127,14 +145,16 @@ def guide_mask(batch, guide: str = "thought") -> torch.Tensor:
 
 def teacher_kl(agent, teacher, batch, mask, estimator: str = "clip", kl_clip: float = 10.0):
     """turbo-kl (section 4.2): the frozen teacher scores the agent's own sampled tokens, image in context.
-    -> the penalty per turn [B]. One teacher forward: the agent's log-probs are those recorded while sampling
-    (batch.logp)."""
+    -> the penalty per turn [B]; the teacher's per-token log-probs go into batch.teacher_logp (for
+    `reverse_kl_loss`). One teacher forward: the agent's log-probs are those recorded while sampling (batch.logp)."""
     if estimator in ("exact", "forward"):  # full-vocabulary ablations need both distributions
         _, _, agent_logits = agent.score(batch, return_logits=True)
-        _, _, teacher_logits = teacher.score(batch, return_logits=True)
+        teacher_logp, _, teacher_logits = teacher.score(batch, return_logits=True)
+        batch.teacher_logp = teacher_logp.float()
         kl = exact_reverse_kl if estimator == "exact" else forward_kl
         return kl(agent_logits, teacher_logits, mask, temperature=batch.temperature)
     teacher_logp, _, _ = teacher.score(batch)
+    batch.teacher_logp = teacher_logp.float()
     return reverse_kl_penalty(batch.logp, teacher_logp, mask, estimator=estimator, lo=0.0, hi=kl_clip)
 
 

@@ -220,8 +220,8 @@ def play(actor, task, episodes, seed, num_envs=EVAL_BATCH, split="eval", desc="e
 NOT_SETTINGS = ("seed", "out", "resume", "threads", "device", "world_size", "eval_episodes", "log_episodes",
                 "max_skips", "budget_seconds", "curve_every", "curve_episodes")
 # settings of the merged teacher and its guidance: left out of the label of a method that has no such teacher
-TEACHER_SETTINGS = ("teacher", "guide", "kl_coef", "kl_clip", "kl_invalid", "kl_estimator", "merge", "weighting",
-                    "ema_alpha", "density", "merge_every", "teacher_retries")
+TEACHER_SETTINGS = ("teacher", "guide", "kl_mode", "kl_coef", "kl_clip", "kl_invalid", "kl_estimator", "merge",
+                    "weighting", "ema_alpha", "density", "merge_every", "teacher_retries")
 CURVES = (("charts/success_rate", "success rate"), ("charts/thought_grounding", "thought grounding"),
           ("charts/thought_entropy", "thought-token entropy"), ("teacher/kl", "teacher KL (turbo methods)"))
 HELD_OUT_CURVES = (("eval/agent_success", "held-out success: agent"),  # drawn when a run logged them

@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from distill import dagger_loss, guide_mask, gtr_labels, teacher_answers, teacher_kl, turbo_sft_labels
+from distill import (dagger_loss, guide_mask, gtr_labels, reverse_kl_loss, teacher_answers, teacher_kl,
+                     turbo_sft_labels)
 from env import FORMAT_VERSION, TASKS, LockstepEnvs
 from eval import OneLineParser, compare, evaluate, format_table, join_negative_numbers, json_safe, write_json
 from merge import MergeHistory
@@ -106,7 +107,7 @@ class Args:
     # --- the teacher (section 4)
     kl_coef: float = arg(1.0, "beta, the reverse-KL penalty coefficient (paper 1)")
     kl_clip: float = arg(10.0, "per-token clip of log pi_agent - log pi_teacher to [0, kl_clip] (paper 10)")
-    kl_invalid: float = arg(100.0, "KL penalty of a turn with an invalid format (paper 100)")
+    kl_invalid: float = arg(100.0, "KL penalty of a turn with an invalid format (paper 100; --kl-mode shaping)")
     sft_coef: float = arg(1.0, "gtr, turbo-sft: weight of the CE on DAgger samples (paper 1)")
     teacher_retries: int = arg(3, "turbo-sft: resample an invalid teacher answer up to N times, temperature x1.1")
     merge_every: int = arg(1, "rebuild the teacher every N updates (paper 1)")
@@ -115,6 +116,8 @@ class Args:
     # --- ablations
     teacher: str = arg("merged", "merged: TIES over the agent's checkpoints | static: the SFT model")
     guide: str = arg("thought", "tokens the teacher guides: thought | thought+action (section 4.4)")
+    kl_mode: str = arg("shaping", "turbo-kl: shaping (paper): beta x the KL penalty off each turn's return | loss: "
+                                  "beta x a per-token k2 KL to the teacher added to every PPO step's loss")
     kl_estimator: str = arg("clip", "clip (paper) | k1 | abs | k3 | exact (full vocabulary) | forward")
     merge: str = arg("ties", "merge of the checkpoint history: ties | linear")
     weighting: str = arg("ema", "history weighting: ema (the paper's best; SMA lags a still-improving agent) | sma")
@@ -169,7 +172,7 @@ class Args:
 
 CHOICES = {"task": tuple(TASKS), "method": METHODS, "budget_by": ("steps", "time"), "eval_split": ("eval", "train"),
            "invalid": ("penalty", "random"), "teacher": ("merged", "static"), "guide": ("thought", "thought+action"),
-           "kl_estimator": ("clip", "k1", "abs", "k3", "exact", "forward"),
+           "kl_mode": ("shaping", "loss"), "kl_estimator": ("clip", "k1", "abs", "k3", "exact", "forward"),
            "merge": ("ties", "linear"), "weighting": ("ema", "sma"), "ratio": ("turn", "token")}
 RANGES = [("total_steps num_envs num_steps sft_batch ppo_epochs minibatch max_new_tokens merge_every "
            "log_episodes curve_episodes lr sft_lr vf_lr temperature clip density kl_clip max_grad_norm repetition_penalty",
@@ -281,7 +284,7 @@ def shaping(buf, args):
     fmt = buf["format_ok"]
     reward = fmt * args.format_valid + (1 - fmt) * args.format_invalid
     penalty = torch.zeros_like(reward)
-    if args.method == "turbo-kl":
+    if args.method == "turbo-kl" and args.kl_mode == "shaping":
         penalty = args.kl_coef * torch.where(fmt > 0, buf["kl"], torch.full_like(buf["kl"], args.kl_invalid))
     return reward, penalty
 
@@ -471,7 +474,7 @@ def ppo_data(batches, buf, last_value, args):
             "values": buf["values"].reshape(-1)}
 
 
-LOSS_KEYS = ("losses/policy", "losses/value", "losses/approx_kl", "losses/clipfrac", "losses/sft")
+LOSS_KEYS = ("losses/policy", "losses/value", "losses/approx_kl", "losses/clipfrac", "losses/sft", "losses/teacher_kl")
 
 
 def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, keep_states=False):
@@ -501,7 +504,10 @@ def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, kee
                 pg, approx_kl, clipfrac = token_ppo_loss(logp, mb.logp.float(), adv,
                                                          args.thought_coef * thought + action, args.clip)
             vl = value_loss(values, old_values, returns, args.vf_clip)
-            loss = pg + args.vf_coef * vl + args.sft_coef * sft.float()
+            kl = zero
+            if args.method == "turbo-kl" and args.kl_mode == "loss":
+                kl = reverse_kl_loss(logp, mb.teacher_logp, guide_mask(mb, args.guide), args.kl_clip)
+            loss = pg + args.vf_coef * vl + args.sft_coef * sft.float() + args.kl_coef * kl
             opt.zero_grad(set_to_none=True)
             finite = bool(torch.isfinite(loss))  # one sync per minibatch, not per token
             if finite:
@@ -519,7 +525,8 @@ def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, kee
                 continue
             stats["skips_in_row"] = 0
             opt.step()
-            logs.append(torch.stack([pg.detach(), vl.detach(), approx_kl, clipfrac, sft.detach().float()]))
+            logs.append(torch.stack([pg.detach(), vl.detach(), approx_kl, clipfrac, sft.detach().float(),
+                                     kl.detach().float()]))
         if keep_states:
             states.append(agent.trainable_state())
     means = all_reduce(torch.stack(logs).mean(0), "mean").tolist() if logs else [float("nan")] * len(LOSS_KEYS)

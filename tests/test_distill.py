@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from distill import (dagger_loss, exact_reverse_kl, forward_kl, guide_mask, gtr_labels,  # noqa: E402
-                     reverse_kl_penalty, sft_loss, teacher_answers, teacher_kl, token_logprobs,
+                     reverse_kl_loss, reverse_kl_penalty, sft_loss, teacher_answers, teacher_kl, token_logprobs,
                      turbo_sft_labels, write_action)
 from env import LockstepEnvs  # noqa: E402
 
@@ -55,6 +55,21 @@ def test_penalty_clipping_and_estimators():
         reverse_kl_penalty(agent, teacher, mask, "k2")
     with pytest.raises(ValueError):
         reverse_kl_penalty(agent, teacher[:, :3], mask)
+
+
+def test_reverse_kl_loss_value_and_gradient_by_hand():
+    # token 1: pi_agent 0.5, pi_teacher 0.25 -> d = log 2: loss 0.5 log^2 2, gradient +log 2 (pushed down)
+    # token 2: pi_agent 0.25, pi_teacher 0.5 -> d = -log 2: the same loss, gradient -log 2 (pulled up)
+    # token 3 is masked; row 2's only token has d = 30, clipped to 10: loss 50, no gradient
+    agent = T([[math.log(0.5), math.log(0.25), -1.0], [-0.5, 0.0, 0.0]], requires_grad=True)
+    teacher = T([[math.log(0.25), math.log(0.5), -9.0], [-30.5, 0.0, 0.0]])
+    mask = T([[1, 1, 0], [1, 0, 0]])
+    loss = reverse_kl_loss(agent, teacher, mask)
+    assert abs(loss.item() - (math.log(2) ** 2 + 50) / 3) < 1e-5
+    loss.backward()
+    l2 = math.log(2) / 3   # d / 3 tokens on unclipped guided tokens; 0 where masked or clipped
+    assert torch.allclose(agent.grad, T([[l2, -l2, 0.0], [0.0, 0.0, 0.0]]), atol=1e-6)
+    assert reverse_kl_loss(agent, agent.detach(), mask).item() == 0.0   # no distance, no loss
 
 
 def test_exact_kl_hand_three_word_vocab():
@@ -121,6 +136,8 @@ def test_teacher_kl_is_zero_when_teacher_equals_agent():
         # the agent's log-probs come from the decoding pass, the teacher's from a full forward: equal to 1e-5 (fp32)
         kl = teacher_kl(agent, agent.copy_frozen(), batch, mask)
         assert kl.shape == (3,) and kl.abs().max() < 1e-5
+        # the teacher's per-token log-probs are kept for --kl-mode loss: here the agent's own
+        assert (batch.teacher_logp - batch.logp).abs().max() < 1e-5 and batch.logp.abs().sum() > 0
         # a teacher that differs gives a positive penalty on the same turns, sampled-token or full-vocabulary
         other = tiny_agent(seed=1).copy_frozen()
         assert (teacher_kl(agent, other, batch, mask) > 0).all()

@@ -212,7 +212,7 @@ METRIC_KEYS = {"update", "env_steps", "charts/success_rate", "charts/episodic_re
                "charts/wall_time", "teacher/time"}
 
 
-EXTRA_KEYS = {"charts/episodic_length", "teacher/labels", "losses/sft", "losses/explained_variance",
+EXTRA_KEYS = {"charts/episodic_length", "teacher/labels", "losses/sft", "losses/teacher_kl", "losses/explained_variance",
               "charts/skipped_steps"}
 
 
@@ -235,11 +235,14 @@ def check_smoke_run(method, run, r):
     Agent.load(str(run / "ckpt" / "agent"))  # the checkpoint is a loadable agent
 
 
-@pytest.mark.parametrize("method", ["ppo --ratio token", "gtr", "turbo-sft", "sft"])  # turbo-kl: below
-def test_smoke_two_updates(method, tmp_path):
+@pytest.mark.parametrize("method", ["ppo --ratio token", "gtr", "turbo-sft", "sft", "turbo-kl --kl-mode loss"])
+def test_smoke_two_updates(method, tmp_path):   # turbo-kl with the paper's shaping: below
     method, *extra = method.split()
     r = run_train(*SMOKE, "--method", method, *extra, "--out", str(tmp_path / method), cwd=tmp_path)
     check_smoke_run(method, tmp_path / method, r)
+    rows = [json.loads(line) for line in open(tmp_path / method / "metrics.jsonl")]
+    # the KL loss term is logged where it is used and only there; the teacher is another model after update 1
+    assert ((rows[-1]["losses/teacher_kl"] or 0) > 0) == (extra == ["--kl-mode", "loss"])   # sft: null
 
 
 def test_curve_every_logs_held_out_success_without_changing_training(tmp_path):
