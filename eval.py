@@ -342,9 +342,12 @@ def plot_curves(groups, path):
                     transform=ax.transAxes, color="0.4")
         ax.set(title=title, xlabel="env steps")
         ax.grid(alpha=0.3)
+    # as many legend columns as fit the figure's width (about 30 characters a column per panel), one row each
+    ncol = max(1, min(4, len(legend), int(cols * 30 // max(map(len, legend), default=1))))
+    rows = -(-len(legend) // ncol)
     if legend:
-        fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(4, len(legend)), frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+        fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=ncol, frameon=False)
+    fig.tight_layout(rect=(0, 0.03 + 0.03 * rows, 1, 1))
     fig.savefig(path, dpi=100, format="png")  # without format, "x.jpg" or "x" would change what is written
     plt.close(fig)
 
