@@ -54,6 +54,13 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total / m.sum(-1).clamp_min(1).to(x.dtype)
 
 
+def token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, G] values, [B, G] mask -> scalar mean over every masked entry of the batch (not a mean of row means);
+    0 with no masked entry. `where` for the same reason as `masked_mean`."""
+    m = mask.bool()
+    return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum() / m.sum().clamp_min(1)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The KL variant (section 4.2) on the tokens the teacher guides (4.4)
 
@@ -133,9 +140,7 @@ def reverse_kl_loss(agent_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: 
     one-sided cost per turn) never does."""
     _check_same_shape(agent_logp=agent_logp, teacher_logp=teacher_logp, mask=mask)
     d = (agent_logp.float() - teacher_logp.detach().float()).clamp(-clip, clip)
-    m = mask.bool()
-    per_token = torch.where(m, 0.5 * d * d, torch.zeros((), device=d.device))
-    return per_token.sum() / m.sum().clamp_min(1)
+    return token_mean(0.5 * d * d, mask)
 
 
 def guide_mask(batch, guide: str = "thought") -> torch.Tensor:
@@ -147,14 +152,13 @@ def teacher_kl(agent, teacher, batch, mask, estimator: str = "clip", kl_clip: fl
     """turbo-kl (section 4.2): the frozen teacher scores the agent's own sampled tokens, image in context.
     -> the penalty per turn [B]; the teacher's per-token log-probs go into batch.teacher_logp (for
     `reverse_kl_loss`). One teacher forward: the agent's log-probs are those recorded while sampling (batch.logp)."""
-    if estimator in ("exact", "forward"):  # full-vocabulary ablations need both distributions
+    full = estimator in ("exact", "forward")  # full-vocabulary ablations need both distributions
+    teacher_logp, _, teacher_logits = teacher.score(batch, return_logits=full)
+    batch.teacher_logp = teacher_logp.float()
+    if full:
         _, _, agent_logits = agent.score(batch, return_logits=True)
-        teacher_logp, _, teacher_logits = teacher.score(batch, return_logits=True)
-        batch.teacher_logp = teacher_logp.float()
         kl = exact_reverse_kl if estimator == "exact" else forward_kl
         return kl(agent_logits, teacher_logits, mask, temperature=batch.temperature)
-    teacher_logp, _, _ = teacher.score(batch)
-    batch.teacher_logp = teacher_logp.float()
     return reverse_kl_penalty(batch.logp, teacher_logp, mask, estimator=estimator, lo=0.0, hi=kl_clip)
 
 
@@ -177,8 +181,7 @@ def sft_loss(logits: torch.Tensor, target_ids: torch.Tensor, thought_mask: torch
     safe_ids = torch.where(m, target_ids, torch.zeros_like(target_ids))  # e.g. -100 on action tokens
     logp = torch.log_softmax(logits.float(), dim=-1)
     nll = -logp.gather(-1, safe_ids.long().unsqueeze(-1)).squeeze(-1)  # [B, G]
-    nll = torch.where(m, nll, torch.zeros((), device=nll.device))
-    return nll.sum() / m.sum().clamp_min(1)
+    return token_mean(nll, m)
 
 
 def write_action(answer: str, action: str) -> str:

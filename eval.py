@@ -342,7 +342,7 @@ def plot_curves(groups, path):
                     transform=ax.transAxes, color="0.4")
         ax.set(title=title, xlabel="env steps")
         ax.grid(alpha=0.3)
-    # as many legend columns as fit the figure's width (about 30 characters a column per panel), one row each
+    # as many legend columns as the longest label lets fit (about 30 characters per panel's width), at most 4
     ncol = max(1, min(4, len(legend), int(cols * 30 // max(map(len, legend), default=1))))
     rows = -(-len(legend) // ncol)
     if legend:

@@ -212,8 +212,8 @@ METRIC_KEYS = {"update", "env_steps", "charts/success_rate", "charts/episodic_re
                "charts/wall_time", "teacher/time"}
 
 
-EXTRA_KEYS = {"charts/episodic_length", "teacher/labels", "losses/sft", "losses/teacher_kl", "losses/explained_variance",
-              "charts/skipped_steps"}
+EXTRA_KEYS = {"charts/episodic_length", "teacher/labels", "losses/sft", "losses/teacher_kl",
+              "losses/explained_variance", "charts/skipped_steps"}
 
 
 def check_smoke_run(method, run, r):
