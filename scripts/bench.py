@@ -76,26 +76,28 @@ LOOP_BASE = "7effb7d"   # the last commit before the KV-cache decoder and compac
 
 
 def loop_rows(base: str, threads: int, updates: int) -> list[tuple[str, dict]]:
-    """train.py's default update timed in the tree of commit `base` and in this checkout."""
-    rows = []
+    """train.py's default update timed in the tree of commit `base` and in this checkout, both at the precision
+    this checkout picks for this CPU (bf16 autocast only where oneDNN has bf16 kernels)."""
+    from train import fast_bf16
+    rows, bf16 = [], "on" if fast_bf16("cpu") else "off"
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(f"git -C '{ROOT}' archive {base} | tar -x -C '{tmp}'", shell=True, check=True)
         for label, root in ((f"old ({base})", tmp), ("new (this checkout)", ROOT)):
             cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench_loop.py"), "--root", root,
-                   "--threads", str(threads), "--updates", str(updates)]
+                   "--threads", str(threads), "--updates", str(updates), "--bf16", bf16]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             rows.append((label, json.loads(out.strip().splitlines()[-1])))
     return rows
 
 
 def print_loop(rows):
-    print("| loop | tree | tokens / answer | env turns/s | s / update | generate | scoring | teacher | ppo | env |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| loop | tree | bf16 | tokens / answer | env turns/s | s / update | generate | scoring | teacher | ppo | env |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, r in rows:
         s = r["seconds_per_update"]
-        print(f"| loop | {label} | {r['tokens_per_answer']} | {r['turns_per_s']:.1f} | {r['wall_per_update']:.1f} | "
+        print(f"| loop | {label} | {r['bf16']} | {r['tokens_per_answer']} | {r['turns_per_s']:.1f} | {r['wall_per_update']:.1f} | "
               + " | ".join(f"{s[k]:.1f}" for k in ("generate", "scoring", "teacher", "ppo", "env")) + " |")
-    print(f"| loop | new / old | | {rows[1][1]['turns_per_s'] / rows[0][1]['turns_per_s']:.2f}x | | | | | | |",
+    print(f"| loop | new / old | | | {rows[1][1]['turns_per_s'] / rows[0][1]['turns_per_s']:.2f}x | | | | | | |",
           flush=True)
 
 

@@ -8,7 +8,7 @@ write its format, so every answer is forced to the mean token length of that tre
 turns/s over the updates after the first (the first warms up), and seconds per update spent in
 generate (sampling), scoring (the teacher-forced forward that fills log-probs and values), teacher
 (turbo-kl's teacher forward), ppo (the optimizer epochs), env (parsing and stepping).
-Usage: python scripts/bench_loop.py --root DIR [--threads 2] [--updates 4]
+Usage: python scripts/bench_loop.py --root DIR --bf16 on|off [--threads 2] [--updates 4]
 """
 import argparse
 import collections
@@ -24,6 +24,8 @@ def main():
     p.add_argument("--root", required=True, help="source tree whose train.py is timed")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--updates", type=int, default=4)
+    p.add_argument("--bf16", choices=("on", "off"), required=True,
+                   help="autocast of both trees (an old tree may default to bf16 where it is many times slower)")
     a = p.parse_args()
     root = os.path.abspath(a.root)
     sys.path.insert(0, root)
@@ -77,6 +79,7 @@ def main():
                 "--total-steps", str(512 * a.updates), "--seed", "1"]
         if a.threads:
             argv += ["--threads", str(a.threads)]
+        argv.append("--bf16" if a.bf16 == "on" else "--no-bf16")
         args = train.parse_args(argv)
         train.main(args)
         rows = [json.loads(line) for line in open(os.path.join(tmp, "run", "metrics.jsonl"))]
@@ -86,7 +89,7 @@ def main():
     n = len(rows)
     split = {"generate": spent["generate"] / n, "scoring": spent["scoring"] / n, "teacher": spent["teacher"] / n,
              "ppo": spent["ppo"] / n, "env": spent["env"] / n}
-    print(json.dumps({"root": root, "tokens_per_answer": n_tokens, "threads": torch.get_num_threads(),
+    print(json.dumps({"root": root, "tokens_per_answer": n_tokens, "threads": torch.get_num_threads(), "bf16": a.bf16,
                       "turns_per_s": rate, "seconds_per_update": {k: round(v, 3) for k, v in split.items()},
                       "wall_per_update": (walls[-1] - walls[0]) / (n - 1)}))
 
