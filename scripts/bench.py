@@ -91,11 +91,13 @@ def loop_rows(base: str, threads: int, updates: int) -> list[tuple[str, dict]]:
 
 
 def print_loop(rows):
-    print("| loop | tree | bf16 | tokens / answer | env turns/s | s / update | generate | scoring | teacher | ppo | env |")
+    print("| loop | tree | bf16 | tokens / answer | env turns/s | s / update | generate | scoring | teacher | ppo "
+          "| env |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, r in rows:
         s = r["seconds_per_update"]
-        print(f"| loop | {label} | {r['bf16']} | {r['tokens_per_answer']} | {r['turns_per_s']:.1f} | {r['wall_per_update']:.1f} | "
+        print(f"| loop | {label} | {r['bf16']} | {r['tokens_per_answer']} | {r['turns_per_s']:.1f} | "
+              f"{r['wall_per_update']:.1f} | "
               + " | ".join(f"{s[k]:.1f}" for k in ("generate", "scoring", "teacher", "ppo", "env")) + " |")
     print(f"| loop | new / old | | | {rows[1][1]['turns_per_s'] / rows[0][1]['turns_per_s']:.2f}x | | | | | | |",
           flush=True)
