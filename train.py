@@ -94,7 +94,8 @@ class Args:
     ppo_epochs: int = arg(1, "passes over each update's turns (paper 4)")
     minibatch: int = arg(32, "PPO minibatch size in turns")
     clip: float = arg(0.1, "PPO ratio clip (paper 0.1)")
-    vf_coef: float = arg(0.5, "value-loss coefficient (paper 0.5)")
+    vf_coef: float = arg(0.0, "value-loss coefficient; 0 = no critic: V = 0, the advantage is the normalised "
+                              "discounted return (paper 0.5: the critic's gradient reaches the shared backbone)")
     vf_lr: float = arg(1e-5, "learning rate of the value head (paper: the policy's)")
     vf_clip: float = arg(0.1, "value-loss clip around the rollout's values, 0 = off (paper 0.1)")
     max_grad_norm: float = arg(1.0, "gradient-norm clip (paper 0.01 with LoRA on 7B)")
@@ -291,6 +292,7 @@ def shaping(buf, args):
 
 def compute_returns(buf, last_value, args):
     """GAE on env rewards, then the shaping terms join the turn's return (sections 2, 4.2).
+    Without a critic (--vf-coef 0) the rollout's values are 0: GAE sums the rewards discounted by gamma x lambda.
     -> (returns, advantages normalised over all ranks' turns), both [T, N]."""
     adv = gae(buf["rewards"], buf["values"], buf["dones"], last_value, args.gamma, args.gae_lambda)
     reward, penalty = shaping(buf, args)
@@ -456,13 +458,16 @@ def rollout(agent, teacher, envs, args, stats, dagger=None):
         for key, k in (("rewards", "reward"), ("dones", "done"), ("format_ok", "format_ok"),
                        ("action_valid", "action_valid"), ("grounding", "grounding")):
             buf[key][t] = torch.as_tensor(out[k], dtype=torch.float32)
-        buf["values"][t] = batch.values.float().cpu()
+        if args.vf_coef > 0:  # else no critic: V = 0 (buf starts at zeros)
+            buf["values"][t] = batch.values.float().cpu()
         buf["entropy"][t] = batch.thought_entropy.float().cpu()
         stats["env_steps"] += N
         stats["episodes"].extend(gather(out["episodes"]))  # the same list, same order on every rank
     images, prompts = envs.observe()
-    with torch.no_grad(), autocast(args):  # V(s_T) for the bootstrap; the value reads only the prompt
-        last = agent.encode(images, prompts, [""] * N).values.float().cpu()
+    last = torch.zeros(N)
+    if args.vf_coef > 0:
+        with torch.no_grad(), autocast(args):  # V(s_T) for the bootstrap; the value reads only the prompt
+            last = agent.encode(images, prompts, [""] * N).values.float().cpu()
     return batches, buf, last
 
 

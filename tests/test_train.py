@@ -45,6 +45,27 @@ def test_gae_by_hand_with_terminal_in_the_middle():
     assert torch.allclose(adv.squeeze(1), torch.tensor([0.545, -1.0, 5.2535, 1.7]), atol=1e-6)
 
 
+def test_without_a_critic_values_are_zero_and_returns_are_discounted_rewards():
+    # the default --vf-coef 0: the rollout records V = 0 (a head that outputs 1.5 everywhere is ignored) and skips
+    # the bootstrap forward; with a critic the head's values go in. Then the GAE example above with V = 0:
+    # t3 1; t2 2 + 0.855*1 = 2.855; t1 terminal 0; t0 1 + 0.855*0 = 1 (plain ppo: no shaping).
+    from env import LockstepEnvs
+    agent = tiny_agent()
+    torch.nn.init.constant_(agent.value_head[-1].bias, 1.5)
+    for vf_coef in (0.5, 0.0):
+        args = train.Args(task="gridworld", model="tiny", method="ppo", num_envs=2, num_steps=2, max_new_tokens=8,
+                          bf16=False, vf_coef=vf_coef)
+        _, buf, last = train.rollout(agent, None, LockstepEnvs("gridworld", 2, seed=0), args, train.new_stats())
+        v = 1.5 if vf_coef else 0.0
+        assert torch.allclose(buf["values"], torch.full((2, 2), v)) and torch.allclose(last, torch.full((2,), v))
+    buf = {"rewards": torch.tensor([[1.0], [0.0], [2.0], [1.0]]), "values": torch.zeros(4, 1),
+           "dones": torch.tensor([[0.0], [1.0], [0.0], [0.0]]), "format_ok": torch.ones(4, 1), "kl": torch.zeros(4, 1)}
+    returns, adv = train.compute_returns(buf, torch.zeros(1), train.Args(method="ppo", bf16=False))
+    expected = torch.tensor([1.0, 0.0, 2.855, 1.0])
+    assert torch.allclose(returns.squeeze(1), expected, atol=1e-6)
+    assert torch.allclose(adv.squeeze(1), (expected - expected.mean()) / expected.std(), atol=1e-5)
+
+
 def test_ratio_is_exp_of_lambda_weighted_logp_difference():
     thought = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
     action = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
