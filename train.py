@@ -463,7 +463,7 @@ def rollout(agent, teacher, envs, args, stats, dagger=None):
         buf["entropy"][t] = batch.thought_entropy.float().cpu()
         stats["env_steps"] += N
         stats["episodes"].extend(gather(out["episodes"]))  # the same list, same order on every rank
-    images, prompts = envs.observe()
+    images, prompts = envs.observe()  # even without a critic: scripts/solver_critic.py values this state
     last = torch.zeros(N)
     if args.vf_coef > 0:
         with torch.no_grad(), autocast(args):  # V(s_T) for the bootstrap; the value reads only the prompt
