@@ -26,7 +26,7 @@ import numpy as np
 from gymnasium import spaces
 
 MOVES = ["up", "down", "left", "right"]
-FORMAT_VERSION = 2  # of prompts, answers and images: a cached SFT agent of another version is not reused
+FORMAT_VERSION = 3  # of prompts, answers and images: a cached SFT agent of another version is not reused
 MAX_JSON_CHARS = 20_000  # longer than any well-formed answer; longer text is scanned, never parsed as JSON
 
 
@@ -342,7 +342,7 @@ class SokobanEnv(_GridEnv):
         return draw_grid(kinds.reshape(self.h, self.w))
 
     def prompt(self) -> str:
-        return "Sokoban: you blue, push brown boxes onto red targets. JSON thoughts, action."
+        return "Sokoban: push boxes onto targets."
 
     def state_text(self) -> str:
         """The full state as XSB (equal text = equal state)."""
@@ -441,7 +441,7 @@ class GridWorldEnv(_GridEnv):
         return draw_grid(kinds.reshape(self.h, self.w))
 
     def prompt(self) -> str:
-        return "GridWorld: you blue, walk to the green goal; gray blocks. JSON thoughts, action."
+        return "GridWorld: walk to the goal."
 
     def state_text(self) -> str:
         """The full state as XSB, the goal as the one target (equal text = equal state)."""
@@ -657,8 +657,7 @@ class Points24Env(_TurnEnv):
         return img
 
     def prompt(self) -> str:
-        return (f"Points24: make 24 with each card once (A=1, JQK=10), one token a turn, = submits. "
-                f"Formula: {''.join(self.formula) or '(empty)'}. JSON cards, formula, thoughts, action.")
+        return f"Points24: make 24, each card once. Formula: {''.join(self.formula) or '(empty)'}."
 
     def state_text(self) -> str:
         """The full state as text: the cards (their suits do not matter) and the formula."""

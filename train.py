@@ -319,7 +319,9 @@ def tokenizer_corpus(seed: int, episodes_per_task: int = 60) -> list[str]:
         for _ in range(episodes_per_task // 4 * 6):
             _, prompts = envs.observe()
             answers = envs.expert_texts()
-            corpus += prompts + answers
+            # the chat template's role words once per prompt: BPE merges them into one token each, as it does
+            # any word that frequent
+            corpus += [f"user\n{p}\nassistant\n" for p in prompts] + answers
             envs.step_texts(answers)
     return corpus
 
