@@ -116,6 +116,21 @@ def tiny_agent():
     return Agent.build("tiny", train.tokenizer_corpus(0, episodes_per_task=8), seed=0)
 
 
+def test_compact_prompts_are_26_tokens():
+    # by hand: <|im_start|> user \n, <|vision_start|> 9 x <|image_pad|> (96x96 image, one per 32x32) <|vision_end|>,
+    # the instruction, <|im_end|> \n <|im_start|> assistant \n; the role words are one token each
+    from env import LockstepEnvs
+    agent = tiny_agent()
+    for task, instruction in (("sokoban", ["Sokoban", ":", " push", " boxes", " onto", " targets", "."]),
+                              ("gridworld", ["GridWorld", ":", " walk", " to", " the", " goal", "."])):
+        images, prompts = LockstepEnvs(task, 2, seed=1).observe()
+        ids = agent.tokenize_prompts(images, prompts)["input_ids"][0].tolist()
+        pieces = [agent.tokenizer.decode([i]) for i in ids]
+        assert pieces == (["<|im_start|>", "user", "\n", "<|vision_start|>"] + ["<|image_pad|>"] * 9 + ["<|vision_end|>"]
+                          + instruction + ["<|im_end|>", "\n", "<|im_start|>", "assistant", "\n"])
+        assert len(ids) == 26
+
+
 def test_warm_up_moments_carry_into_the_rl_optimizer(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the SFT cache is runs/sft-cache/ under the working directory
     agent = tiny_agent()
