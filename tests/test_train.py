@@ -131,6 +131,18 @@ def test_compact_prompts_are_26_tokens():
         assert len(ids) == 26
 
 
+def test_sft_cache_name_holds_every_warm_up_setting():
+    """A warm-up that differs in any setting gets its own cache, and the name says which settings made it."""
+    assert train.sft_cache_dir(train.Args(task="sokoban", seed=2, bf16=False)) == os.path.join(
+        "runs", "sft-cache", "sokoban-small-s2-n1200-z0.5-b24-lr0.0003-f3")
+    assert train.sft_cache_dir(train.Args(task="points24", model="tiny", sft_lr=5e-4, bf16=False)) == os.path.join(
+        "runs", "sft-cache", "points24-tiny-s1-n1200-b32-lr0.0005-f3")
+    names = {train.sft_cache_dir(train.Args(task="sokoban", seed=2, bf16=False, **kw)) for kw in
+             ({}, {"sft_lr": 5e-4}, {"sft_batch": 32}, {"sft_steps": 1000}, {"sft_noise": 0.3}, {"model": "tiny"})}
+    assert len(names) == 6
+    assert train.sft_cache_dir(train.Args(task="sokoban", bf16=True)).endswith("-lr0.0003-bf16-f3")
+
+
 def test_warm_up_moments_carry_into_the_rl_optimizer(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the SFT cache is runs/sft-cache/ under the working directory
     agent = tiny_agent()
