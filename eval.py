@@ -11,7 +11,7 @@ collapse that GTR and GTR-Turbo guard against (sections 2-4):
     tokens            generated tokens per answer (EOS included)
 Reference rows from no model: `random` (empty thought, random legal action) and `expert` (env.expert_answer).
 Levels are held out (env.in_eval_split), episode seeds offset from training seeds; `--eval-split train` plays the
-training distribution instead (the paper's protocol for Points24, where only 715 hands exist).
+training distribution instead, Points24's default (the paper's protocol there: only 715 hands exist).
 CLI: `python eval.py run runs/X` (or `--agent DIR --task T`); `python eval.py compare runs/A runs/B ...`. Bad input
 exits 2 with one line `eval.py: error: ...`, before any model is loaded. Left out: statistical tests, videos.
 """
@@ -224,8 +224,8 @@ TEACHER_SETTINGS = ("teacher", "guide", "kl_mode", "kl_coef", "kl_clip", "kl_inv
                     "weighting", "ema_alpha", "density", "merge_every", "teacher_retries")
 CURVES = (("charts/success_rate", "success rate"), ("charts/thought_grounding", "thought grounding"),
           ("charts/thought_entropy", "thought-token entropy"), ("teacher/kl", "teacher KL (turbo methods)"))
-HELD_OUT_CURVES = (("eval/agent_success", "held-out success: agent"),  # drawn when a run logged them
-                   ("eval/teacher_success", "held-out success: merged teacher"))  # (train.py --curve-every)
+EVAL_CURVES = (("eval/agent_success", "success: agent"),  # drawn when a run logged them (train.py --curve-every),
+               ("eval/teacher_success", "success: merged teacher"))  # titled by the runs' --eval-split
 
 
 def compare(run_dirs, png="compare.png", table_path=None) -> str:
@@ -313,14 +313,16 @@ def curve(run, key):
 
 
 def plot_curves(groups, path):
-    """Panels (CURVES, then HELD_OUT_CURVES if logged) against env steps: per group the seed mean, shaded between
+    """Panels (CURVES, then EVAL_CURVES if logged) against env steps: per group the seed mean, shaded between
     seed min and max, each run interpolated onto the env steps of the group's shortest run (those all reached).
     Written as PNG exactly at `path`, whatever its extension."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     logged = {k for runs in groups.values() for r in runs for row in r["metrics"] for k in row}
-    panels = CURVES + tuple(p for p in HELD_OUT_CURVES if p[0] in logged)
+    splits = {r["args"].get("eval_split", "eval") for runs in groups.values() for r in runs}
+    where = {"eval": "held-out ", "train": "training-distribution "}.get(*splits, "") if len(splits) == 1 else ""
+    panels = CURVES + tuple((k, where + title) for k, title in EVAL_CURVES if k in logged)
     cols = (len(panels) + 1) // 2
     fig, axes = plt.subplots(2, cols, figsize=(5.5 * cols, 7.5))
     colors = plt.get_cmap("tab10").colors
@@ -485,8 +487,9 @@ SAVED = {  # `run` settings whose default is the run's args.json value, else thi
     "max_new_tokens": (at_least(1), 64, "answer length cap"),
     "top_k": (at_least(0), 0, "top-k at sampling, 0 = off"),
     "repetition_penalty": (POSITIVE, 1.0, "repetition penalty at sampling"),
-    "eval_split": (checked(str, ("eval", "train").__contains__, "eval or train"), "eval",
-                   "eval: held-out levels | train: the training distribution")}
+    "eval_split": (checked(str, ("eval", "train").__contains__, "eval or train"), None,
+                   "eval: held-out levels | train: the training distribution; with --agent the task's own "
+                   "(points24 train, else eval)")}
 
 
 def parser():
@@ -542,6 +545,7 @@ def main(argv=None):
     if ns.task is None:
         p.error(f"--task is required {'with --agent' if ns.agent else f'({src} names none)'}: one of "
                 + ", ".join(sorted(TASKS)))
+    ns.eval_split = ns.eval_split or TASKS[ns.task].default_eval_split
     with torch.no_grad():  # not set_grad_enabled: main() is also called in-process (tests)
         run_cli(ns, agent_dir, teacher_dir, p.error)
 

@@ -72,7 +72,8 @@ class Args:
     num_steps: int = arg(16, "turns per env per update (paper: 1024 turns per update)")
     budget_by: str = arg("steps", "steps: stop after --total-steps turns | time: after --budget-seconds")
     budget_seconds: float = arg(0.0, "seconds of training loop for --budget-by time (evaluations excluded)")
-    eval_split: str = arg("eval", "eval: held-out levels | train: fresh training deals (the paper's Points24 protocol)")
+    eval_split: str = arg("", "eval: held-out levels | train: fresh training deals (the paper's Points24 protocol); "
+                              "default: the task's (points24 train, else eval)")
     log_episodes: int = arg(64, "success and return are logged over this many most recent episodes")
     curve_every: int = arg(0, "every N updates also score agent and teacher on --curve-episodes held-out episodes "
                               "(the eval/ curves), 0 = never")
@@ -132,6 +133,8 @@ class Args:
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = fast_bf16(self.device)
+        if not self.eval_split:
+            self.eval_split = getattr(TASKS.get(self.task), "default_eval_split", "eval")
         if self.sft_noise == -1:
             self.sft_noise = {"sokoban": 0.5, "gridworld": 0.3}.get(self.task, 0.0)
         self.format_reward = self.format_reward or {"ppo": "0,0", "gtr": "5,0"}.get(self.method, "3,-2")

@@ -258,6 +258,15 @@ def test_bad_input_exits_2_with_one_line_naming_it(bad_inputs, monkeypatch, caps
     assert not os.path.exists(bad_inputs["missing"])  # nothing created on the way out
 
 
+def test_a_bare_agent_is_scored_on_its_task_s_own_split_unless_told(tmp_path, monkeypatch):
+    """Points24: the training distribution (the paper's protocol), the grid tasks: held-out levels; a flag wins."""
+    seen = []
+    monkeypatch.setattr(E, "run_cli", lambda ns, *rest: seen.append((ns.task, ns.eval_split)))
+    for argv in ("--task points24", "--task gridworld", "--task points24 --eval-split eval"):
+        E.main(["run", "--agent", str(tmp_path), *argv.split()])
+    assert seen == [("points24", "train"), ("gridworld", "eval"), ("points24", "eval")]
+
+
 def test_bad_input_as_a_script_is_one_line_too():
     r = run_script("eval.py", "--agent", ROOT, "--task", "gridworld", "--seed", "-1e-5")
     assert (r.returncode, r.stderr) == (2, "eval.py: error: argument --seed: invalid int value: '-1e-5'\n")

@@ -143,6 +143,14 @@ def test_sft_cache_name_holds_every_warm_up_setting():
     assert train.sft_cache_dir(train.Args(task="sokoban", bf16=True)).endswith("-lr0.0003-bf16-f3")
 
 
+def test_points24_is_scored_on_the_training_distribution_unless_told():
+    """The paper's Points24 protocol by default (a held-out hand asks for arithmetic); held-out levels elsewhere."""
+    assert [train.Args(task=t, bf16=False).eval_split for t in ("sokoban", "gridworld", "points24")] == \
+        ["eval", "eval", "train"]
+    assert train.Args(task="points24", eval_split="eval", bf16=False).eval_split == "eval"
+    assert train.Args(task="sokoban", eval_split="train", bf16=False).eval_split == "train"
+
+
 def test_warm_up_moments_carry_into_the_rl_optimizer(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the SFT cache is runs/sft-cache/ under the working directory
     agent = tiny_agent()
