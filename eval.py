@@ -321,7 +321,8 @@ def plot_curves(groups, path):
     import matplotlib.pyplot as plt
     logged = {k for runs in groups.values() for r in runs for row in r["metrics"] for k in row}
     splits = {r["args"].get("eval_split", "eval") for runs in groups.values() for r in runs}
-    where = {"eval": "held-out ", "train": "training-distribution "}.get(*splits, "") if len(splits) == 1 else ""
+    split = splits.pop() if len(splits) == 1 else None  # runs of both splits: the titles name neither
+    where = {"eval": "held-out ", "train": "training-distribution "}.get(split, "")
     panels = CURVES + tuple((k, where + title) for k, title in EVAL_CURVES if k in logged)
     cols = (len(panels) + 1) // 2
     fig, axes = plt.subplots(2, cols, figsize=(5.5 * cols, 7.5))
