@@ -214,7 +214,7 @@ def play(actor, task, episodes, seed, num_envs=EVAL_BATCH, split="eval", desc="e
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Comparing runs: held-out results from each run's eval.json, learning curves from its metrics.jsonl
+# Comparing runs: final results from each run's eval.json, learning curves from its metrics.jsonl
 
 # args.json settings that do not define the experiment, so runs differing only in these are seeds of one setting
 NOT_SETTINGS = ("seed", "out", "resume", "threads", "device", "world_size", "eval_episodes", "log_episodes",

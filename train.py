@@ -75,9 +75,9 @@ class Args:
     eval_split: str = arg("", "eval: held-out levels | train: fresh training deals (the paper's Points24 protocol); "
                               "default: the task's (points24 train, else eval)")
     log_episodes: int = arg(64, "success and return are logged over this many most recent episodes")
-    curve_every: int = arg(0, "every N updates also score agent and teacher on --curve-episodes held-out episodes "
+    curve_every: int = arg(0, "every N updates also score agent and teacher on --curve-episodes --eval-split episodes "
                               "(the eval/ curves), 0 = never")
-    curve_episodes: int = arg(50, "held-out episodes of each --curve-every evaluation")
+    curve_episodes: int = arg(50, "episodes of each --curve-every evaluation")
     max_skips: int = arg(10, "stop after this many optimizer steps in a row skipped for a non-finite loss")
     # --- SFT warm-up (tiny and small without --init)
     sft_steps: int = arg(-1, "-1 = the task's default (sokoban 1200, gridworld 800, points24 1200)")
