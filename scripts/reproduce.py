@@ -1,6 +1,6 @@
 """Reproduce the paper's comparison at laptop scale (docs/method.md section 5), then compare the runs.
 
-    python scripts/reproduce.py            # sokoban + points24, 3 seeds, 7 rows: about 14.5 process-hours
+    python scripts/reproduce.py            # sokoban + points24, 3 seeds, 7 rows: about 15 process-hours
     python scripts/reproduce.py --quick    # sokoban, 1 seed, short budgets: minutes
     python scripts/reproduce.py --dry-run  # print the commands only
 

@@ -136,19 +136,25 @@ def test_sft_cache_name_holds_every_warm_up_setting():
     assert train.sft_cache_dir(train.Args(task="sokoban", seed=2, bf16=False)) == os.path.join(
         "runs", "sft-cache", "sokoban-small-s2-n1200-z0.5-b24-lr0.0003-f3")
     assert train.sft_cache_dir(train.Args(task="points24", model="tiny", sft_lr=5e-4, bf16=False)) == os.path.join(
-        "runs", "sft-cache", "points24-tiny-s1-n1200-b32-lr0.0005-f3")
+        "runs", "sft-cache", "points24-tiny-s1-n2400-b32-lr0.0005-f3")
     names = {train.sft_cache_dir(train.Args(task="sokoban", seed=2, bf16=False, **kw)) for kw in
              ({}, {"sft_lr": 5e-4}, {"sft_batch": 32}, {"sft_steps": 1000}, {"sft_noise": 0.3}, {"model": "tiny"})}
     assert len(names) == 6
     assert train.sft_cache_dir(train.Args(task="sokoban", bf16=True)).endswith("-lr0.0003-bf16-f3")
 
 
-def test_points24_is_scored_on_the_training_distribution_unless_told():
-    """The paper's Points24 protocol by default (a held-out hand asks for arithmetic); held-out levels elsewhere."""
-    assert [train.Args(task=t, bf16=False).eval_split for t in ("sokoban", "gridworld", "points24")] == \
-        ["eval", "eval", "train"]
+def test_each_task_has_its_own_evaluation_split_and_sft_start_unless_told():
+    """The paper's Points24 protocol by default (a held-out hand asks for arithmetic); held-out levels elsewhere.
+    The warm-up's length, batch and demonstrator noise are the task's where a flag is -1, else the flag's."""
+    tasks = ("sokoban", "gridworld", "points24")
+    assert [train.Args(task=t, bf16=False).eval_split for t in tasks] == ["eval", "eval", "train"]
     assert train.Args(task="points24", eval_split="eval", bf16=False).eval_split == "eval"
     assert train.Args(task="sokoban", eval_split="train", bf16=False).eval_split == "train"
+    starts = [(a.sft_steps, a.sft_batch, a.sft_noise) for a in (train.Args(task=t, bf16=False) for t in tasks)]
+    assert starts == [(1200, 24, 0.5), (800, 32, 0.3), (2400, 32, 0.0)]
+    a = train.Args(task="points24", sft_steps=0, sft_batch=8, sft_noise=0.25, bf16=False)
+    assert (a.sft_steps, a.sft_batch, a.sft_noise) == (0, 8, 0.25)  # 0 steps: an untrained start, not the default
+    assert "points24 2400" in train.Args.__dataclass_fields__["sft_steps"].metadata["help"]
 
 
 def test_warm_up_moments_carry_into_the_rl_optimizer(tmp_path, monkeypatch):
