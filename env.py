@@ -234,6 +234,9 @@ class _GridEnv(_TurnEnv):
     thoughts that state positions ("player 2,3"), checked against `_truth()`: {kind: set of flat cells}."""
 
     action_names = list(MOVES)
+    # the rules read the same after flipping or transposing the grid, so a state's value nearly does too
+    # (train.ImageCritic trains on flipped images)
+    symmetric = True
 
     def _pos(self, p: int) -> str:
         return f"{p // self.w},{p % self.w}"  # flat cell index -> "r,c"

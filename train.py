@@ -6,8 +6,10 @@
         guidance, distill.py: turbo-kl: the teacher's clipped reverse KL on the agent's thoughts   (4.2)
                               gtr, turbo-sft: thought labels into a DAgger buffer           (3, 4.3)
         returns: GAE on env rewards, + format reward, - beta * KL penalty       (sections 2, 4.2)
+                 V from a small CNN critic on the image (ours; the paper's value head: --critic head)
         PPO epochs: one ratio per turn from lambda * thought logp + action logp                 (section 2)
                     + CE on the thoughts of one DAgger sample per PPO sample             (gtr, turbo-sft)
+        critic: refit on the last few updates' returns, after it valued this rollout
         merge: the weights after each epoch join the TIES history -> the next teacher    (sections 4, 4.1)
         log one metrics row; an atomic checkpoint (--resume continues a killed run exactly)
 
@@ -39,7 +41,7 @@ from tqdm import tqdm
 
 from distill import (dagger_loss, guide_mask, gtr_labels, reverse_kl_loss, teacher_answers, teacher_kl,
                      turbo_sft_labels)
-from env import FORMAT_VERSION, TASKS, LockstepEnvs
+from env import CELL, FORMAT_VERSION, TASKS, LockstepEnvs
 from eval import OneLineParser, compare, evaluate, format_table, join_negative_numbers, json_safe, write_json
 from merge import MergeHistory
 
@@ -52,6 +54,11 @@ METHODS = ("ppo", "gtr", "turbo-sft", "turbo-kl", "sft")
 TASK_SFT = {"sokoban": dict(sft_steps=1200, sft_batch=24, sft_noise=0.5),
             "gridworld": dict(sft_steps=800, sft_batch=32, sft_noise=0.3),
             "points24": dict(sft_steps=2400, sft_batch=32, sft_noise=0.0)}
+
+
+# The critic of each task. Sokoban and GridWorld: the image critic explains 0.6-0.8 of the return's variance on
+# the next rollout from the 7th update on; Points24 is left without one (V = 0), not measured.
+TASK_CRITIC = {"sokoban": "image", "gridworld": "image", "points24": "head"}
 
 
 def arg(default, help):
@@ -105,10 +112,17 @@ class Args:
     ppo_epochs: int = arg(1, "passes over each update's turns (paper 4)")
     minibatch: int = arg(32, "PPO minibatch size in turns")
     clip: float = arg(0.1, "PPO ratio clip (paper 0.1)")
-    vf_coef: float = arg(0.0, "value-loss coefficient; 0 = no critic: V = 0, the advantage is the normalised "
-                              "discounted return (paper 0.5: the critic's gradient reaches the shared backbone)")
+    vf_coef: float = arg(0.0, "--critic head: value-loss coefficient (paper 0.5: the critic's gradient reaches "
+                              "the shared backbone); 0 = no critic: V = 0, the advantage is the normalised discounted "
+                              "return")
     vf_lr: float = arg(1e-5, "learning rate of the value head (paper: the policy's)")
     vf_clip: float = arg(0.1, "value-loss clip around the rollout's values, 0 = off (paper 0.1)")
+    critic: str = arg("", "image: a small CNN of its own on the image and the turns left, refit every update "
+                          "(ImageCritic) | head: the value head on the VLM, trained by --vf-coef (paper; --vf-coef 0 = "
+                          "no critic, V = 0); default: head under --vf-coef > 0, else the task's (" +
+                          ", ".join(f"{t} {c}" for t, c in TASK_CRITIC.items()) + ")")
+    critic_steps: int = arg(100, "--critic image: Adam steps of 256 turns per update")
+    critic_updates: int = arg(4, "--critic image: it fits the turns of this many most recent updates")
     max_grad_norm: float = arg(1.0, "gradient-norm clip (paper 0.01 with LoRA on 7B)")
     gamma: float = arg(0.9, "discount (paper 0.9)")
     gae_lambda: float = arg(0.95, "GAE lambda (paper 0.95)")
@@ -146,6 +160,8 @@ class Args:
         if not self.eval_split:
             self.eval_split = getattr(TASKS.get(self.task), "default_eval_split", "eval")
         self.format_reward = self.format_reward or {"ppo": "0,0", "gtr": "5,0"}.get(self.method, "3,-2")
+        if not self.critic and self.task in TASK_CRITIC:
+            self.critic = "head" if self.vf_coef > 0 else TASK_CRITIC[self.task]
         for name, rule in self.problems():
             raise ValueError(f"{flag(name)} {rule}")
         for name, value in TASK_SFT[self.task].items():
@@ -172,6 +188,8 @@ class Args:
             yield "device", f"must be cpu, cuda or cuda:N, got {self.device!r}"
         if self.lora_rank > 0 and self.model in ("tiny", "small") and not self.init:
             yield "lora_rank", "is for PATH or hub models; tiny and small train all their weights"
+        if self.critic == "image" and self.vf_coef > 0:
+            yield "vf_coef", "trains the value head; --critic image has a network of its own (give --vf-coef 0)"
         if self.budget_by == "time" and not self.budget_seconds > 0:
             yield "budget_seconds", "must be positive under --budget-by time"
         try:
@@ -186,9 +204,10 @@ class Args:
 CHOICES = {"task": tuple(TASKS), "method": METHODS, "budget_by": ("steps", "time"), "eval_split": ("eval", "train"),
            "invalid": ("penalty", "random"), "teacher": ("merged", "static"), "guide": ("thought", "thought+action"),
            "kl_mode": ("shaping", "loss"), "kl_estimator": ("clip", "k1", "abs", "k3", "exact", "forward"),
-           "merge": ("ties", "linear"), "weighting": ("ema", "sma"), "ratio": ("turn", "token")}
-RANGES = [("total_steps num_envs num_steps ppo_epochs minibatch max_new_tokens merge_every "
-           "log_episodes curve_episodes lr sft_lr vf_lr temperature clip density kl_clip max_grad_norm repetition_penalty",
+           "merge": ("ties", "linear"), "weighting": ("ema", "sma"), "ratio": ("turn", "token"),
+           "critic": ("head", "image")}
+RANGES = [("total_steps num_envs num_steps ppo_epochs minibatch max_new_tokens merge_every log_episodes curve_episodes "
+           "critic_steps critic_updates lr sft_lr vf_lr temperature clip density kl_clip max_grad_norm repetition_penalty",
            lambda v: v > 0, "must be positive"),
           ("seed threads eval_episodes curve_every teacher_retries max_skips top_k vf_clip vf_coef "
            "sft_coef kl_coef thought_coef kl_invalid budget_seconds lora_rank lora_alpha",
@@ -306,7 +325,7 @@ def shaping(buf, args):
 
 def compute_returns(buf, last_value, args):
     """GAE on env rewards, then the shaping terms join the turn's return (sections 2, 4.2).
-    Without a critic (--vf-coef 0) the rollout's values are 0: GAE sums the rewards discounted by gamma x lambda.
+    Without a critic (--critic head --vf-coef 0) the values are 0: GAE sums the rewards discounted by gamma x lambda.
     -> (returns, advantages normalised over all ranks' turns), both [T, N]."""
     adv = gae(buf["rewards"], buf["values"], buf["dones"], last_value, args.gamma, args.gae_lambda)
     reward, penalty = shaping(buf, args)
@@ -438,13 +457,96 @@ def rl_optimizer(agent, args, new_run: bool = True):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# --critic image: a critic with features of its own
+
+
+class ImageCritic(torch.nn.Module):
+    """V(s) from the observation image and the share of the episode's turns left, a network apart from the VLM.
+    A value head on the policy's features, frozen or shared, memorises one update's turns and does not carry to
+    the next (docs/round9_critic.md); this one learns features for value alone, from the turns of the last
+    --critic-updates updates. Each CELL-px grid cell is averaged to 4 x 4 pixels and embedded by one convolution
+    (Qwen2.5-VL's patch), three 3x3 convolutions relate cells up to three apart, and an MLP reads the grid and
+    the turns left: the time limit is part of the state, and a critic that cannot see it must average over it.
+    On a grid task (env `symmetric`) every fit batch is flipped and transposed at random: eight times the data
+    for a value that the rules leave unchanged (out-of-sample EV 0.66 against 0.47 without, docs/round23)."""
+
+    def __init__(self, obs_shape, seed: int, symmetric: bool = False, width: int = 32):
+        super().__init__()
+        self.pool, self.symmetric = CELL // 4, symmetric
+        with torch.random.fork_rng():  # its own init and batches: training's random numbers stay as without it
+            torch.manual_seed(seed)
+            conv = [torch.nn.Conv2d(3, width, 4, 4), torch.nn.ReLU()]
+            for _ in range(3):
+                conv += [torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.ReLU()]
+            self.conv = torch.nn.Sequential(*conv)
+            cells = (obs_shape[0] // CELL) * (obs_shape[1] // CELL)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(width * cells + 1, 128), torch.nn.ReLU(),
+                                           torch.nn.Linear(128, 1))
+        self.gen = torch.Generator().manual_seed(seed)
+        self.opt = torch.optim.Adam(self.parameters(), lr=1e-3)
+        self.replay, self.seen = [], []  # per update: (inputs, turns_left, targets); this rollout's inputs
+
+    def inputs(self, images):
+        """N images [H, W, 3] uint8 -> [N, 3, H / pool, W / pool]: each cell as 4 x 4 mean colours."""
+        x = torch.as_tensor(np.stack(images)).to(next(self.parameters()).device)
+        return torch.nn.functional.avg_pool2d(x.permute(0, 3, 1, 2).float() / 255, self.pool)
+
+    def forward(self, x, turns_left):
+        """x from `inputs`, turns_left [B] in [0, 1] -> V [B]."""
+        return self.mlp(torch.cat([self.conv(x).flatten(1), turns_left[:, None]], 1)).squeeze(1)
+
+    @torch.no_grad()
+    def value(self, envs, record: bool = True):
+        """V of each env's current state [N] (cpu); record: keep the inputs for the next fit."""
+        x = self.inputs(envs.observe()[0])
+        left = torch.tensor([1 - e.steps / e.max_steps for e in envs.envs], dtype=torch.float32, device=x.device)
+        if record:
+            self.seen.append((x, left))
+        return self(x, left).cpu()
+
+    def fit(self, targets, steps: int, keep: int, batch: int = 256):
+        """Add the recorded turns with their targets ([T * N], turn-major as recorded) to the replay, keep the last
+        `keep` updates, then `steps` Adam steps on the squared error. Under torchrun the gradients are averaged,
+        so every rank's critic stays the same."""
+        device = next(self.parameters()).device
+        x, left = (torch.cat(z) for z in zip(*self.seen))
+        self.replay = (self.replay + [(x, left, targets.to(device))])[-keep:]
+        self.seen = []
+        x, left, targets = (torch.cat(z) for z in zip(*self.replay))
+        params = list(self.parameters())
+        for _ in range(steps):
+            idx = torch.randint(len(targets), (min(batch, len(targets)),), generator=self.gen).to(device)
+            xb = x[idx]
+            if self.symmetric:  # one of the square's 8 symmetries (a rectangle's 4) for the whole batch
+                flip_rows, flip_cols, swap = torch.randint(2, (3,), generator=self.gen).tolist()
+                xb = xb.flip(2) if flip_rows else xb
+                xb = xb.flip(3) if flip_cols else xb
+                xb = xb.transpose(2, 3) if swap and xb.shape[2] == xb.shape[3] else xb
+            loss = 0.5 * (self(xb, left[idx]) - targets[idx]).pow(2).mean()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            all_reduce_grads(params, True)
+            self.opt.step()
+
+    def state(self) -> dict:
+        return {"weights": self.state_dict(), "opt": self.opt.state_dict(), "replay": self.replay,
+                "gen": self.gen.get_state()}
+
+    def load(self, state: dict):
+        self.load_state_dict(state["weights"])
+        self.opt.load_state_dict(state["opt"])
+        self.replay, self.seen = state["replay"], []
+        self.gen.set_state(state["gen"])
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The loop, in run order: rollout with guidance, returns, PPO epochs, log
 
 
 BUF_KEYS = ("rewards", "dones", "values", "format_ok", "action_valid", "kl", "grounding", "entropy")
 
 
-def rollout(agent, teacher, envs, args, stats, dagger=None):
+def rollout(agent, teacher, envs, args, stats, dagger=None, critic=None):
     """--num-steps turns in this rank's N envs (a finished env starts its next episode at once) -> (a Batch per
     turn, [T, N] tensors of BUF_KEYS, V of the state after the last turn [N]). Guidance happens here, with the
     teacher fixed for the update: turbo-kl scores the agent's tokens; gtr and turbo-sft put (image, prompt,
@@ -454,6 +556,8 @@ def rollout(agent, teacher, envs, args, stats, dagger=None):
     batches = []
     for t in range(T):
         images, prompts = envs.observe()
+        if critic is not None:
+            buf["values"][t] = critic.value(envs)
         if args.method == "gtr":  # what the corrector knows of the state the agent is about to act in
             experts, optimal = [e.expert_answer() for e in envs.envs], [e.optimal_actions() for e in envs.envs]
         with torch.no_grad(), autocast(args):
@@ -475,7 +579,7 @@ def rollout(agent, teacher, envs, args, stats, dagger=None):
         for key, k in (("rewards", "reward"), ("dones", "done"), ("format_ok", "format_ok"),
                        ("action_valid", "action_valid"), ("grounding", "grounding")):
             buf[key][t] = torch.as_tensor(out[k], dtype=torch.float32)
-        if args.vf_coef > 0:  # else no critic: V = 0 (buf starts at zeros)
+        if args.vf_coef > 0:  # else the image critic's above, or no critic: V = 0 (buf starts at zeros)
             buf["values"][t] = batch.values.float().cpu()
         buf["entropy"][t] = batch.thought_entropy.float().cpu()
         stats["env_steps"] += N
@@ -485,6 +589,8 @@ def rollout(agent, teacher, envs, args, stats, dagger=None):
     if args.vf_coef > 0:
         with torch.no_grad(), autocast(args):  # V(s_T) for the bootstrap; the value reads only the prompt
             last = agent.encode(images, prompts, [""] * N).values.float().cpu()
+    elif critic is not None:
+        last = critic.value(envs, record=False)
     return batches, buf, last
 
 
@@ -492,8 +598,10 @@ def ppo_data(batches, buf, last_value, args):
     """The PPO buffer: every turn played, flattened turn-major in the order of Batch.cat(batches)."""
     from agent import Batch
     returns, advantages = compute_returns(buf, last_value, args)
+    reward, penalty = shaping(buf, args)
     return {"batch": Batch.cat(batches), "returns": returns.reshape(-1), "advantages": advantages.reshape(-1),
-            "values": buf["values"].reshape(-1)}
+            "values": buf["values"].reshape(-1),
+            "env_returns": (returns - reward + penalty).reshape(-1)}  # GAE's lambda-returns: what --critic image fits
 
 
 LOSS_KEYS = ("losses/policy", "losses/value", "losses/approx_kl", "losses/clipfrac", "losses/sft", "losses/teacher_kl")
@@ -552,8 +660,10 @@ def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, kee
         if keep_states:
             states.append(agent.trainable_state())
     means = all_reduce(torch.stack(logs).mean(0), "mean").tolist() if logs else [float("nan")] * len(LOSS_KEYS)
-    # the share of the returns' variance the rollout's values explained: ~0 means A is little more than G
-    ev = 1 - (data["returns"] - data["values"]).var() / data["returns"].var().clamp_min(1e-8)
+    # the share of the variance of what the critic fits that the rollout's values explained: ~0 means A is little
+    # more than G. The values came before this update's fit: the number is out of sample.
+    target = data["env_returns"] if args.critic == "image" else data["returns"]
+    ev = 1 - (target - data["values"]).var() / target.var().clamp_min(1e-8)
     return states, {**dict(zip(LOSS_KEYS, means)), "losses/explained_variance": all_reduce(ev, "mean").item()}
 
 
@@ -636,6 +746,10 @@ def main(args: Args):
         if args.teacher == "merged":  # every rank merges the same states: the teachers stay identical
             history = MergeHistory(agent.trainable_state(), method=args.merge, mode=args.weighting,
                                    alpha=args.ema_alpha, density=args.density)
+    critic = None
+    if args.critic == "image" and args.method != "sft":
+        env = envs.envs[0]
+        critic = ImageCritic(env.observation_space.shape, args.seed, getattr(env, "symmetric", False)).to(args.device)
     dagger = [] if args.method in ("gtr", "turbo-sft") else None  # (image, prompt, target), kept from the start
     demos = None
     if args.method == "sft":  # the baseline continues the warm-up's recipe on levels it has not seen
@@ -646,7 +760,7 @@ def main(args: Args):
     else:
         opt = rl_optimizer(agent, args, new_run=not ckpt)
     if ckpt:
-        stats, dagger, start = resume(ckpt, args, opt, params, history, envs, demos, metrics_path)
+        stats, dagger, start = resume(ckpt, args, opt, params, history, envs, demos, metrics_path, critic)
     else:
         stats, start = new_stats(), 1
         if main_rank:
@@ -662,12 +776,15 @@ def main(args: Args):
         for g in opt.param_groups:
             g["lr"] = scheduled_lr(g["base_lr"], args, stats)
         lr = opt.param_groups[0]["lr"]
-        batches, buf, last_value = rollout(agent, teacher, envs, args, stats, dagger)
+        batches, buf, last_value = rollout(agent, teacher, envs, args, stats, dagger, critic)
         if args.method == "sft":  # the rollout only measures; the weights learn from the solver
             states, losses = [], sft_update(agent, opt, params, demos, args)
         else:
-            states, losses = ppo_update(agent, opt, params, ppo_data(batches, buf, last_value, args), args, stats,
-                                        update, dagger, keep_states=history is not None)
+            data = ppo_data(batches, buf, last_value, args)
+            states, losses = ppo_update(agent, opt, params, data, args, stats, update, dagger,
+                                        keep_states=history is not None)
+            if critic is not None:  # after scoring this rollout: its EV above is out of sample
+                critic.fit(data["env_returns"], args.critic_steps, args.critic_updates)
         if history is not None:  # section 4 steps 3-4: fold this update's checkpoints in, refresh the teacher
             t0 = time.time()
             history.add(states)
@@ -687,7 +804,7 @@ def main(args: Args):
         bar.set_postfix(success=f"{row['charts/success_rate']:.2f}", kl=f"{row['teacher/kl']:.3f}",
                         sps=f"{row['env_steps'] / row['charts/wall_time']:.1f}")
         stats["episodes"] = stats["episodes"][-args.log_episodes:]
-        save_checkpoint(args, update, agent, teacher, opt, envs, history, stats, dagger, demos)
+        save_checkpoint(args, update, agent, teacher, opt, envs, history, stats, dagger, demos, critic)
         bar.update(row["env_steps"] - bar.n)
         update += 1
     bar.close()
@@ -750,6 +867,7 @@ HEADINGS = {"task": "what to train", "num_envs": "budgets and logging", "sft_ste
 # Flags a resumed run may change: they extend or re-evaluate it, or say where it runs, not what it learns.
 RESUME_FLAGS = ("total_steps", "budget_seconds", "eval_episodes", "curve_every", "curve_episodes", "threads", "device")
 TYPES = {"int": int, "float": float, "str": str}
+LEGACY = {"critic": "head"}  # what a run whose args.json lacks these settings did
 
 
 def flag(name: str) -> str:
@@ -830,7 +948,8 @@ def read_saved_args(run_dir: str, error) -> dict:
     missing = [k for k in ("task", "method", "model", "seed", "out") if k not in saved]
     if missing:
         error(f"{path} is damaged: it lacks {', '.join(missing)}")
-    return {k: v for k, v in saved.items() if k in types}  # settings added to Args later take their defaults
+    # settings added to Args later take their defaults, or what a run saved before them did
+    return {**LEGACY, **{k: v for k, v in saved.items() if k in types}}
 
 
 def model_positions(model: str, error, which: str, local_only=False) -> int | None:
@@ -943,15 +1062,17 @@ def gather(x):
 # Checkpoints: ckpt/ holds everything a killed run needs to continue bit-identically
 
 
-def save_checkpoint(args, update, agent, teacher, opt, envs, history, stats, dagger, demos=None):
+def save_checkpoint(args, update, agent, teacher, opt, envs, history, stats, dagger, demos=None, critic=None):
     """ckpt.tmp/ is filled (with manifest.json), then ckpt/ -> ckpt.prev/ and ckpt.tmp/ -> ckpt/: a crash leaves
     a complete checkpoint. state.pt: the shared parts and rank 0's own; under torchrun rank r > 0 adds
-    state_rank<r>.pt (its envs, RNG streams, stats, DAgger buffer). Call it on every rank."""
+    state_rank<r>.pt (its envs, RNG streams, stats, DAgger buffer, --critic image with its replay). Call it on
+    every rank."""
     from agent import atomic_write, write_manifest
     final, tmp = os.path.join(args.out, "ckpt"), os.path.join(args.out, "ckpt.tmp")
     rank, n = world()
     own = {"update": update, "envs": envs.state_dict(), "stats": stats, "dagger": dagger,
            "demos": demos.state_dict() if demos is not None else None,
+           "critic": critic.state() if critic is not None else None,
            "rng": (random.getstate(), np.random.get_state(), torch.get_rng_state())}
 
     def write(tmp):
@@ -1011,9 +1132,10 @@ def load_train_state(path):
     return state
 
 
-def resume(ckpt, args, opt, params, history, envs, demos, metrics_path):
-    """Optimizer, merge history, envs, demos and RNG streams from `ckpt`; metrics rows after it are dropped (and a
-    damaged one, with a warning: a full disk cuts the last short). -> (stats, DAgger buffer, next update)."""
+def resume(ckpt, args, opt, params, history, envs, demos, metrics_path, critic=None):
+    """Optimizer, merge history, envs, demos, the image critic and RNG streams from `ckpt`; metrics rows after it are
+    dropped (and a damaged one, with a warning: a full disk cuts the last short). -> (stats, DAgger buffer, next
+    update)."""
     from agent import CheckpointError, atomic_write_text
     rank, n_ranks = world()
     state = load_train_state(os.path.join(ckpt, "state.pt"))
@@ -1037,6 +1159,8 @@ def resume(ckpt, args, opt, params, history, envs, demos, metrics_path):
         raise CheckpointError(f"checkpoint file {os.path.join(ckpt, 'state.pt')} does not match the agent in "
                               f"{os.path.join(ckpt, 'agent')} (a different model?): {e}") from None
     envs.load_state_dict(own["envs"])
+    if critic is not None:
+        critic.load(own["critic"])
     if demos is not None:
         demos.load_state_dict(own["demos"])
     random.setstate(own["rng"][0]); np.random.set_state(own["rng"][1]); torch.set_rng_state(own["rng"][2])

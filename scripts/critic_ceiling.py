@@ -43,9 +43,10 @@ def solution_length(env) -> int:
     return env.dist.get(env.player, -1)
 
 
-def ceiling_stats(G, lengths, values, boot=200, seed=0) -> dict:
+def ceiling_stats(G, lengths, values, boot=200, seed=0, critic_values=None) -> dict:
     """G [S, K]: K returns from each of S states; lengths [S]: their solution lengths; values [S]: the agent's
-    V. -> the ceiling EV (and its bootstrap SE over states), the value head's EV, the solution-length table's."""
+    V; critic_values [S]: a --critic image network's V, if given. -> the ceiling EV (and its bootstrap SE over
+    states), the value head's EV, the solution-length table's, the image critic's."""
     S, K = G.shape
     var_total = G.var()
 
@@ -63,7 +64,8 @@ def ceiling_stats(G, lengths, values, boot=200, seed=0) -> dict:
     ev = lambda pred: float(1 - (G - pred[:, None]).var() / var_total)  # noqa: E731  (as train.py logs it)
     return {"return_mean": float(G.mean()), "return_var": float(var_total), "ceiling_ev": float(ceiling(G)),
             "ceiling_ev_se": float(np.std(boots)), "value_head_ev": ev(np.asarray(values, float)),
-            "solution_length_ev": ev(loo)}
+            "solution_length_ev": ev(loo),
+            **({"image_critic_ev": ev(np.asarray(critic_values, float))} if critic_values is not None else {})}
 
 
 def sample_texts(agent, envs, args, chunk=128):
@@ -97,11 +99,27 @@ def continuation_returns(agent, states, k, args):
     return G.reshape(len(states), k), np.asarray(first_values).reshape(len(states), k).mean(1)
 
 
+def image_critic_values(run_dir, states):
+    """V of each state (its image and turns left) by the --critic image network saved in run_dir; None without."""
+    if not run_dir:
+        return None
+    saved = train.load_train_state(os.path.join(run_dir, "ckpt", "state.pt"))["critic"]
+    if saved is None:
+        raise SystemExit(f"{run_dir} was not trained with --critic image: its checkpoint holds no critic")
+    critic = train.ImageCritic(states[0].observation_space.shape, 0, states[0].symmetric)
+    critic.load(saved)
+    with torch.no_grad():
+        left = torch.tensor([1 - s.steps / s.max_steps for s in states], dtype=torch.float32)
+        return critic(critic.inputs([s._obs() for s in states]), left).tolist()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--agent", default="", help="agent directory (default: the cached SFT start)")
     p.add_argument("--states", type=int, default=192, help="states measured")
     p.add_argument("--k", type=int, default=8, help="continuations per state")
+    p.add_argument("--critic", default="", help="a --critic image run directory: also score the critic in its "
+                                                "last checkpoint (ckpt/state.pt) on the same returns")
     p.add_argument("train_args", nargs="*", help="train.py flags (after --)")
     a = p.parse_args()
     args = train.parse_args(a.train_args + ["--out", os.path.join("runs", "critic-ceiling-probe")]
@@ -126,7 +144,8 @@ def main():
     lengths = np.array([solution_length(s) for s in states])
     G, values = continuation_returns(agent, states, a.k, args)
     row = {"agent": a.agent or train.sft_cache_dir(args), "task": args.task, "states": a.states, "k": a.k,
-           "gamma": args.gamma, **ceiling_stats(G, lengths, values)}
+           "gamma": args.gamma, **ceiling_stats(G, lengths, values, critic_values=image_critic_values(a.critic,
+                                                                                                      states))}
     print(json.dumps(row))
 
 

@@ -50,10 +50,10 @@ def install(alpha: float) -> dict:
             seen.append(np.array([solution_length(e) for e in envs.envs]))
         return observe(envs)
 
-    def table_rollout(agent, teacher, envs, args, stats, dagger=None):
+    def table_rollout(agent, teacher, envs, args, stats, dagger=None, critic=None):
         seen.clear()
         envs.record_lengths = True
-        batches, buf, _ = rollout(agent, teacher, envs, args, stats, dagger)
+        batches, buf, _ = rollout(agent, teacher, envs, args, stats, dagger)  # the table is the only critic
         envs.record_lengths = False
         lengths = np.stack(seen)                                  # [T + 1, N]: T turns, then the bootstrap state
         values = table_values(table, lengths)
@@ -77,6 +77,7 @@ def main():
     if not 0 < a.table_alpha <= 1:
         p.error("--table-alpha must be in (0, 1]")
     args = train.parse_args(rest)
+    args.critic = "head"  # no image critic beside the table (and the head untrained unless --vf-coef > 0)
     if args.task not in ("sokoban", "gridworld"):
         p.error("--task must be sokoban or gridworld (a solver gives the solution length)")
     table = install(a.table_alpha)

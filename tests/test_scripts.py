@@ -178,8 +178,10 @@ def test_critic_ceiling_statistics_by_hand(tmp_path):
     r = probe.ceiling_stats(G, np.array([2, 2, 4, 4]), np.array([2.0, 2.0, 6.0, 6.0]))
     assert r["return_var"] == pytest.approx(5.0) and r["ceiling_ev"] == pytest.approx(0.6)
     assert r["value_head_ev"] == pytest.approx(0.8) and r["solution_length_ev"] == pytest.approx(0.8)
-    r = probe.ceiling_stats(G, np.array([2, 4, 2, 4]), np.array([9.0, 9.0, 9.0, 9.0]))
+    r = probe.ceiling_stats(G, np.array([2, 4, 2, 4]), np.array([9.0, 9.0, 9.0, 9.0]),
+                            critic_values=np.array([2.0, 2.0, 6.0, 6.0]))  # an image critic: scored as the head is
     assert r["value_head_ev"] == pytest.approx(0.0) and r["solution_length_ev"] == pytest.approx(1 - 17 / 5)
+    assert r["image_critic_ev"] == pytest.approx(0.8)
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "critic_ceiling.py"), "--states", "6", "--k",
                           "2", "--", "--task", "gridworld", "--model", "tiny", "--sft-steps", "5", "--num-envs", "4",
                           "--num-steps", "3", "--max-new-tokens", "24"],

@@ -1,5 +1,6 @@
 """train.py: the loop's arithmetic by hand, the CLI's errors, and smoke runs of the script itself."""
 import atexit
+import dataclasses
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,6 +66,44 @@ def test_without_a_critic_values_are_zero_and_returns_are_discounted_rewards():
     expected = torch.tensor([1.0, 0.0, 2.855, 1.0])
     assert torch.allclose(returns.squeeze(1), expected, atol=1e-6)
     assert torch.allclose(adv.squeeze(1), (expected - expected.mean()) / expected.std(), atol=1e-5)
+
+
+def test_image_critic_values_each_turn_before_it_fits_them():
+    # --critic image: the rollout's values are the critic's on each turn's image (each 16-px cell as 4 x 4 mean
+    # colours) and turns left, by hand 15/15, 14/15, 13/15 of GridWorld's 15; the bootstrap value is not kept for the
+    # fit. The fit then keeps --critic-updates updates of turns and changes the weights only after they were used.
+    # Building the critic draws no number from training's generator.
+    from env import LockstepEnvs
+    envs = LockstepEnvs("gridworld", 2, seed=0)
+    torch.manual_seed(5)
+    plain = torch.rand(3)
+    torch.manual_seed(5)
+    critic = train.ImageCritic(envs.envs[0].observation_space.shape, seed=0, symmetric=True)
+    assert torch.equal(torch.rand(3), plain)
+    args = train.Args(task="gridworld", model="tiny", method="ppo", num_envs=2, num_steps=3, max_new_tokens=8,
+                      bf16=False, critic="image")
+    shown = []
+    observe = envs.observe
+    envs.observe = lambda: shown.append(observe()[0]) or observe()
+    batches, buf, last = train.rollout(tiny_agent(), None, envs, args, train.new_stats(), critic=critic)
+    assert len(critic.seen) == 3
+    for t, (x, left) in enumerate(critic.seen):
+        assert torch.allclose(left, torch.full((2,), (15 - t) / 15))
+        pooled = np.stack(shown[2 * t]).reshape(2, 24, 4, 24, 4, 3).mean((2, 4)).transpose(0, 3, 1, 2) / 255
+        assert torch.allclose(x, torch.as_tensor(pooled, dtype=torch.float32), atol=1e-6)
+        with torch.no_grad():
+            assert torch.allclose(buf["values"][t], critic(x, left), atol=1e-6)
+    last_x = critic.inputs(shown[-1])
+    with torch.no_grad():
+        assert torch.allclose(last, critic(last_x, torch.full((2,), 12 / 15)), atol=1e-6)
+    data = train.ppo_data(batches, buf, last, args)  # plain ppo: no shaping, the returns are GAE's
+    assert torch.allclose(data["env_returns"], data["returns"]) and data["env_returns"].shape == (6,)
+    before, seen = [p.detach().clone() for p in critic.parameters()], critic.seen
+    for _ in range(3):  # three updates of these turns
+        critic.seen = list(seen)
+        critic.fit(data["env_returns"], steps=2, keep=2)
+    assert len(critic.replay) == 2 and critic.seen == [] and critic.replay[0][0].shape == (6, 3, 24, 24)
+    assert not all(torch.equal(a, p) for a, p in zip(before, critic.parameters()))
 
 
 def test_ratio_is_exp_of_lambda_weighted_logp_difference():
@@ -215,6 +255,8 @@ BAD_VALUES = [  # (argv, what the one line must name)
     (["--model", "/nonexistent/qwen"], "--model"), (["--init", "/nonexistent/agent"], "--init"),
     (["--total-steps", "abc"], "--total-steps"), (["--no-such-flag"], "--no-such-flag"),
     (["--tot", "5"], "--tot"),  # no abbreviations: a typo is not silently another flag
+    (["--critic", "mlp"], "--critic"), (["--critic", "image", "--vf-coef", "0.5"], "--vf-coef"),
+    (["--critic-steps", "0"], "--critic-steps"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "sees no CUDA device")])
 
 
@@ -257,6 +299,19 @@ def test_damaged_args_json_is_named_in_one_line(tmp_path, capsys, content, needl
         train.parse_args(["--resume", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and str(tmp_path / "args.json") in err[0] and needle in err[0]
+
+
+def test_critic_default_is_the_tasks_and_old_runs_resume_without_one(tmp_path, monkeypatch):
+    # the image critic on the grid tasks, none on Points24, the paper's head when --vf-coef asks for it; a run whose
+    # args.json predates --critic had none (head, V = 0) and resumes so
+    assert [train.Args(task=t).critic for t in ("sokoban", "gridworld", "points24")] == ["image", "image", "head"]
+    assert train.Args(vf_coef=0.5).critic == "head" and train.Args(critic="image").critic == "image"
+    monkeypatch.chdir(tmp_path)
+    saved = {k: v for k, v in dataclasses.asdict(train.Args(out="old")).items() if k != "critic"}
+    os.makedirs("old")
+    with open(os.path.join("old", "args.json"), "w") as f:
+        json.dump(saved, f)
+    assert train.parse_args(["--resume", "old"]).critic == "head"
 
 
 def test_model_dir_that_is_not_a_vlm_exits_2(tmp_path):
@@ -345,7 +400,7 @@ def test_nan_loss_is_skipped_and_never_reaches_the_weights():
     from env import LockstepEnvs
     agent = tiny_agent()
     args = train.Args(task="gridworld", model="tiny", method="ppo", num_envs=2, num_steps=2, max_new_tokens=16, bf16=False,
-                      ppo_epochs=2, minibatch=2, max_skips=100)
+                      ppo_epochs=2, minibatch=2, max_skips=100, critic="head")
     stats = train.new_stats()
     batches, buf, last = train.rollout(agent, None, LockstepEnvs("gridworld", 2, seed=0), args, stats)
     returns, adv = train.compute_returns(buf, last, args)
@@ -391,7 +446,7 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
 
 RESUME = ["--task", "gridworld", "--model", "tiny", "--sft-steps", "10", "--num-envs", "4", "--num-steps", "4",
           "--total-steps", "64", "--ppo-epochs", "2", "--minibatch", "8", "--max-new-tokens", "24",
-          "--eval-episodes", "0", "--method", "turbo-kl"]
+          "--eval-episodes", "0", "--method", "turbo-kl", "--critic", "image", "--critic-steps", "3"]
 TIME_KEYS = {"charts/wall_time", "teacher/time"}
 
 
