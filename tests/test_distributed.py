@@ -4,7 +4,8 @@ What holds, and is tested:
 - one PPO step on a fixed rollout split over two ranks (half the envs each, global advantage normalisation,
   gradients averaged before the clip) equals the one-process step on the whole rollout, to float tolerance
   (ppo-epochs 1, minibatch = the whole buffer: the mean of the two half-batch gradients is the full-batch one);
-- the ranks' agent and merged teacher stay bit-identical after every update of a real run (checksum_worker);
+- the ranks' agent, merged teacher and image critic stay bit-identical after every update of a real run
+  (checksum_worker);
 - only rank 0 writes metrics (same keys as one process) and args.json (with world_size); each rank restores its
   own state on --resume and a killed 2-process run resumes to the same metrics as an uninterrupted one.
 
@@ -132,16 +133,19 @@ def metrics(path):
 
 
 def checksum_worker(sums_dir, argv):
-    """One rank of a real train.py run that, before each checkpoint, appends the SHA-256 of its agent's and
-    teacher's trained weights to sums_dir/rank<r>.jsonl."""
+    """One rank of a real train.py run that, before each checkpoint, appends the SHA-256 of its agent's,
+    teacher's and image critic's trained weights to sums_dir/rank<r>.jsonl."""
     save = train.save_checkpoint
 
     def save_with_checksums(args, update, agent, teacher, *rest):
         row = {"update": update, "rank": train.world()[0]}
-        for name, model in (("agent", agent), ("teacher", teacher)):
+        critic = rest[6] if len(rest) > 6 else None  # save_checkpoint's last argument
+        for name, model in (("agent", agent), ("teacher", teacher), ("critic", critic)):
             if model is not None:
                 sha = hashlib.sha256()
-                for t in [*model.trainable_state().values(), *model.value_head.state_dict().values()]:
+                tensors = model.state_dict().values() if name == "critic" else \
+                    [*model.trainable_state().values(), *model.value_head.state_dict().values()]
+                for t in tensors:
                     sha.update(t.detach().float().cpu().numpy().tobytes())
                 row[name] = sha.hexdigest()
         with open(os.path.join(sums_dir, f"rank{row['rank']}.jsonl"), "a") as f:
@@ -161,9 +165,9 @@ def test_two_process_run_keeps_ranks_identical_and_resumes_exactly(tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
     rows = [[json.loads(line) for line in open(sums / f"rank{r}.jsonl")] for r in range(2)]
     assert [row["update"] for row in rows[0]] == [1, 2, 3, 4]
-    for a, b in zip(*rows):  # agent and merged teacher equal on both ranks after every update
-        assert (a["agent"], a["teacher"]) == (b["agent"], b["teacher"])
-    assert len({row["agent"] for row in rows[0]}) == 4  # ... and they did change every update
+    for a, b in zip(*rows):  # agent, merged teacher and critic equal on both ranks after every update
+        assert (a["agent"], a["teacher"], a["critic"]) == (b["agent"], b["teacher"], b["critic"])
+    assert len({row["agent"] for row in rows[0]}) == len({row["critic"] for row in rows[0]}) == 4  # ... all changed
     a = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
     assert [row["update"] for row in a] == [1, 2, 3, 4]  # one writer: no duplicated lines
     assert set(a[0]) == METRIC_KEYS | EXTRA_KEYS and a[-1]["env_steps"] == 64  # global counts
