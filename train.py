@@ -56,8 +56,9 @@ TASK_SFT = {"sokoban": dict(sft_steps=1200, sft_batch=24, sft_noise=0.5),
             "points24": dict(sft_steps=2400, sft_batch=32, sft_noise=0.0)}
 
 
-# The critic of each task. Sokoban and GridWorld: the image critic explains 0.6-0.8 of the return's variance on
-# the next rollout from the 7th update on; Points24 is left without one (V = 0), not measured.
+# The critic of each task. Sokoban and GridWorld: the image critic explains 0.5-0.8 of the return's variance on
+# the next rollout from update 7-9 on (docs/round23_image_critic.md); Points24 is left without one (V = 0), not
+# measured.
 TASK_CRITIC = {"sokoban": "image", "gridworld": "image", "points24": "head"}
 
 
