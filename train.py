@@ -497,10 +497,11 @@ class ImageCritic(torch.nn.Module):
         return self.mlp(torch.cat([self.conv(x).flatten(1), turns_left[:, None]], 1)).squeeze(1)
 
     @torch.no_grad()
-    def value(self, envs, record: bool = True):
-        """V of each env's current state [N] (cpu); record: keep the inputs for the next fit."""
-        x = self.inputs(envs.observe()[0])
-        left = torch.tensor([1 - e.steps / e.max_steps for e in envs.envs], dtype=torch.float32, device=x.device)
+    def value(self, images, envs, record: bool = True):
+        """V [N] (cpu) of N envs' current states, given their images (what they show now); record: keep the
+        inputs for the next fit."""
+        x = self.inputs(images)
+        left = torch.tensor([1 - e.steps / e.max_steps for e in envs], dtype=torch.float32, device=x.device)
         if record:
             self.seen.append((x, left))
         return self(x, left).cpu()
@@ -558,7 +559,7 @@ def rollout(agent, teacher, envs, args, stats, dagger=None, critic=None):
     for t in range(T):
         images, prompts = envs.observe()
         if critic is not None:
-            buf["values"][t] = critic.value(envs)
+            buf["values"][t] = critic.value(images, envs.envs)
         if args.method == "gtr":  # what the corrector knows of the state the agent is about to act in
             experts, optimal = [e.expert_answer() for e in envs.envs], [e.optimal_actions() for e in envs.envs]
         with torch.no_grad(), autocast(args):
@@ -591,7 +592,7 @@ def rollout(agent, teacher, envs, args, stats, dagger=None, critic=None):
         with torch.no_grad(), autocast(args):  # V(s_T) for the bootstrap; the value reads only the prompt
             last = agent.encode(images, prompts, [""] * N).values.float().cpu()
     elif critic is not None:
-        last = critic.value(envs, record=False)
+        last = critic.value(images, envs.envs, record=False)
     return batches, buf, last
 
 

@@ -108,9 +108,7 @@ def image_critic_values(run_dir, states):
         raise SystemExit(f"{run_dir} was not trained with --critic image: its checkpoint holds no critic")
     critic = train.ImageCritic(states[0].observation_space.shape, 0, states[0].symmetric)
     critic.load(saved)
-    with torch.no_grad():
-        left = torch.tensor([1 - s.steps / s.max_steps for s in states], dtype=torch.float32)
-        return critic(critic.inputs([s._obs() for s in states]), left).tolist()
+    return critic.value([s._obs() for s in states], states, record=False).tolist()
 
 
 def main():

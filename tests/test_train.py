@@ -86,10 +86,10 @@ def test_image_critic_values_each_turn_before_it_fits_them():
     observe = envs.observe
     envs.observe = lambda: shown.append(observe()[0]) or observe()
     batches, buf, last = train.rollout(tiny_agent(), None, envs, args, train.new_stats(), critic=critic)
-    assert len(critic.seen) == 3
+    assert len(shown) == 4 and len(critic.seen) == 3  # one look a turn and one at the end: the critic's too
     for t, (x, left) in enumerate(critic.seen):
         assert torch.allclose(left, torch.full((2,), (15 - t) / 15))
-        pooled = np.stack(shown[2 * t]).reshape(2, 24, 4, 24, 4, 3).mean((2, 4)).transpose(0, 3, 1, 2) / 255
+        pooled = np.stack(shown[t]).reshape(2, 24, 4, 24, 4, 3).mean((2, 4)).transpose(0, 3, 1, 2) / 255
         assert torch.allclose(x, torch.as_tensor(pooled, dtype=torch.float32), atol=1e-6)
         with torch.no_grad():
             assert torch.allclose(buf["values"][t], critic(x, left), atol=1e-6)
