@@ -8,6 +8,10 @@
       guide_mask          4.4: the tokens guided, the thoughts (or thought + action, ablation)
       teacher_kl          the frozen teacher scores the agent's sampled tokens -> one penalty per turn
       reverse_kl_loss     ours: the same KL as a per-token loss in every PPO step (--kl-mode loss)
+    6, the SFT start, the solver as teacher:
+      solver_envs         envs whose solver writes an expert answer each turn
+      demo_loss           cross-entropy on whole expert answers (thought, action, EOS)
+      tokenizer_corpus    prompts and expert answers of every task: the built tokenizer's training text
     3 and 4.3, SFT on guided thoughts:
       sft_loss            cross-entropy on the guided tokens
       gtr_labels          GTR's privileged corrector relabels the wrong turns (section 3)
@@ -29,7 +33,7 @@ import json
 
 import torch
 
-from env import answer_json, parse_answer
+from env import TASKS, LockstepEnvs, answer_json, parse_answer
 
 ESTIMATORS = ("clip", "k1", "abs", "k3")
 
@@ -237,3 +241,39 @@ def dagger_loss(agent, dagger, n: int, guide: str = "thought") -> torch.Tensor:
     b = agent.tokenize(list(images), list(prompts), list(answers))
     _, _, logits = agent.score(b, temperature=1.0, return_logits=True)  # [n, G, V]
     return sft_loss(logits, b.gen_ids, guide_mask(b, guide))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The SFT start (section 6): the solver is the teacher, its whole answers the labels
+
+
+def solver_envs(task: str, n: int, seed: int) -> LockstepEnvs:
+    """Envs whose solver writes an expert answer for each env each turn (Points24: solvable deals only)."""
+    return LockstepEnvs(task, n, seed=seed, split="train", **({"solvable_only": True} if task == "points24" else {}))
+
+
+def demo_loss(agent, demos: LockstepEnvs, noise: float = 0.0) -> torch.Tensor:
+    """CE on whole expert answers (thought, action, EOS) for the demo envs' next turn, a share `noise` of the moves
+    random; the demos then play them -> scalar."""
+    images, prompts = demos.observe()
+    answers = demos.expert_texts(noise)
+    batch = agent.tokenize(images, prompts, answers)
+    logp, _, _ = agent.score(batch, temperature=1.0)
+    mask = batch.gen_mask.float()
+    demos.step_texts(answers)
+    return -(logp * mask).sum() / mask.sum()
+
+
+def tokenizer_corpus(seed: int, episodes_per_task: int = 60) -> list[str]:
+    """Prompts and expert answers of every task: the tiny model's BPE vocabulary is trained on them."""
+    corpus = []
+    for task in TASKS:
+        envs = solver_envs(task, 4, seed)
+        for _ in range(episodes_per_task // 4 * 6):
+            _, prompts = envs.observe()
+            answers = envs.expert_texts()
+            # the chat template's role words once per prompt: BPE merges them into one token each, as it does
+            # any word that frequent
+            corpus += [f"user\n{p}\nassistant\n" for p in prompts] + answers
+            envs.step_texts(answers)
+    return corpus

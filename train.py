@@ -39,8 +39,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from distill import (dagger_loss, guide_mask, gtr_labels, reverse_kl_loss, teacher_answers, teacher_kl,
-                     turbo_sft_labels)
+from distill import (dagger_loss, demo_loss, guide_mask, gtr_labels, reverse_kl_loss, solver_envs, teacher_answers,
+                     teacher_kl, tokenizer_corpus, turbo_sft_labels)
 from env import CELL, FORMAT_VERSION, TASKS, LockstepEnvs
 from eval import OneLineParser, compare, evaluate, format_table, join_negative_numbers, json_safe, write_json
 from merge import MergeHistory
@@ -92,10 +92,9 @@ class Args:
     budget_by: str = arg("steps", "steps: stop after --total-steps turns | time: after --budget-seconds")
     budget_seconds: float = arg(0.0, "seconds of training loop for --budget-by time (evaluations excluded)")
     eval_split: str = arg("", "eval: held-out levels | train: fresh training deals (the paper's Points24 protocol); "
-                              "default: the task's (points24 train, else eval)")
+                              "default: points24 train, else eval")
     log_episodes: int = arg(64, "success and return are logged over this many most recent episodes")
-    curve_every: int = arg(0, "every N updates also score agent and teacher on --curve-episodes --eval-split episodes "
-                              "(the eval/ curves), 0 = never")
+    curve_every: int = arg(0, "every N updates also score agent and teacher on --curve-episodes episodes, 0 = never")
     curve_episodes: int = arg(50, "episodes of each --curve-every evaluation")
     max_skips: int = arg(10, "stop after this many optimizer steps in a row skipped for a non-finite loss")
     # --- SFT warm-up (tiny and small without --init)
@@ -113,15 +112,12 @@ class Args:
     ppo_epochs: int = arg(1, "passes over each update's turns (paper 4)")
     minibatch: int = arg(32, "PPO minibatch size in turns")
     clip: float = arg(0.1, "PPO ratio clip (paper 0.1)")
-    vf_coef: float = arg(0.0, "--critic head: value-loss coefficient (paper 0.5: the critic's gradient reaches "
-                              "the shared backbone); 0 = no critic: V = 0, the advantage is the normalised discounted "
-                              "return")
+    critic: str = arg("", "image: a small CNN on the image and the turns left (ImageCritic) | head: the VLM's value "
+                          "head, trained by --vf-coef (paper); default: head under --vf-coef > 0, else " +
+                          ", ".join(f"{t} {c}" for t, c in TASK_CRITIC.items()))
+    vf_coef: float = arg(0.0, "--critic head: value-loss coefficient (paper 0.5); 0 = no critic: V = 0")
     vf_lr: float = arg(1e-5, "learning rate of the value head (paper: the policy's)")
     vf_clip: float = arg(0.1, "value-loss clip around the rollout's values, 0 = off (paper 0.1)")
-    critic: str = arg("", "image: a small CNN of its own on the image and the turns left, refit every update "
-                          "(ImageCritic) | head: the value head on the VLM, trained by --vf-coef (paper; --vf-coef 0 = "
-                          "no critic, V = 0); default: head under --vf-coef > 0, else the task's (" +
-                          ", ".join(f"{t} {c}" for t, c in TASK_CRITIC.items()) + ")")
     critic_steps: int = arg(100, "--critic image: Adam steps of 256 turns per update")
     critic_updates: int = arg(4, "--critic image: it fits the turns of this many most recent updates")
     max_grad_norm: float = arg(1.0, "gradient-norm clip (paper 0.01 with LoRA on 7B)")
@@ -143,17 +139,17 @@ class Args:
     # --- ablations
     teacher: str = arg("merged", "merged: TIES over the agent's checkpoints | static: the SFT model")
     guide: str = arg("thought", "tokens the teacher guides: thought | thought+action (section 4.4)")
-    kl_mode: str = arg("shaping", "turbo-kl: shaping (paper): beta x the KL penalty off each turn's return | loss: "
-                                  "beta x a per-token k2 KL to the teacher added to every PPO step's loss")
+    kl_mode: str = arg("shaping", "turbo-kl: shaping (paper): beta x KL off each turn's return | loss: beta x a "
+                                  "per-token k2 KL to the teacher in every PPO step")
     kl_estimator: str = arg("clip", "clip (paper) | k1 | abs | k3 | exact (full vocabulary) | forward")
     merge: str = arg("ties", "merge of the checkpoint history: ties | linear")
-    weighting: str = arg("ema", "history weighting: ema (the paper's best; SMA lags a still-improving agent) | sma")
+    weighting: str = arg("ema", "history weighting: ema (the paper's best) | sma")
     ratio: str = arg("turn", "turn: one ratio per turn (paper) | token: one clipped ratio per token")
     # --- large models
     lora_rank: int = arg(0, "LoRA rank on every linear layer, 0 = full fine-tuning (paper 128)")
     lora_alpha: float = arg(0.0, "LoRA alpha, 0 = 2 x rank (paper 256)")
-    bf16: bool = arg(None, "bfloat16 autocast, weights and Adam in fp32, a LoRA base held in bf16 (default: on for "
-                           "CUDA and for CPUs with bf16 kernels, AVX-512 and newer; off elsewhere, where bf16 is slower)")
+    bf16: bool = arg(None, "bfloat16 autocast, weights and Adam in fp32 (default: on for CUDA and CPUs with bf16 "
+                           "kernels, AVX-512 and newer)")
 
     def __post_init__(self):
         if self.bf16 is None:
@@ -340,43 +336,16 @@ def compute_returns(buf, last_value, args):
 # The SFT warm-up on solver demonstrations (section 6), and the agent RL starts from
 
 
-def solver_envs(task: str, n: int, seed: int):
-    """Envs whose solver writes an expert answer for each env each turn (Points24: solvable deals only)."""
-    return LockstepEnvs(task, n, seed=seed, split="train", **({"solvable_only": True} if task == "points24" else {}))
-
-
-def tokenizer_corpus(seed: int, episodes_per_task: int = 60) -> list[str]:
-    """Prompts and expert answers of every task: the tiny model's BPE vocabulary is trained on them."""
-    corpus = []
-    for task in TASKS:
-        envs = solver_envs(task, 4, seed)
-        for _ in range(episodes_per_task // 4 * 6):
-            _, prompts = envs.observe()
-            answers = envs.expert_texts()
-            # the chat template's role words once per prompt: BPE merges them into one token each, as it does
-            # any word that frequent
-            corpus += [f"user\n{p}\nassistant\n" for p in prompts] + answers
-            envs.step_texts(answers)
-    return corpus
-
-
 def sft_step(agent, opt, params, demos, args, sync: bool, noise: float = 0.0):
-    """One step of CE on whole expert answers (thought, action, EOS) for the demo envs' next turn, a share
-    `noise` of the moves random; the demos then play them. sync: average the gradients over ranks."""
-    images, prompts = demos.observe()
-    answers = demos.expert_texts(noise)
+    """One optimizer step of distill.demo_loss. sync: average the gradients over ranks."""
     with autocast(args):
-        batch = agent.tokenize(images, prompts, answers)
-        logp, _, _ = agent.score(batch, temperature=1.0)
-        mask = batch.gen_mask.float()
-        loss = -(logp * mask).sum() / mask.sum()
+        loss = demo_loss(agent, demos, noise)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if sync:
         all_reduce_grads(params, True)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
-    demos.step_texts(answers)
     return loss.detach()
 
 
