@@ -244,9 +244,12 @@ def test_direct_encoding_equals_the_processor(agent, shape):
     and a size the processor would resize (not a multiple of 32 pixels), go through the processor itself."""
     from PIL import Image
     imgs, prompts = images(4, seed=3, shape=shape), [PROMPTS[0], PROMPTS[2], PROMPTS[0], PROMPTS[1] * 2]
-    texts = agent.chat_texts(prompts)
+    texts = [agent.processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                              {"type": "text", "text": p}]}],
+                                                 add_generation_prompt=True, tokenize=False) for p in prompts]
     ref = agent.processor(images=[[Image.fromarray(im)] for im in imgs], text=texts, return_tensors="pt", padding=True)
-    enc = agent.encode_direct(imgs, texts)
+    assert agent.encode_direct(imgs, texts) is not None   # the direct path is the one tokenize_prompts takes
+    enc = agent.tokenize_prompts(imgs, prompts)
     for key in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
         assert enc[key].dtype == ref[key].dtype and torch.equal(enc[key], ref[key]), key
     assert agent.encode_direct(imgs[:1] + images(1, shape=(96, 128, 3)), texts[:2]) is None
@@ -268,7 +271,7 @@ def test_cat_and_select_keep_rows(agent):
     b2 = agent.encode(images(3, seed=2), [PROMPTS[0] * 2, PROMPTS[2], PROMPTS[3]], ANSWERS[1:])
     assert b1.prompt_len != b2.prompt_len and b1.gen_ids.shape[1] != b2.gen_ids.shape[1]
     cat = Batch.cat([b1, b2])
-    assert len(cat) == 5 and cat.texts == b1.texts + b2.texts
+    assert cat.input_ids.shape[0] == 5 and cat.texts == b1.texts + b2.texts
     logp, values, _ = agent.score(cat)
     for src, rows in ((b1, range(0, 2)), (b2, range(2, 5))):
         for i, r in enumerate(rows):
