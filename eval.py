@@ -15,8 +15,6 @@ training distribution instead, Points24's default (the paper's protocol there: o
 CLI: `python eval.py run runs/X` (or `--agent DIR --task T`); `python eval.py compare runs/A runs/B ...`. Bad input
 exits 2 with one line `eval.py: error: ...`, before any model is loaded. Left out: statistical tests, videos.
 """
-from __future__ import annotations
-
 import argparse
 import contextlib
 import copy
@@ -39,8 +37,7 @@ from env import (BOX, BOX_ON_TARGET, CELL, GOAL, PLAYER, TARGET, TASKS, WALL, Lo
                  extract_thought, font)
 
 EVAL_SEED_OFFSET = 1_000_000  # evaluation episode seeds never coincide with a training run's seeds
-EVAL_BATCH = 100              # episodes played at once by default: 100 episodes in one batch
-GIF_SCALE = 4                 # env image enlarged 4x (nearest neighbour) in replays
+EVAL_BATCH = 100              # episodes played at once by default: one batched model call per turn for all
 COLUMNS = ("success", "return", "length", "format_rate", "invalid_rate", "grounding", "distinct2", "self_bleu2",
            "thought_entropy", "tokens")
 
@@ -82,28 +79,24 @@ def distinct_n(texts, n=2) -> float:
 
 def self_bleu2(texts, max_texts=200) -> float:
     """Mean sentence BLEU-2 of each text against all the others (Zhu et al. 2018); 1.0 = all identical, nan for
-    < 2 texts. BLEU-2: geometric mean of the clipped 1- and 2-gram precisions times the brevity penalty
-    exp(1 - r/c) when c <= r (r = the other length closest to c, ties to the shorter); no smoothing, so a zero
+    < 2 texts. BLEU-2 of a text of c words: geometric mean of its clipped 1- and 2-gram precisions times the brevity
+    penalty min(1, exp(1 - r/c)), r = the other length closest to c (ties to the shorter); no smoothing, so a zero
     precision gives 0. Over more than `max_texts` texts an evenly spaced subsample is used (the cost is quadratic)."""
     if len(texts) > max_texts:
         texts = [texts[i] for i in np.linspace(0, len(texts) - 1, max_texts).round().astype(int)]
     words = [t.split() for t in texts]
-    if len(words) < 2:
-        return float("nan")
     grams = [[Counter(ngrams(w, n)) for n in (1, 2)] for w in words]  # each text's 1- and 2-grams, once
-    scores = []
-    for i, hyp in enumerate(words):
+
+    def bleu(i):
         others = [j for j in range(len(words)) if j != i]
-        # an n-gram counts at most as often as in the other text that has it most
-        clips = [reduce(or_, (grams[j][n] for j in others)) for n in (0, 1)]
-        hits = [sum(min(c, clips[n][g]) for g, c in grams[i][n].items()) for n in (0, 1)]
+        # clipped: an n-gram counts at most as often as in the other text that has it most (Counter | and &)
+        hits = [sum((grams[i][n] & reduce(or_, (grams[j][n] for j in others))).values()) for n in (0, 1)]
         if 0 in hits:  # no n-gram matched (or the text has none)
-            scores.append(0.0)
-            continue
-        ref_len = min((abs(len(words[j]) - len(hyp)), len(words[j])) for j in others)[1]
-        bp = 1.0 if len(hyp) > ref_len else math.exp(1 - ref_len / len(hyp))
-        scores.append(bp * math.exp(sum(math.log(hits[n] / sum(grams[i][n].values())) for n in (0, 1)) / 2))
-    return float(np.mean(scores))
+            return 0.0
+        c, r = len(words[i]), min((abs(len(words[j]) - len(words[i])), len(words[j])) for j in others)[1]
+        log_precisions = sum(math.log(hits[n] / sum(grams[i][n].values())) for n in (0, 1))
+        return min(1.0, math.exp(1 - r / c)) * math.exp(log_precisions / 2)
+    return float(np.mean([bleu(i) for i in range(len(words))])) if len(words) > 1 else float("nan")
 
 
 def episode_metrics(eps, turns) -> dict:
@@ -201,10 +194,9 @@ def play(actor, task, episodes, seed, num_envs=EVAL_BATCH, split="eval", desc="e
         texts, entropy, ntok = actor([images[i] for i in rows], [prompts[i] for i in rows], envs, rows)
         answers = dict(zip(rows, texts))  # idle envs answer "": their extra turns are never counted
         out = envs.step_texts([answers.get(i, "") for i in range(num_envs)])
-        for j, i in enumerate(rows):
-            turns.append({"format_ok": bool(out["format_ok"][i]), "action_valid": bool(out["action_valid"][i]),
-                          "grounding": float(out["grounding"][i]), "entropy": float(entropy[j]),
-                          "tokens": float(ntok[j]), "thought": extract_thought(texts[j]) or ""})
+        turns += [{"format_ok": bool(out["format_ok"][i]), "action_valid": bool(out["action_valid"][i]),
+                   "grounding": float(out["grounding"][i]), "entropy": float(entropy[j]), "tokens": float(ntok[j]),
+                   "thought": extract_thought(texts[j]) or ""} for j, i in enumerate(rows)]
         for e in (e for e in out["episodes"] if done[e["env"]] < quota[e["env"]]):
             eps.append(e)
             bar.update(1)
@@ -281,9 +273,8 @@ def group_runs(runs) -> dict:
 def mean_sd(xs, digits=3) -> str:
     """mean ± sample std over seeds (no ± for a single seed); nan seeds are left out, none left is n/a."""
     xs = [x for x in xs if not math.isnan(x)]
-    if len(xs) < 2:
-        return f"{xs[0]:.{digits}f}" if xs else "n/a"
-    return f"{np.mean(xs):.{digits}f} ± {np.std(xs, ddof=1):.{digits}f}"
+    sd = f" ± {np.std(xs, ddof=1):.{digits}f}" if len(xs) > 1 else ""
+    return f"{np.mean(xs):.{digits}f}{sd}" if xs else "n/a"
 
 
 def compare_table(groups) -> str:
@@ -326,7 +317,6 @@ def plot_curves(groups, path):
     panels = CURVES + tuple((k, where + title) for k, title in EVAL_CURVES if k in logged)
     cols = (len(panels) + 1) // 2
     fig, axes = plt.subplots(2, cols, figsize=(5.5 * cols, 7.5))
-    colors = plt.get_cmap("tab10").colors
     legend = {}  # label -> line, from every panel: a group may have no points in the first one
     for ax, (key, title) in zip(axes.flat, panels):
         for g, (label, runs) in enumerate(groups.items()):
@@ -335,7 +325,7 @@ def plot_curves(groups, path):
                 continue  # e.g. teacher KL of ppo: no teacher, no line
             grid = min((c[0] for c in curves), key=lambda s: s[-1])
             ys = np.stack([np.interp(grid, s, v) for s, v in curves])   # [seeds, K]
-            color = colors[g % len(colors)]
+            color = plt.get_cmap("tab10").colors[g % 10]
             line, = ax.plot(grid, ys.mean(0), color=color, marker="." if len(grid) < 20 else None)
             legend.setdefault(f"{label} (n={len(curves)})", line)
             if len(curves) > 1:
@@ -347,10 +337,9 @@ def plot_curves(groups, path):
         ax.grid(alpha=0.3)
     # as many legend columns as the longest label lets fit (about 30 characters per panel's width), at most 4
     ncol = max(1, min(4, len(legend), int(cols * 30 // max(map(len, legend), default=1))))
-    rows = -(-len(legend) // ncol)
     if legend:
         fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=ncol, frameon=False)
-    fig.tight_layout(rect=(0, 0.03 + 0.03 * rows, 1, 1))
+    fig.tight_layout(rect=(0, 0.03 + 0.03 * -(-len(legend) // ncol), 1, 1))  # room below for the legend's rows
     fig.savefig(path, dpi=100, format="png")  # without format, "x.jpg" or "x" would change what is written
     plt.close(fig)
 
@@ -363,6 +352,7 @@ LEGEND = {"sokoban": (("player", PLAYER), ("box", BOX), ("target", TARGET), ("bo
                       ("wall", WALL)),
           "gridworld": (("player", PLAYER), ("goal", GOAL), ("wall", WALL))}
 LABEL_LEFT, LABEL_TOP, LEGEND_H = 20, 16, 24  # px: row numbers, column numbers, legend line
+GIF_SCALE = 4                                  # env image enlarged 4x (nearest neighbour)
 
 
 def write_replays(actor, task, n, seed, out_dir, split="eval") -> list[dict]:
@@ -404,7 +394,6 @@ def board_frame(env, task) -> np.ndarray:
         return board  # Points24: cards, no grid
     from PIL import Image, ImageDraw
     f, side, ink = font(12), CELL * GIF_SCALE, (0, 0, 0)   # side: px per grid cell in the frame
-    tiles = draw_grid(np.array([[kind for _, kind in LEGEND[task]]]))   # [32, >= 16 * kinds, 3], padded
     widths = [CELL + 14 + int(f.getlength(name)) for name, _ in LEGEND[task]]  # tile, gap, name, gap
     h, w = board.shape[:2]
     img = Image.new("RGB", (max(LABEL_LEFT + w, sum(widths) + 4), LABEL_TOP + h + LEGEND_H), (255, 255, 255))
@@ -415,8 +404,8 @@ def board_frame(env, task) -> np.ndarray:
     for c in range(env.w):
         draw.text((LABEL_LEFT + (c + 0.5) * side, LABEL_TOP / 2), str(c), fill=ink, font=f, anchor="mm")
     x, y = 4, LABEL_TOP + h + (LEGEND_H - CELL) // 2
-    for k, ((name, _), width) in enumerate(zip(LEGEND[task], widths)):
-        img.paste(Image.fromarray(tiles[:CELL, k * CELL:(k + 1) * CELL]), (x, y))
+    for (name, kind), width in zip(LEGEND[task], widths):
+        img.paste(Image.fromarray(draw_grid(np.array([[kind]]))[:CELL, :CELL]), (x, y))  # the tile, unpadded
         draw.text((x + CELL + 4, y + CELL / 2), name, fill=ink, font=f, anchor="lm")
         x += width
     return np.asarray(img)
@@ -535,8 +524,7 @@ def main(argv=None):
             print(compare(ns.runs, ns.out, ns.table))
         except (OSError, ValueError) as e:
             p.error(str(e))
-        print(f"wrote {ns.out}" + (f" and {ns.table}" if ns.table else ""), file=sys.stderr)
-        return
+        return print(f"wrote {ns.out}" + (f" and {ns.table}" if ns.table else ""), file=sys.stderr)
     agent_dir, teacher_dir, saved = run_inputs(ns, p.error)
     src = os.path.join(ns.run or "", "args.json")
     if saved:  # parsed again with the run's settings as defaults: a flag still wins, each passes its flag's type
@@ -547,8 +535,7 @@ def main(argv=None):
         p.error(f"--task is required {'with --agent' if ns.agent else f'({src} names none)'}: one of "
                 + ", ".join(sorted(TASKS)))
     ns.eval_split = ns.eval_split or TASKS[ns.task].default_eval_split
-    with torch.no_grad():  # not set_grad_enabled: main() is also called in-process (tests)
-        run_cli(ns, agent_dir, teacher_dir, p.error)
+    run_cli(ns, agent_dir, teacher_dir, p.error)
 
 
 def run_inputs(ns, error):

@@ -300,7 +300,7 @@ def test_compare_groups_by_every_setting_and_reads_null(tmp_path, capsys):
     step = '{{"env_steps": {}, "charts/success_rate": {}}}'.format
     agent = '{{"agent": {{"success": {}}}}}'.format  # eval.json as train.py writes it (null for NaN)
     # a, b, d: one setting (threads, out, eval_episodes do not split a group), seeds 1, 2, 3; d's success is
-    # null: left out, not counted 0. a's curve holds a null and a bare NaN (an old file): dropped from the plot
+    # null: left out, not counted 0. a's curve holds a null and a bare NaN (not strict JSON): both dropped
     a = fake_run(tmp_path / "a", [step(8, 0.2), step(16, "null"), step(24, "NaN")], agent(0.2), threads=2,
                  eval_episodes=0)
     b = fake_run(tmp_path / "b", [step(8, 0.4), step(16, 0.6)], agent(0.5), seed=2)
@@ -327,7 +327,7 @@ def test_compare_groups_by_every_setting_and_reads_null(tmp_path, capsys):
 
 
 def test_compare_labels_teacher_settings_only_for_turbo_methods(tmp_path):
-    """ppo ran with the old weighting default, turbo-kl with the new: only turbo-kl's label names it."""
+    """Runs that differ in weighting: only turbo-kl's labels name it (ppo has no teacher to weight)."""
     step = '{"env_steps": 8, "charts/success_rate": 0.5}'
     runs = [E.read_run(fake_run(tmp_path / f"{m}-{w}", [step], method=m, weighting=w, format_reward=f))
             for m, w, f in (("ppo", "sma", "0,0"), ("turbo-kl", "ema", "3,-2"), ("turbo-kl", "sma", "3,-2"))]
