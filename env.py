@@ -1,12 +1,12 @@
 """env.py: the paper's three tasks (docs/method.md section 1) as gymnasium environments at this project's scale
-(section 6), and the lockstep batch of envs that the trainer and the evaluator play.
+(section 6), and LockstepEnvs, the batch of envs that train.py and eval.py play.
 
 Each env (`SokobanEnv`, `GridWorldEnv`, `Points24Env`) reads as rules (`_random_level`, `step`), observation
-(`_obs`, an RGB image, and `prompt`), expert answer (`expert_answer`, `optimal_actions`: privileged, from a
-solver, for SFT demos and GTR's corrector) and grounding (`grounding(thought)`: the share of a thought's
-checkable facts that are true, section 6's metric). An answer is one short JSON object, a thought and an action,
-because sampling, scoring and PPO pay for every token. Coordinates in thoughts are "r,c" (row, column), 0-based,
-counting the border walls, so they name the cells of the image one to one.
+(`_obs`, an RGB image, and `prompt`), expert answer (`expert_answer` and `optimal_actions`: privileged, from a
+solver, for the SFT warm-up and GTR's corrector, section 3) and grounding (`grounding(thought)`: the share of a
+thought's checkable facts that are true). An answer is one short JSON object, a thought and an action, because
+sampling, scoring and PPO pay for every token. Coordinates in thoughts are "r,c" (row, column), 0-based,
+counting the border walls, so they name the image's cells one to one. Not here: the paper's ALFWorld.
 """
 from __future__ import annotations
 
@@ -17,32 +17,22 @@ import json
 import operator
 import re
 import zlib
-from collections import deque
 from fractions import Fraction
 from functools import lru_cache
 
 import gymnasium as gym
 import numpy as np
-from gymnasium import spaces
 
 MOVES = ["up", "down", "left", "right"]
 FORMAT_VERSION = 3  # of prompts, answers and images: a cached SFT agent of another version is not reused
 MAX_JSON_CHARS = 20_000  # longer than any well-formed answer; longer text is scanned, never parsed as JSON
 
 
-# ---------------------------------------------------------------------------------------------------
-# Answers: the JSON format, the paper's parse rule, the thought and the facts it states
+# --- Answers: the JSON format, the paper's parse rule (section 1), the thought and the facts it states ---
 
 def answer_json(obj: dict) -> str:
     """An answer as compact JSON (no spaces after separators): the paper's keys in fewer tokens."""
     return json.dumps(obj, separators=(",", ":"))
-
-
-_ACTION_KEY = re.compile(r'"action"\s*:')
-_VALUE_TOKEN = re.compile(r"[a-z]+|\d+|[-+*/()=]")
-_THOUGHT_VALUE = re.compile(r'"thoughts"\s*:\s*"((?:[^"\\]|\\.)*)"')
-_FINAL_MOVE = re.compile(r"so [a-z0-9]+\.$")
-_POSITION_FACT = re.compile(r"\b(player|box|target|goal) (\d+),(\d+)")
 
 
 def parse_answer(text, action_names, keys=("thoughts", "action")):
@@ -62,20 +52,20 @@ def parse_answer(text, action_names, keys=("thoughts", "action")):
             format_ok = isinstance(obj, dict) and all(k in obj for k in keys)
         except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; deep nesting recurses
             pass
-    starts = [m.end() for m in _ACTION_KEY.finditer(text)]
+    starts = [m.end() for m in re.finditer(r'"action"\s*:', text)]
     if not starts:
         return None, format_ok
     rest = text[starts[-1]: starts[-1] + 200].lstrip()
     value = rest[1:].split('"', 1)[0] if rest.startswith('"') else re.split(r"[,}\n]", rest, maxsplit=1)[0]
     value, names = value.strip().lower(), [a.lower() for a in action_names]
-    found = {value} if value in names else {t for t in _VALUE_TOKEN.findall(value) if t in names}
+    found = {value} if value in names else {t for t in re.findall(r"[a-z]+|\d+|[-+*/()=]", value) if t in names}
     return (names.index(found.pop()) if len(found) == 1 else None), format_ok
 
 
 def extract_thought(text) -> str | None:
     """The first closed "thoughts" string in the first MAX_JSON_CHARS characters (broken JSON around it is fine),
     JSON escapes decoded where they decode; None if there is none or `text` is not a str."""
-    m = _THOUGHT_VALUE.search(text[:MAX_JSON_CHARS]) if isinstance(text, str) else None
+    m = re.search(r'"thoughts"\s*:\s*"((?:[^"\\]|\\.)*)"', text[:MAX_JSON_CHARS]) if isinstance(text, str) else None
     if m is None:
         return None
     try:
@@ -90,7 +80,7 @@ def noisy_answer(answer: str, action_names, rng) -> str:
     gives a start that reads the board reliably and chooses noisily, a start RL can lift."""
     obj = json.loads(answer)
     move = action_names[int(rng.integers(len(action_names)))]
-    obj["thoughts"] = _FINAL_MOVE.sub(f"so {move}.", obj["thoughts"])
+    obj["thoughts"] = re.sub(r"so [a-z0-9]+\.$", f"so {move}.", obj["thoughts"])
     obj["action"] = move
     return answer_json(obj)
 
@@ -99,20 +89,14 @@ def position_facts(thought: str) -> list[tuple[str, int, int]]:
     """(kind, row, col) of every "<kind> R,C" in a thought. A coordinate of more than 6 digits reads as 10**6
     (off every board), so a 5,000-digit number is a false fact, not a slow int()."""
     num = lambda s: int(s) if len(s) <= 6 else 10 ** 6  # noqa: E731
-    return [(k, num(r), num(c)) for k, r, c in _POSITION_FACT.findall(thought[:MAX_JSON_CHARS])]
+    facts = re.findall(r"\b(player|box|target|goal) (\d+),(\d+)", thought[:MAX_JSON_CHARS])
+    return [(k, num(r), num(c)) for k, r, c in facts]
 
 
-# ---------------------------------------------------------------------------------------------------
-# Pictures: one 16-px cell per grid square, so that one vision patch sees one square
+# --- Pictures: one 16-px cell per grid square, so that one vision patch sees one square ---
 
 CELL = 16  # px per grid cell: the patch size of Qwen2.5-VL's vision tower
 FLOOR, WALL, TARGET, BOX, BOX_ON_TARGET, PLAYER, PLAYER_ON_TARGET, GOAL, PLAYER_ON_GOAL = range(9)
-
-
-def _pad32(n: int) -> int:
-    """Round a side up to a multiple of 32 px (Qwen2.5-VL: patch 16 x spatial merge 2)."""
-    return -(-n // 32) * 32
-
 
 # [9, CELL, CELL, 3] uint8, one tile per cell kind. Targets and goals colour the whole cell and the player is an
 # inner square, so a target under the player stays visible.
@@ -128,9 +112,10 @@ _TILES[[PLAYER, PLAYER_ON_TARGET, PLAYER_ON_GOAL], 4:-4, 4:-4] = (40, 80, 220)
 
 
 def draw_grid(kinds: np.ndarray) -> np.ndarray:
-    """[h, w] cell kinds -> [H, W, 3] uint8 image, the sides padded (black) to multiples of 32 px."""
+    """[h, w] cell kinds -> [H, W, 3] uint8 image, each side padded (black) up to a multiple of 32 px, as
+    Qwen2.5-VL merges 2 x 2 patches into one token."""
     h, w = kinds.shape
-    out = np.zeros((_pad32(h * CELL), _pad32(w * CELL), 3), np.uint8)
+    out = np.zeros((-(-h * CELL // 32) * 32, -(-w * CELL // 32) * 32, 3), np.uint8)
     out[: h * CELL, : w * CELL] = _TILES[kinds].transpose(0, 2, 1, 3, 4).reshape(h * CELL, w * CELL, 3)
     return out
 
@@ -145,11 +130,7 @@ def font(size: int):
         return ImageFont.load_default()
 
 
-# ---------------------------------------------------------------------------------------------------
-# What the envs share: levels of a split and turns; for the two grid tasks, walled rooms and position facts
-
-SPLITS = (None, "train", "eval")  # None deals every level
-
+# --- What the envs share: the split and the turn; for the grid tasks, rooms and position facts ---
 
 def in_eval_split(canonical: str) -> bool:
     """A level is held out for evaluation iff crc32 of its canonical text is 0 mod 10, whatever seed dealt it."""
@@ -157,19 +138,19 @@ def in_eval_split(canonical: str) -> bool:
 
 
 class _TurnEnv(gym.Env):
-    """A level drawn until one of the split is accepted, the turn counter, the invalid-answer turn, the enlarged
-    image. A subclass draws levels (`_random_level`) and plays them (`step`, `_obs`, `prompt`, ...)."""
+    """Levels drawn until one of the split is accepted, and the turn: counted, truncated at max_steps, or skipped.
+    A subclass draws levels (`_random_level`) and plays them (`step`, `_obs`, `prompt`, ...)."""
 
     answer_keys = ("thoughts", "action")
     action_names: list = []
     default_eval_split = "eval"  # what train.py and eval.py score on unless told: held-out levels
 
     def __init__(self, max_steps, split, obs_shape, max_tries):
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split not in (None, "train", "eval"):  # None deals every level
+            raise ValueError(f"split must be one of (None, 'train', 'eval'), got {split!r}")
         self.max_steps, self.split, self.max_tries, self.steps = int(max_steps), split, int(max_tries), 0
-        self.action_space = spaces.Discrete(len(self.action_names))
-        self.observation_space = spaces.Box(0, 255, obs_shape, np.uint8)
+        self.action_space = gym.spaces.Discrete(len(self.action_names))
+        self.observation_space = gym.spaces.Box(0, 255, obs_shape, np.uint8)
 
     def reset(self, *, seed=None, options=None):
         """A new level of this env's split, drawn from `self.np_random` (seeded by `seed`)."""
@@ -192,10 +173,16 @@ class _TurnEnv(gym.Env):
     def _info(self, success=False):
         return {"level": self.level, "steps": self.steps, "success": bool(success)}
 
+    def _turn(self, reward=0.0, terminated=False, truncated=False, success=False):
+        """Count the turn just played -> (obs, reward, terminated, truncated, info); the max_steps-th turn
+        truncates an episode that has not terminated."""
+        self.steps += 1
+        truncated = truncated or (not terminated and self.steps >= self.max_steps)
+        return self._obs(), float(reward), terminated, truncated, self._info(success)
+
     def skip_turn(self):
         """Spend a turn without changing the state (an invalid answer); it counts toward max_steps."""
-        self.steps += 1
-        return self._obs(), 0.0, False, self.steps >= self.max_steps, self._info()
+        return self._turn()
 
     def render_image(self, scale: int = 4) -> np.ndarray:
         """The observation enlarged `scale` times (nearest neighbour), e.g. for GIF replays."""
@@ -230,13 +217,18 @@ def to_xsb(walls: np.ndarray, targets, boxes, player: int) -> str:
 
 
 class _GridEnv(_TurnEnv):
-    """Sokoban and GridWorld: a player in a walled grid of CELL-px squares, the four moves as actions, and
-    thoughts that state positions ("player 2,3"), checked against `_truth()`: {kind: set of flat cells}."""
+    """Sokoban and GridWorld: a player in a walled grid of CELL-px squares, the four moves as actions, the image
+    drawn from the state's XSB text (`_KINDS`: character -> cell kind), and thoughts that state positions
+    ("player 2,3"), checked against `_truth()`: {kind: set of flat cells}."""
 
     action_names = list(MOVES)
     # the rules read the same after flipping or transposing the grid, so a state's value nearly does too
     # (train.ImageCritic trains on flipped images)
     symmetric = True
+
+    def _obs(self):
+        kinds = [self._KINDS[ch] for ch in self.state_text().replace("\n", "")]
+        return draw_grid(np.array(kinds).reshape(self.h, self.w))
 
     def _pos(self, p: int) -> str:
         return f"{p // self.w},{p % self.w}"  # flat cell index -> "r,c"
@@ -251,17 +243,14 @@ class _GridEnv(_TurnEnv):
         return sum(ok and p in truth[kind] for kind, p, ok in facts) / len(facts) if facts else None
 
 
-# ---------------------------------------------------------------------------------------------------
-# Sokoban: rules, solver, env
+# --- Sokoban: rules, solver, env ---
 
 def sokoban_move(nbr, player: int, boxes: frozenset, a: int):
     """One move -> (player, boxes, pushed: (from, to) or None); a blocked move changes nothing. A box is
     pushed when the cell behind it is free (floor or target): no chain pushes, no pulls."""
     q = nbr[player][a]
-    if q < 0:
-        return player, boxes, None
-    if q not in boxes:
-        return q, boxes, None
+    if q < 0 or q not in boxes:  # a wall, or a free cell
+        return (player if q < 0 else q), boxes, None
     r = nbr[q][a]
     if r < 0 or r in boxes:
         return player, boxes, None
@@ -290,25 +279,22 @@ def solve_sokoban(nbr, targets, boxes, player, max_depth=None):
     return None
 
 
-_PUSH_SIDE = {"up": "below", "down": "above", "left": "right", "right": "left"}
-
-
 class SokobanEnv(_GridEnv):
-    """Sokoban with gym-sokoban's rewards: -0.1 per step, +1 for a box onto a target, -1 for a box off one,
-    +10 when every box is on a target (terminated); truncated after max_steps turns.
+    """Sokoban with gym-sokoban's rewards: -0.1 per step, +1 for a box onto a target, -1 for a box off one, +10
+    when every box is on a target (terminated). Levels: a dim_room room (border walls included), 0..inner_walls
+    random inner walls, num_boxes boxes, kept if the optimal solution takes min_solution_len..max_solution_len
+    moves. The default, 1-8 moves on 6x6, lets a few minutes of SFT start the tiny agent well above the 5% below
+    which self-improvement fails (docs/method.md section 5) and leaves RL room."""
 
-    Levels: a dim_room room (border walls included), 0..inner_walls random inner walls, num_boxes boxes, kept
-    only if the optimal solution takes min_solution_len..max_solution_len moves. The default, 1-8 moves on 6x6,
-    lets a few minutes of SFT start the tiny agent well above the 5% below which self-improvement fails
-    (docs/method.md section 5) and leaves RL room.
-    """
+    _KINDS = dict(zip("# .$*@+", (WALL, FLOOR, TARGET, BOX, BOX_ON_TARGET, PLAYER, PLAYER_ON_TARGET)))
+    _PUSH_FROM = {"up": "below", "down": "above", "left": "right", "right": "left"}  # where the player stands
 
     def __init__(self, dim_room=(6, 6), num_boxes=1, max_steps=15, min_solution_len=1, max_solution_len=8,
                  inner_walls=2, split=None, max_tries=20_000):
-        self.dim_room = h, w = int(dim_room[0]), int(dim_room[1])
+        self.dim_room = int(dim_room[0]), int(dim_room[1])
         self.num_boxes, self.inner_walls = num_boxes, inner_walls
         self.min_solution_len, self.max_solution_len = min_solution_len, max_solution_len
-        super().__init__(max_steps, split, (_pad32(h * CELL), _pad32(w * CELL), 3), max_tries)
+        super().__init__(max_steps, split, draw_grid(np.zeros(self.dim_room, int)).shape, max_tries)
 
     def _load(self, walls, targets, boxes, player):
         self.walls, (self.h, self.w), self.nbr = walls, walls.shape, _neighbours(walls)
@@ -321,29 +307,16 @@ class SokobanEnv(_GridEnv):
         walls, cells = _random_room(self.np_random, *self.dim_room, k, 2 * n + 1)
         self._load(walls, cells[:n], cells[n:2 * n], cells[-1])
         level = self.state_text()
-        if not self._in_split(level):
+        if not self._in_split(level):  # checked first: the BFS is the slow part
             return None
         sol = solve_sokoban(self.nbr, self.targets, self.boxes, self.player, self.max_solution_len)
         return level if sol is not None and len(sol) >= self.min_solution_len else None
 
     def step(self, action):
         self.player, self.boxes, pushed = sokoban_move(self.nbr, self.player, self.boxes, self._action(action))
-        reward = -0.1
-        if pushed is not None:
-            reward += (pushed[1] in self.targets) - (pushed[0] in self.targets)
+        on_off = (pushed[1] in self.targets) - (pushed[0] in self.targets) if pushed else 0
         solved = self.boxes == self.targets
-        if solved:
-            reward += 10.0
-        self.steps += 1
-        return self._obs(), float(reward), solved, not solved and self.steps >= self.max_steps, self._info(solved)
-
-    def _obs(self):
-        kinds = np.where(self.walls, WALL, FLOOR).ravel()
-        kinds[list(self.targets)] = TARGET
-        for b in self.boxes:
-            kinds[b] = BOX_ON_TARGET if b in self.targets else BOX
-        kinds[self.player] = PLAYER_ON_TARGET if self.player in self.targets else PLAYER
-        return draw_grid(kinds.reshape(self.h, self.w))
+        return self._turn(-0.1 + on_off + (10.0 if solved else 0.0), solved, success=solved)
 
     def prompt(self) -> str:
         return "Sokoban: push boxes onto targets."
@@ -377,45 +350,41 @@ class SokobanEnv(_GridEnv):
         facts += [f"target {self._pos(t)}" for t in sorted(self.targets)]
         sol = self.solve()
         if not sol:
-            move = 0
             facts.append("no solution so up." if sol is None else "all boxes on targets so up.")
-        else:
-            move, p, bx = sol[0], self.player, self.boxes
-            for a in sol:  # walk the plan to its first push: the move prepares that push
-                p2, bx2, pushed = sokoban_move(self.nbr, p, bx, a)
-                if pushed is not None:
-                    break
-                p, bx = p2, bx2
-            box, d = ("" if len(self.boxes) == 1 else f" box {self._pos(pushed[0])}"), MOVES[a]
-            facts.append(f"push{box} {d} now so {d}." if p == self.player else
-                         f"push{box} {d} from {_PUSH_SIDE[d]} so {MOVES[move]}.")
-        return answer_json({"thoughts": " ".join(facts), "action": MOVES[move]})
+            return answer_json({"thoughts": " ".join(facts), "action": "up"})
+        p, bx = self.player, self.boxes
+        for a in sol:  # walk the plan to its first push: the first move prepares that push
+            p2, bx2, pushed = sokoban_move(self.nbr, p, bx, a)
+            if pushed is not None:
+                break
+            p, bx = p2, bx2
+        box, d, move = ("" if len(self.boxes) == 1 else f" box {self._pos(pushed[0])}"), MOVES[a], MOVES[sol[0]]
+        side = "now" if p == self.player else f"from {self._PUSH_FROM[d]}"
+        facts.append(f"push{box} {d} {side} so {move}.")
+        return answer_json({"thoughts": " ".join(facts), "action": move})
 
     def _truth(self):
         return {"player": {self.player}, "box": self.boxes, "target": self.targets}
 
 
-# ---------------------------------------------------------------------------------------------------
-# GridWorld: rules, solver (distances to the goal), env
+# --- GridWorld: rules, solver (distances to the goal), env ---
 
 class GridWorldEnv(_GridEnv):
-    """Walk to the goal in a small walled room with a few obstacles: the fast task for smoke tests.
+    """Walk to the goal in a small walled room with a few obstacles: the fast task for smoke tests. -0.1 per step
+    (a wall or an obstacle costs the step and does not move), +10 on reaching the goal (terminated; that step's
+    reward is 9.9). Layouts are always solvable; the level text is XSB with the goal as the one target."""
 
-    -0.1 per step (walking into a wall or obstacle costs a step and does not move), +10 on reaching the goal
-    (terminated; that step's reward is 9.9), truncated after max_steps. Layouts are always solvable; the
-    canonical level text is XSB with the goal as the one target.
-    """
+    _KINDS = dict(zip("# .@+", (WALL, FLOOR, GOAL, PLAYER, PLAYER_ON_GOAL)))
 
     def __init__(self, size=6, num_obstacles=(1, 3), max_steps=15, split=None, max_tries=10_000):
         self.size, self.num_obstacles = int(size), num_obstacles
-        super().__init__(max_steps, split, (_pad32(self.size * CELL), _pad32(self.size * CELL), 3), max_tries)
+        super().__init__(max_steps, split, draw_grid(np.zeros((self.size, self.size), int)).shape, max_tries)
 
     def _load(self, walls, player, goal):
         self.walls, (self.h, self.w), self.nbr = walls, walls.shape, _neighbours(walls)
         self.player, self.goal = int(player), int(goal)
-        self.dist, todo = {self.goal: 0}, deque([self.goal])  # BFS from the goal: moves to it from each cell
-        while todo:
-            q = todo.popleft()
+        self.dist, todo = {self.goal: 0}, [self.goal]  # BFS from the goal: moves to it from each cell
+        for q in todo:  # todo grows as it is read: a FIFO queue
             for p in self.nbr[q]:
                 if p >= 0 and p not in self.dist:
                     self.dist[p] = self.dist[q] + 1
@@ -431,18 +400,9 @@ class GridWorldEnv(_GridEnv):
 
     def step(self, action):
         q = self.nbr[self.player][self._action(action)]
-        if q >= 0:  # -1: a wall or an obstacle, the player stays
-            self.player = q
-        self.steps += 1
+        self.player = q if q >= 0 else self.player  # -1: a wall or an obstacle, the player stays
         reached = self.player == self.goal
-        reward = -0.1 + (10.0 if reached else 0.0)
-        return self._obs(), float(reward), reached, not reached and self.steps >= self.max_steps, self._info(reached)
-
-    def _obs(self):
-        kinds = np.where(self.walls, WALL, FLOOR).ravel()
-        kinds[self.goal] = GOAL
-        kinds[self.player] = PLAYER_ON_GOAL if self.player == self.goal else PLAYER
-        return draw_grid(kinds.reshape(self.h, self.w))
+        return self._turn(-0.1 + (10.0 if reached else 0.0), reached, success=reached)
 
     def prompt(self) -> str:
         return "GridWorld: walk to the goal."
@@ -465,39 +425,30 @@ class GridWorldEnv(_GridEnv):
         return {"player": {self.player}, "goal": {self.goal}}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Points24: rules (formula tokens and their exact value), solver, card pictures, env
+# --- Points24: rules (formula tokens and their exact value), solver, card pictures, env ---
 
 P24_ACTIONS = [str(v) for v in range(1, 11)] + ["+", "-", "*", "/", "(", ")", "="]
 MAX_FORMULA_TOKENS = 20
-_FORMULA_TOKEN = re.compile(r"10|[1-9]|[-+*/()=]")
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
-def card_value(rank: int) -> int:
-    """gym_cards values: A=1, 2..10 at face value, J/Q/K = 10."""
-    return min(int(rank), 10)
-
-
 def rank_label(rank: int) -> str:
+    """A, 2..10, J, Q, K: gym_cards counts A as 1 and J, Q, K as 10."""
     return {1: "A", 11: "J", 12: "Q", 13: "K"}.get(int(rank), str(int(rank)))
 
 
 def tokenize_formula(text: str):
     """'8/(3-8/3)' -> ['8', '/', '(', '3', ...]; None if it holds anything but formula tokens and spaces."""
     text = text.replace(" ", "")
-    tokens = _FORMULA_TOKEN.findall(text)
+    tokens = re.findall(r"10|[1-9]|[-+*/()=]", text)
     return tokens if "".join(tokens) == text else None
 
 
 def evaluate_formula(tokens):
-    """Exact value (a Fraction) of a complete formula; None for a syntax error or a division by zero.
-
-    Ordinary arithmetic: + - * / with the usual precedence, left to right, and parentheses, over the numbers
-    1..10; no unary minus, no implicit multiplication ("3 8" is an error). Python's parser builds the tree (from
-    the tokens joined by spaces, so "1" "10" stay two numbers), evaluated in Fractions.
-    """
-    if not tokens or len(tokens) > 4 * MAX_FORMULA_TOKENS:
+    """Exact value (a Fraction) of a complete formula; None for a syntax error or a division by zero. The usual
+    precedence, left to right, and parentheses; no unary minus, no implicit multiplication ("3 8" is an error).
+    Python's parser builds the tree from the tokens joined by spaces, so "1" "10" stay two numbers."""
+    if not tokens or len(tokens) > 4 * MAX_FORMULA_TOKENS:  # a huge stated formula would nest the parser deep
         return None
 
     def value(node):
@@ -541,10 +492,9 @@ def _spellings(node):
 
 @lru_cache(maxsize=1024)
 def solve24(hand: tuple) -> tuple:
-    """Every formula that makes exactly 24 from a sorted tuple of four values, each used once, as (tokens,
-    text) pairs sorted by (number of tokens, text): the first is the shortest. Exhaustive over orders, the
-    four operations and every parenthesisation; a spelling whose omitted parentheses change the value is not
-    a solution."""
+    """Every formula that makes exactly 24 from a sorted tuple of four values, each used once, as (tokens, text)
+    pairs sorted by (number of tokens, text), the shortest first. Exhaustive over orders, operations and
+    parenthesisations; a spelling whose omitted parentheses change the value is not a solution."""
     found = set()
     for perm in set(itertools.permutations(hand)):
         for value, node in _trees(tuple(str(v) for v in perm)):
@@ -600,13 +550,11 @@ def _card_image(rank: int, suit: str) -> np.ndarray:
 class Points24Env(_TurnEnv):
     """Points24 with gym_cards rules: build a formula equal to 24 from four cards, one token per turn.
 
-    Actions (17): `1`..`10`, `+ - * / ( ) =`, appended to the formula. Rewards: a number used more often
-    than dealt: -1, terminated; `=`: +10 if the formula is exactly 24 (in Fractions) and uses all four cards,
-    else -1 (also for a syntax error or a division by zero), terminated; a 21st token: -1, truncated; 0
-    otherwise. `max_steps` counts turns, skipped (invalid) turns included. Cards come from a 52-card deck;
-    like the paper, unsolvable deals are kept unless `solvable_only` (73% of deals are solvable). Image
-    192x128: the four cards on top, the formula below, one token per 16x16 cell (rows at y=96 and y=112, 12
-    cells each).
+    Actions (17): `1`..`10`, `+ - * / ( ) =`, appended to the formula. Rewards: a number used more often than
+    dealt: -1, terminated; `=`: +10 if the formula is exactly 24 (in Fractions) and uses all four cards, else -1
+    (a syntax error or a division by zero too), terminated; a 21st token: -1, truncated; 0 otherwise. Cards come
+    from a 52-card deck; like the paper, unsolvable deals are kept unless `solvable_only` (73% of deals are
+    solvable). Image 192x128: the cards on top, the formula below, one token per 16x16 cell, 12 a row.
     """
 
     action_names = list(P24_ACTIONS)
@@ -623,7 +571,7 @@ class Points24Env(_TurnEnv):
     def _deal(self, cards):
         """Lay out `cards`, (rank 1..13, suit) pairs, with an empty formula."""
         self.cards, self.formula = [(int(r), s) for r, s in cards], []  # formula: the tokens so far
-        self.hand = tuple(sorted(card_value(r) for r, _ in self.cards))
+        self.hand = tuple(sorted(min(r, 10) for r, _ in self.cards))  # their values, J Q K count 10
         self._background = np.full((self.H, self.W, 3), TABLE, np.uint8)
         x0 = (self.W - 4 * CARD_W - 3 * 6) // 2  # four cards 6 px apart, centred
         for i, (r, s) in enumerate(self.cards):
@@ -638,19 +586,14 @@ class Points24Env(_TurnEnv):
 
     def step(self, action):
         token = P24_ACTIONS[self._action(action)]
-        self.steps += 1
-        reward, terminated, truncated, success = 0.0, False, False, False
         if token == "=":
             success = self._makes_24(self.formula)
-            reward, terminated = (10.0 if success else -1.0), True
-        else:
-            self.formula.append(token)
-            if token.isdigit() and self.formula.count(token) > self.hand.count(int(token)):
-                reward, terminated = -1.0, True
-            elif len(self.formula) > MAX_FORMULA_TOKENS:
-                reward, truncated = -1.0, True
-        truncated = truncated or (not terminated and self.steps >= self.max_steps)
-        return self._obs(), reward, terminated, truncated, self._info(success)
+            return self._turn(10.0 if success else -1.0, True, success=success)
+        self.formula.append(token)
+        if token.isdigit() and self.formula.count(token) > self.hand.count(int(token)):
+            return self._turn(-1.0, True)
+        too_long = len(self.formula) > MAX_FORMULA_TOKENS
+        return self._turn(-1.0 if too_long else 0.0, truncated=too_long)
 
     def _makes_24(self, tokens) -> bool:
         """The formula uses exactly the dealt values and is exactly 24."""
@@ -670,29 +613,24 @@ class Points24Env(_TurnEnv):
         """The full state as text: the cards (their suits do not matter) and the formula."""
         return f"cards: {' '.join(rank_label(r) for r, _ in self.cards)} | formula: {''.join(self.formula)}"
 
-    def _consistent(self):
-        """Solutions whose tokens start with the current formula, shortest first."""
+    def _plans(self) -> list:
+        """(next token, text) of each shortest solution that starts with the current formula, ordered by text;
+        the next token of a complete formula is `=`."""
         n, prefix = len(self.formula), tuple(self.formula)
-        return [(t, s) for t, s in solve24(self.hand) if t[:n] == prefix]
+        cons = [(t, s) for t, s in solve24(self.hand) if t[:n] == prefix]
+        return [(t[n] if len(t) > n else "=", s) for t, s in cons if len(t) == len(cons[0][0])]
 
     def optimal_actions(self) -> set:
-        """Next tokens of the shortest consistent solutions; `=` when none is consistent (end quickly)."""
-        cons, n = self._consistent(), len(self.formula)
-        shortest = [t for t, _ in cons if len(t) == len(cons[0][0])] if cons else [()]
-        return {P24_ACTIONS.index(t[n] if len(t) > n else "=") for t in shortest}
+        """The next tokens of the plans; `=` when there is none (end quickly)."""
+        return {P24_ACTIONS.index(nxt) for nxt, _ in self._plans() or [("=", "")]}
 
     def expert_answer(self) -> str:
-        """The cards, the formula so far, the shortest consistent solution and its next token, e.g.
-        thoughts "cards 3 8 3 8. target 8/(3-8/3). next -."."""
-        labels = [rank_label(r) for r, _ in self.cards]
-        cons, n = self._consistent(), len(self.formula)
-        if cons:
-            tokens, target = cons[0]
-            nxt = tokens[n] if len(tokens) > n else "="
-            thought = f"cards {' '.join(labels)}. target {target}. next {nxt}."
-        else:
-            nxt = "="
-            thought = f"cards {' '.join(labels)}. no solution{' from here' if solve24(self.hand) else ''}. next =."
+        """The cards, the formula so far, the first plan and its next token, e.g. thoughts "cards 3 8 3 8. target
+        8/(3-8/3). next -."."""
+        labels, plans = [rank_label(r) for r, _ in self.cards], self._plans()
+        nxt, target = plans[0] if plans else ("=", None)
+        plan = f"target {target}" if plans else f"no solution{' from here' if solve24(self.hand) else ''}"
+        thought = f"cards {' '.join(labels)}. {plan}. next {nxt}."
         return answer_json({"cards": labels, "formula": "".join(self.formula), "thoughts": thought, "action": nxt})
 
     def grounding(self, thought):
@@ -701,29 +639,21 @@ class Points24Env(_TurnEnv):
         if not isinstance(thought, str):
             return None
         thought, facts = thought[:MAX_JSON_CHARS], []
-        m = re.search(r"\bcards\s+([^.]*)", thought)
-        if m:
+        if m := re.search(r"\bcards\s+([^.]*)", thought):
             stated = re.findall(r"10|[1-9AJQK]", m.group(1).upper())
-            vals = sorted(card_value({"A": 1, "J": 11, "Q": 12, "K": 13}.get(s) or int(s)) for s in stated)
-            facts.append(tuple(vals) == self.hand)
-        m = re.search(r"(?<!target )\bformula\s+([^.]*)", thought)
-        if m:
+            facts.append(tuple(sorted(1 if s == "A" else 10 if s in "JQK" else int(s) for s in stated)) == self.hand)
+        if m := re.search(r"(?<!target )\bformula\s+([^.]*)", thought):
             stated = m.group(1).strip()
             facts.append((stated in ("empty", "") and not self.formula) or tokenize_formula(stated) == self.formula)
-        m = re.search(r"\btarget\s+([^.]*)", thought)
-        if m:
+        if m := re.search(r"\btarget\s+([^.]*)", thought):
             tokens = tokenize_formula(m.group(1).strip())
             facts.append(tokens is not None and tokens[:len(self.formula)] == self.formula and self._makes_24(tokens))
         return sum(facts) / len(facts) if facts else None
 
 
-# ---------------------------------------------------------------------------------------------------
-# The tasks by name, and N envs in lockstep
+# --- The tasks by name, and N envs in lockstep ---
 
 TASKS = {"sokoban": SokobanEnv, "gridworld": GridWorldEnv, "points24": Points24Env}
-for _cls in TASKS.values():  # gtr/Sokoban-v0, gtr/GridWorld-v0, gtr/Points24-v0
-    if f"gtr/{_cls.__name__[:-3]}-v0" not in gym.registry:
-        gym.register(id=f"gtr/{_cls.__name__[:-3]}-v0", entry_point=_cls)
 
 
 def make_env(task: str, **kw):
@@ -736,12 +666,11 @@ def make_env(task: str, **kw):
 class LockstepEnvs:
     """N envs stepped together from N answer texts, with auto-reset: the trainer's and the evaluator's view.
 
-    Episode k (counted over all envs in reset order) is seeded with (seed * 1_000_003 + k) mod 2**31, so a run
-    is reproducible and runs of different seeds see different levels. An answer without a legal action:
-    invalid="penalty" spends a turn without changing the state (skip_turn); invalid="random" executes a
-    uniformly random legal action (the reference code), drawn from this helper's own generator. Either way
-    the turn's reward gets `invalid_penalty` added and its action_valid is False.
-    """
+    Episode k (counted over all envs in reset order) is seeded with (seed * 1_000_003 + k) mod 2**31, so a run is
+    reproducible and runs of different seeds see different levels. An answer without a legal action:
+    invalid="penalty" spends a turn without changing the state (skip_turn); invalid="random" plays a uniformly
+    random legal action (the reference code) from this helper's own generator. Either way the turn's reward gets
+    `invalid_penalty` added and its action_valid is False."""
 
     def __init__(self, task, num_envs, seed, split="train", invalid="penalty", invalid_penalty=-1.0, **env_kwargs):
         if invalid not in ("penalty", "random"):
@@ -750,9 +679,8 @@ class LockstepEnvs:
         self.envs = [make_env(task, split=split, **env_kwargs) for _ in range(int(num_envs))]
         self.rng = np.random.default_rng(self.seed)  # random actions for invalid answers
         self.noise_rng = np.random.default_rng([self.seed, 1])  # the noisy demonstrator's own stream
-        n, self.next_episode = len(self.envs), 0
+        n, self.next_episode, self.obs = len(self.envs), 0, [None] * len(self.envs)
         self.ep_return, self.ep_len, self.ep_invalid = np.zeros(n), np.zeros(n, np.int64), np.zeros(n, np.int64)
-        self.obs, self.levels = [None] * n, [None] * n
         for i in range(n):
             self._reset(i)
 
@@ -761,9 +689,8 @@ class LockstepEnvs:
 
     def _reset(self, i):
         """A new episode in env i, on the next episode seed."""
-        self.obs[i], info = self.envs[i].reset(seed=(self.seed * 1_000_003 + self.next_episode) % 2**31)
+        self.obs[i], _ = self.envs[i].reset(seed=(self.seed * 1_000_003 + self.next_episode) % 2**31)
         self.next_episode += 1
-        self.levels[i] = info["level"]
         self.ep_return[i], self.ep_len[i], self.ep_invalid[i] = 0.0, 0, 0
 
     def observe(self):
@@ -771,42 +698,35 @@ class LockstepEnvs:
         return list(self.obs), [env.prompt() for env in self.envs]
 
     def step_texts(self, texts):
-        """Parse and execute one answer per env -> dict of [N] numpy arrays, plus "episodes".
-
-        reward: the env's reward (+ invalid_penalty on an invalid turn); grounding: of the answer's thought on
-        the state it was given (nan if it states no fact); action: the executed index, -1 if the answer was
-        invalid. A finished env is reset at once, so observe() then shows its next episode's first state.
-        "episodes": one dict per finished episode: return (env rewards, penalties excluded), length, success,
-        invalid, env, level.
-        """
+        """Parse and play one answer per env -> dict of [N] numpy arrays, plus "episodes": a dict per finished
+        episode (return: env rewards without penalties, length, success, invalid, env, level). reward: the env's,
+        plus invalid_penalty on an invalid turn; grounding: of the thought on the state it was given (nan: no fact
+        stated); action: the index played, -1 if invalid. A finished env is reset at once (observe() shows the
+        next episode)."""
         n = len(self.envs)
         if len(texts) != n:
             raise ValueError(f"need {n} texts, got {len(texts)}")
         out = {"reward": np.zeros(n), **{k: np.zeros(n, bool) for k in ("terminated", "truncated", "done",
                                                                        "format_ok", "action_valid")},
                "grounding": np.full(n, np.nan), "action": np.full(n, -1, np.int64), "episodes": []}
-        for i, env in enumerate(self.envs):
-            action, out["format_ok"][i] = parse_answer(texts[i], env.action_names, env.answer_keys)
-            g = env.grounding(extract_thought(texts[i]))  # on the state the answer was given
+        for i, (env, text) in enumerate(zip(self.envs, texts)):
+            action, out["format_ok"][i] = parse_answer(text, env.action_names, env.answer_keys)
+            g = env.grounding(extract_thought(text))  # on the state the answer was given
             out["grounding"][i] = np.nan if g is None else g
-            action = -1 if action is None else action
-            out["action_valid"][i], out["action"][i] = action >= 0, action
-            if action >= 0:
-                obs, r, term, trunc, info = env.step(action)
-            elif self.invalid == "random":
-                obs, r, term, trunc, info = env.step(int(self.rng.integers(env.action_space.n)))
-            else:
-                obs, r, term, trunc, info = env.skip_turn()
-            self.obs[i] = obs
+            valid = out["action_valid"][i] = action is not None
+            out["action"][i] = action if valid else -1
+            if not valid and self.invalid == "random":
+                action = int(self.rng.integers(env.action_space.n))
+            self.obs[i], r, term, trunc, info = env.skip_turn() if action is None else env.step(action)
             self.ep_return[i] += r
             self.ep_len[i] += 1
-            self.ep_invalid[i] += action < 0
-            out["reward"][i] = r + (self.invalid_penalty if action < 0 else 0.0)
+            self.ep_invalid[i] += not valid
+            out["reward"][i] = r + (0.0 if valid else self.invalid_penalty)
             out["terminated"][i], out["truncated"][i], out["done"][i] = term, trunc, term or trunc
             if term or trunc:
                 out["episodes"].append({"return": float(self.ep_return[i]), "length": int(self.ep_len[i]),
                                         "success": bool(info["success"]), "invalid": int(self.ep_invalid[i]),
-                                        "env": i, "level": self.levels[i]})
+                                        "env": i, "level": env.level})
                 self._reset(i)
         return out
 
