@@ -131,9 +131,10 @@ def main():
     # merge rows come from fresh processes (scripts/bench_merge.py), whose peak memory starts afresh at exec
     merge_rows = bench_merge.run_child("--child", "running", "--size", "5M", "--counts", args.merge_counts)
     from agent import Agent
+    from distill import tokenizer_corpus
     from env import LockstepEnvs
     from merge import MergeHistory
-    from train import Args, tokenizer_corpus
+    from train import Args
     d = Args()  # the default update's shape, as train.py runs it
     n, N, T, epochs, M = args.new_tokens, d.num_envs, d.num_steps, d.ppo_epochs, d.minibatch
     mbs = -(-N * T // M)  # minibatches per epoch

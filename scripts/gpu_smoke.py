@@ -26,7 +26,7 @@ def main():
     p.add_argument("--workdir", default="/tmp/gtr-gpu-smoke")
     a = p.parse_args()
     from agent import Agent
-    from train import tokenizer_corpus
+    from distill import tokenizer_corpus
     model_dir = os.path.join(a.workdir, "qwen")
     tiny = Agent.build("tiny", tokenizer_corpus(0, episodes_per_task=8), seed=0)
     tiny.model.save_pretrained(model_dir)  # what a real checkpoint directory holds: model + processor files

@@ -122,7 +122,7 @@ def test_sft_loss_hand_ce_and_ignores_actions():
 
 def tiny_agent(seed=0):
     from agent import Agent
-    from train import tokenizer_corpus
+    from distill import tokenizer_corpus
     return Agent.build("tiny", tokenizer_corpus(0, episodes_per_task=8), seed=seed)
 
 
