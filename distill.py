@@ -259,9 +259,8 @@ def demo_loss(agent, demos: LockstepEnvs, noise: float = 0.0) -> torch.Tensor:
     answers = demos.expert_texts(noise)
     batch = agent.tokenize(images, prompts, answers)
     logp, _, _ = agent.score(batch, temperature=1.0)
-    mask = batch.gen_mask.float()
     demos.step_texts(answers)
-    return -(logp * mask).sum() / mask.sum()
+    return token_mean(-logp, batch.gen_mask)
 
 
 def tokenizer_corpus(seed: int, episodes_per_task: int = 60) -> list[str]:

@@ -144,6 +144,7 @@ class _TurnEnv(gym.Env):
     answer_keys = ("thoughts", "action")
     action_names: list = []
     default_eval_split = "eval"  # what train.py and eval.py score on unless told: held-out levels
+    symmetric = False  # whether flipping or transposing the image leaves a state's value unchanged (train.ImageCritic)
 
     def __init__(self, max_steps, split, obs_shape, max_tries):
         if split not in (None, "train", "eval"):  # None deals every level

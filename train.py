@@ -720,7 +720,7 @@ def main(args: Args):
     critic = None
     if args.critic == "image" and args.method != "sft":
         env = envs.envs[0]
-        critic = ImageCritic(env.observation_space.shape, args.seed, getattr(env, "symmetric", False)).to(args.device)
+        critic = ImageCritic(env.observation_space.shape, args.seed, env.symmetric).to(args.device)
     dagger = [] if args.method in ("gtr", "turbo-sft") else None  # (image, prompt, target), kept from the start
     demos = None
     if args.method == "sft":  # the baseline continues the warm-up's recipe on levels it has not seen
