@@ -17,13 +17,15 @@ Every number is timed through the project's own code on real environments (Sokob
   loop         env turns/s of train.py's whole default update (turbo-kl, small model, Sokoban, 32 envs x 16
                turns, rollout + teacher + PPO + merge + checkpoint), old against new in one invocation: the
                code of commit --loop-base (exported with git archive) and this checkout, each in its own
-               process (scripts/bench_loop.py), with the split of one update; the ratio is new / old.
+               process (scripts/bench_loop.py), with the split of one update; the ratio is new / old. The
+               trees take turns, --loop-rounds times, so that a drift in the machine's speed falls on both.
 A random-init agent stops at once, so generation is forced to `--new-tokens` tokens (a trained agent writes
 ~45). Median of `--repeats` after one warm-up. Usage: python scripts/bench.py [--threads 2] [--quick]
 """
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,31 +77,38 @@ def dagger_step(agent, images, prompts, answers):
 LOOP_BASE = "7effb7d"   # the last commit before the KV-cache decoder and compact turns
 
 
-def loop_rows(base: str, threads: int, updates: int) -> list[tuple[str, dict]]:
+def loop_rows(base: str, threads: int, updates: int, rounds: int) -> list[tuple[str, dict]]:
     """train.py's default update timed in the tree of commit `base` and in this checkout, both at the precision
-    this checkout picks for this CPU (bf16 autocast only where oneDNN has bf16 kernels)."""
+    this checkout picks for this CPU (bf16 autocast only where oneDNN has bf16 kernels). The trees take turns,
+    old then new, `rounds` times: a drift in the machine's speed falls on both rows of a round."""
     from train import fast_bf16
     rows, bf16 = [], "on" if fast_bf16("cpu") else "off"
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(f"git -C '{ROOT}' archive {base} | tar -x -C '{tmp}'", shell=True, check=True)
-        for label, root in ((f"old ({base})", tmp), ("new (this checkout)", ROOT)):
-            cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench_loop.py"), "--root", root,
-                   "--threads", str(threads), "--updates", str(updates), "--bf16", bf16]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            rows.append((label, json.loads(out.strip().splitlines()[-1])))
+        for _ in range(rounds):
+            for label, root in ((f"old ({base})", tmp), ("new (this checkout)", ROOT)):
+                cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench_loop.py"), "--root", root,
+                       "--threads", str(threads), "--updates", str(updates), "--bf16", bf16]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                rows.append((label, json.loads(out.strip().splitlines()[-1])))
     return rows
 
 
 def print_loop(rows):
+    """One row per tree and round, each round's ratio, then the median of the rounds' ratios."""
     print("| loop | tree | bf16 | tokens / answer | env turns/s | s / update | generate | scoring | teacher | ppo "
           "| env |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for label, r in rows:
+    for i, (label, r) in enumerate(rows):
         s = r["seconds_per_update"]
         print(f"| loop | {label} | {r['bf16']} | {r['tokens_per_answer']} | {r['turns_per_s']:.1f} | "
               f"{r['wall_per_update']:.1f} | "
               + " | ".join(f"{s[k]:.1f}" for k in ("generate", "scoring", "teacher", "ppo", "env")) + " |")
-    print(f"| loop | new / old | | | {rows[1][1]['turns_per_s'] / rows[0][1]['turns_per_s']:.2f}x | | | | | | |",
+        if i % 2:
+            print(f"| loop | new / old, round {i // 2 + 1} | | | {r['turns_per_s'] / rows[i - 1][1]['turns_per_s']:.2f}x "
+                  "| | | | | | |")
+    ratios = [new["turns_per_s"] / old["turns_per_s"] for (_, old), (_, new) in zip(rows[::2], rows[1::2])]
+    print(f"| loop | new / old, median of {len(ratios)} rounds | | | {statistics.median(ratios):.2f}x | | | | | | |",
           flush=True)
 
 
@@ -115,12 +124,13 @@ def main():
     p.add_argument("--only", default="", help="loop: only the training-loop comparison")
     p.add_argument("--loop-base", default=LOOP_BASE, help="commit whose train.py is the old row of the loop section")
     p.add_argument("--loop-updates", type=int, default=4, help="updates of 512 turns per tree (the first warms up)")
+    p.add_argument("--loop-rounds", type=int, default=3, help="times each tree runs, old and new taking turns")
     args = p.parse_args()
     if args.only not in ("", "loop"):
         p.error("--only: loop or nothing")
     threads = args.threads or torch.get_num_threads()
     if args.only == "loop" or not args.quick:
-        print_loop(loop_rows(args.loop_base, threads, args.loop_updates))
+        print_loop(loop_rows(args.loop_base, threads, args.loop_updates, args.loop_rounds))
     if args.only == "loop":
         return
     if args.quick:

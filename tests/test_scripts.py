@@ -214,3 +214,18 @@ def test_solver_critic_table_by_hand(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["update"] for r in rows] == [1, 2] and rows[0]["losses/explained_variance"] == 0.0  # V = 0 at first
     assert "V by solution length:" in out.stdout
+
+
+def test_loop_bench_reports_the_median_of_alternating_rounds(capsys):
+    """Rounds of (old, new) rows: each round's ratio, then their median (3.0, 2.0, 2.5 -> 2.50x; the ratio of the
+    pooled rates would be 95 / 40 = 2.38x)."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import bench
+    split = dict.fromkeys(("generate", "scoring", "teacher", "ppo", "env"), 0.0)
+    rate = lambda r: {"bf16": "on", "tokens_per_answer": 27, "turns_per_s": r, "wall_per_update": 512 / r,  # noqa: E731
+                      "seconds_per_update": split}
+    rows = [(t, rate(r)) for pair in ((10, 30), (20, 40), (10, 25)) for t, r in zip(("old", "new"), pair)]
+    bench.print_loop(rows)
+    out = capsys.readouterr().out
+    assert [line.split("|")[5].strip() for line in out.splitlines() if "new / old" in line] == \
+        ["3.00x", "2.00x", "2.50x", "2.50x"]
