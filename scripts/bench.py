@@ -105,8 +105,8 @@ def print_loop(rows):
               f"{r['wall_per_update']:.1f} | "
               + " | ".join(f"{s[k]:.1f}" for k in ("generate", "scoring", "teacher", "ppo", "env")) + " |")
         if i % 2:
-            print(f"| loop | new / old, round {i // 2 + 1} | | | {r['turns_per_s'] / rows[i - 1][1]['turns_per_s']:.2f}x "
-                  "| | | | | | |")
+            ratio = r["turns_per_s"] / rows[i - 1][1]["turns_per_s"]
+            print(f"| loop | new / old, round {i // 2 + 1} | | | {ratio:.2f}x | | | | | | |")
     ratios = [new["turns_per_s"] / old["turns_per_s"] for (_, old), (_, new) in zip(rows[::2], rows[1::2])]
     print(f"| loop | new / old, median of {len(ratios)} rounds | | | {statistics.median(ratios):.2f}x | | | | | | |",
           flush=True)
