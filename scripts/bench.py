@@ -99,15 +99,14 @@ def print_loop(rows):
     print("| loop | tree | bf16 | tokens / answer | env turns/s | s / update | generate | scoring | teacher | ppo "
           "| env |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    ratios = [new["turns_per_s"] / old["turns_per_s"] for (_, old), (_, new) in zip(rows[::2], rows[1::2])]
     for i, (label, r) in enumerate(rows):
         s = r["seconds_per_update"]
         print(f"| loop | {label} | {r['bf16']} | {r['tokens_per_answer']} | {r['turns_per_s']:.1f} | "
               f"{r['wall_per_update']:.1f} | "
               + " | ".join(f"{s[k]:.1f}" for k in ("generate", "scoring", "teacher", "ppo", "env")) + " |")
         if i % 2:
-            ratio = r["turns_per_s"] / rows[i - 1][1]["turns_per_s"]
-            print(f"| loop | new / old, round {i // 2 + 1} | | | {ratio:.2f}x | | | | | | |")
-    ratios = [new["turns_per_s"] / old["turns_per_s"] for (_, old), (_, new) in zip(rows[::2], rows[1::2])]
+            print(f"| loop | new / old, round {i // 2 + 1} | | | {ratios[i // 2]:.2f}x | | | | | | |")
     print(f"| loop | new / old, median of {len(ratios)} rounds | | | {statistics.median(ratios):.2f}x | | | | | | |",
           flush=True)
 

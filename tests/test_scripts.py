@@ -8,6 +8,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))  # tests import scripts by name, scripts their siblings
 
 from test_train import share_sft_cache  # noqa: E402
 
@@ -197,7 +198,6 @@ def test_solver_critic_table_by_hand(tmp_path):
     length -1 (unsolvable) sees -1; an unseen length reads 0. Then the script trains a tiny agent: 2 updates."""
     import importlib.util
     import numpy as np
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
     spec = importlib.util.spec_from_file_location("solver_critic", os.path.join(ROOT, "scripts", "solver_critic.py"))
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
@@ -219,7 +219,6 @@ def test_solver_critic_table_by_hand(tmp_path):
 def test_loop_bench_reports_the_median_of_alternating_rounds(capsys):
     """Rounds of (old, new) rows: each round's ratio, then their median (3.0, 2.0, 2.5 -> 2.50x; the ratio of the
     pooled rates would be 95 / 40 = 2.38x)."""
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import bench
     split = dict.fromkeys(("generate", "scoring", "teacher", "ppo", "env"), 0.0)
     rate = lambda r: {"bf16": "on", "tokens_per_answer": 27, "turns_per_s": r, "wall_per_update": 512 / r,  # noqa: E731
