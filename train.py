@@ -323,13 +323,14 @@ def shaping(buf, args):
 def compute_returns(buf, last_value, args):
     """GAE on env rewards, then the shaping terms join the turn's return (sections 2, 4.2).
     Without a critic (--critic head --vf-coef 0) the values are 0: GAE sums the rewards discounted by gamma x lambda.
-    -> (returns, advantages normalised over all ranks' turns), both [T, N]."""
+    -> (returns, advantages normalised over all ranks' turns, GAE's lambda-returns: what --critic image fits), [T, N]
+    each."""
     adv = gae(buf["rewards"], buf["values"], buf["dones"], last_value, args.gamma, args.gae_lambda)
     reward, penalty = shaping(buf, args)
     returns = adv + buf["values"] + reward - penalty
     advantages = returns - buf["values"]
     mean, std = global_mean_std(advantages)
-    return returns, (advantages - mean) / (std + 1e-8)
+    return returns, (advantages - mean) / (std + 1e-8), returns - reward + penalty
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -568,11 +569,9 @@ def rollout(agent, teacher, envs, args, stats, dagger=None, critic=None):
 def ppo_data(batches, buf, last_value, args):
     """The PPO buffer: every turn played, flattened turn-major in the order of Batch.cat(batches)."""
     from agent import Batch
-    returns, advantages = compute_returns(buf, last_value, args)
-    reward, penalty = shaping(buf, args)
+    returns, advantages, env_returns = compute_returns(buf, last_value, args)
     return {"batch": Batch.cat(batches), "returns": returns.reshape(-1), "advantages": advantages.reshape(-1),
-            "values": buf["values"].reshape(-1),
-            "env_returns": (returns - reward + penalty).reshape(-1)}  # GAE's lambda-returns: what --critic image fits
+            "values": buf["values"].reshape(-1), "env_returns": env_returns.reshape(-1)}
 
 
 LOSS_KEYS = ("losses/policy", "losses/value", "losses/approx_kl", "losses/clipfrac", "losses/sft", "losses/teacher_kl")

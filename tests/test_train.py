@@ -62,10 +62,17 @@ def test_without_a_critic_values_are_zero_and_returns_are_discounted_rewards():
         assert torch.allclose(buf["values"], torch.full((2, 2), v)) and torch.allclose(last, torch.full((2,), v))
     buf = {"rewards": torch.tensor([[1.0], [0.0], [2.0], [1.0]]), "values": torch.zeros(4, 1),
            "dones": torch.tensor([[0.0], [1.0], [0.0], [0.0]]), "format_ok": torch.ones(4, 1), "kl": torch.zeros(4, 1)}
-    returns, adv = train.compute_returns(buf, torch.zeros(1), train.Args(method="ppo", bf16=False))
+    returns, adv, _ = train.compute_returns(buf, torch.zeros(1), train.Args(method="ppo", bf16=False))
     expected = torch.tensor([1.0, 0.0, 2.855, 1.0])
     assert torch.allclose(returns.squeeze(1), expected, atol=1e-6)
     assert torch.allclose(adv.squeeze(1), (expected - expected.mean()) / expected.std(), atol=1e-5)
+    # turbo-kl shapes each turn's return (format 3 / -2, minus beta 1 x KL, 100 for a bad format); the
+    # lambda-returns the image critic fits stay GAE's: 1 + 3 - 0.5, 0 - 2 - 100, 2.855 + 3 - 0, 1 + 3 - 0.25
+    shaped = {**buf, "format_ok": torch.tensor([[1.0], [0.0], [1.0], [1.0]]),
+              "kl": torch.tensor([[0.5], [9.0], [0.0], [0.25]])}
+    returns, _, lambda_returns = train.compute_returns(shaped, torch.zeros(1), train.Args(bf16=False))
+    assert torch.allclose(returns.squeeze(1), torch.tensor([3.5, -102.0, 5.855, 3.75]), atol=1e-5)
+    assert torch.allclose(lambda_returns.squeeze(1), expected, atol=1e-5)
 
 
 def test_image_critic_values_each_turn_before_it_fits_them():
@@ -403,7 +410,7 @@ def test_nan_loss_is_skipped_and_never_reaches_the_weights():
                       ppo_epochs=2, minibatch=2, max_skips=100, critic="head")
     stats = train.new_stats()
     batches, buf, last = train.rollout(agent, None, LockstepEnvs("gridworld", 2, seed=0), args, stats)
-    returns, adv = train.compute_returns(buf, last, args)
+    returns, adv, _ = train.compute_returns(buf, last, args)
     adv[0, 0] = float("nan")  # one poisoned turn: every minibatch that holds it must be skipped
     data = {"batch": Batch.cat(batches), "returns": returns.reshape(-1), "advantages": adv.reshape(-1),
             "values": buf["values"].reshape(-1)}
