@@ -139,9 +139,9 @@ def reverse_kl_loss(agent_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: 
     token: the k2 estimate 0.5 d^2, d = log pi_agent - log pi_teacher of the sampled token clipped to
     [-clip, clip], token mean over the batch -> scalar. agent_logp [B, G] carries the gradient, teacher_logp
     [B, G] does not. On tokens the agent sampled, E[d grad log pi_agent] is the gradient of the reverse KL
-    itself (k3 = r - 1 - log r as a loss would follow the forward KL's), and each token's pull, d, is bounded:
-    down where the agent is surer than the teacher, up where it is less sure, which the paper's shaping (a
-    one-sided cost per turn) never does."""
+    itself (k3 = r - 1 - log r as a loss would follow the forward KL's). Each token's pull is d: down where the
+    agent is surer than the teacher, up where it is less sure, which the paper's shaping (a one-sided cost per
+    turn) never does; a token with |d| past the clip adds clip^2 / 2 to the loss and no pull at all."""
     _check_same_shape(agent_logp=agent_logp, teacher_logp=teacher_logp, mask=mask)
     d = (agent_logp.float() - teacher_logp.detach().float()).clamp(-clip, clip)
     return token_mean(0.5 * d * d, mask)
@@ -228,7 +228,7 @@ def teacher_answers(teacher, images, prompts, envs, retries: int = 3, temperatur
 
 def turbo_sft_labels(guide, actions, envs):
     """The SFT variant's targets: every valid teacher answer, with the agent's action written in (after an invalid
-    agent answer nothing was executed: the teacher's action stays)."""
+    agent answer, which named no action, the teacher's action stays, also under --invalid random)."""
     return [g if g is None or actions[i] < 0 else write_action(g, env.action_names[actions[i]])
             for i, (g, env) in enumerate(zip(guide, envs))]
 

@@ -645,7 +645,8 @@ class Points24Env(_TurnEnv):
             facts.append(tuple(sorted(1 if s == "A" else 10 if s in "JQK" else int(s) for s in stated)) == self.hand)
         if m := re.search(r"(?<!target )\bformula\s+([^.]*)", thought):
             stated = m.group(1).strip()
-            facts.append((stated in ("empty", "") and not self.formula) or tokenize_formula(stated) == self.formula)
+            facts.append((stated in ("empty", "(empty)", "") and not self.formula)  # "(empty)": the prompt's word
+                         or tokenize_formula(stated) == self.formula)
         if m := re.search(r"\btarget\s+([^.]*)", thought):
             tokens = tokenize_formula(m.group(1).strip())
             facts.append(tokens is not None and tokens[:len(self.formula)] == self.formula and self._makes_24(tokens))
@@ -668,12 +669,14 @@ class LockstepEnvs:
     """N envs stepped together from N answer texts, with auto-reset: the trainer's and the evaluator's view.
 
     Episode k (counted over all envs in reset order) is seeded with (seed * 1_000_003 + k) mod 2**31, so a run is
-    reproducible and runs of different seeds see different levels. An answer without a legal action:
-    invalid="penalty" spends a turn without changing the state (skip_turn); invalid="random" plays a uniformly
-    random legal action (the reference code) from this helper's own generator. Either way the turn's reward gets
-    `invalid_penalty` added and its action_valid is False."""
+    reproducible and runs of different seeds see different levels. per_env_levels: env i's j-th episode is episode
+    i + j * N instead, whatever order the envs finish in: every actor evaluated meets the same levels. An answer
+    without a legal action: invalid="penalty" spends a turn without changing the state (skip_turn);
+    invalid="random" plays a uniformly random legal action (the reference code) from this helper's own generator.
+    Either way the turn's reward gets `invalid_penalty` added and its action_valid is False."""
 
-    def __init__(self, task, num_envs, seed, split="train", invalid="penalty", invalid_penalty=-1.0, **env_kwargs):
+    def __init__(self, task, num_envs, seed, split="train", invalid="penalty", invalid_penalty=-1.0,
+                 per_env_levels=False, **env_kwargs):
         if invalid not in ("penalty", "random"):
             raise ValueError(f"invalid must be 'penalty' or 'random', got {invalid!r}")
         self.task, self.seed, self.invalid, self.invalid_penalty = task, int(seed), invalid, float(invalid_penalty)
@@ -681,6 +684,7 @@ class LockstepEnvs:
         self.rng = np.random.default_rng(self.seed)  # random actions for invalid answers
         self.noise_rng = np.random.default_rng([self.seed, 1])  # the noisy demonstrator's own stream
         n, self.next_episode, self.obs = len(self.envs), 0, [None] * len(self.envs)
+        self.per_env_levels, self.resets = per_env_levels, np.zeros(n, np.int64)  # episodes begun per env
         self.ep_return, self.ep_len, self.ep_invalid = np.zeros(n), np.zeros(n, np.int64), np.zeros(n, np.int64)
         for i in range(n):
             self._reset(i)
@@ -690,8 +694,10 @@ class LockstepEnvs:
 
     def _reset(self, i):
         """A new episode in env i, on the next episode seed."""
-        self.obs[i], _ = self.envs[i].reset(seed=(self.seed * 1_000_003 + self.next_episode) % 2**31)
+        k = i + len(self.envs) * int(self.resets[i]) if self.per_env_levels else self.next_episode
+        self.obs[i], _ = self.envs[i].reset(seed=(self.seed * 1_000_003 + k) % 2**31)
         self.next_episode += 1
+        self.resets[i] += 1
         self.ep_return[i], self.ep_len[i], self.ep_invalid[i] = 0.0, 0, 0
 
     def observe(self):

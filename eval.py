@@ -179,12 +179,13 @@ def expert_actor(images, prompts, envs, rows):
 
 def play(actor, task, episodes, seed, num_envs=EVAL_BATCH, split="eval", desc="eval"):
     """Exactly `episodes` episodes of `split` ("eval": held-out levels; "train": the training distribution) ->
-    (episode dicts, turn dicts), counted on a progress bar. Env i plays episodes i, i+num_envs, ...; an env that
-    has met its quota idles, so short episodes are not over-represented."""
+    (episode dicts, turn dicts), counted on a progress bar. Env i plays episodes i, i+num_envs, ... (their levels
+    too: every actor meets the same levels); an env that has met its quota idles, so short episodes are not
+    over-represented."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     num_envs = max(1, min(num_envs, episodes))
-    envs = LockstepEnvs(task, num_envs, seed=seed + EVAL_SEED_OFFSET, split=split)
+    envs = LockstepEnvs(task, num_envs, seed=seed + EVAL_SEED_OFFSET, split=split, per_env_levels=True)
     quota = np.array([len(range(i, episodes, num_envs)) for i in range(num_envs)])
     done = np.zeros(num_envs, dtype=int)  # episodes counted per env
     eps, turns, bar = [], [], tqdm(total=episodes, desc=desc, unit="ep", leave=False)
@@ -208,6 +209,8 @@ def play(actor, task, episodes, seed, num_envs=EVAL_BATCH, split="eval", desc="e
 # ----------------------------------------------------------------------------------------------------------
 # Comparing runs: final results from each run's eval.json, learning curves from its metrics.jsonl
 
+# what a run whose args.json lacks these settings did (train.py --resume reads old runs the same way)
+LEGACY_ARGS = {"critic": "head"}
 # args.json settings that do not define the experiment, so runs differing only in these are seeds of one setting
 NOT_SETTINGS = ("seed", "out", "resume", "threads", "device", "world_size", "eval_episodes", "log_episodes",
                 "max_skips", "budget_seconds", "curve_every", "curve_episodes")
@@ -234,8 +237,8 @@ def compare(run_dirs, png="compare.png", table_path=None) -> str:
 
 
 def read_run(run_dir) -> dict:
-    """{dir, args, metrics, eval}: args.json, metrics.jsonl (a dict per update), eval.json (None if absent);
-    ValueError naming the run if one is missing or unreadable."""
+    """{dir, args, metrics, eval}: args.json (settings it lacks as LEGACY_ARGS), metrics.jsonl (a dict per update),
+    eval.json (None if absent); ValueError naming the run if one is missing, unreadable or not JSON objects."""
     d = Path(run_dir)
     try:
         metrics = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -245,6 +248,10 @@ def read_run(run_dir) -> dict:
         raise ValueError(f"{run_dir}: not a readable run directory ({e})") from None
     if not metrics:
         raise ValueError(f"{run_dir}: metrics.jsonl is empty (no update finished yet)")
+    for name, objs in (("args.json", [run["args"]]), ("metrics.jsonl", metrics), ("eval.json", [run["eval"] or {}])):
+        if not all(isinstance(o, dict) for o in objs):
+            raise ValueError(f"{run_dir}: {name} is damaged (holds JSON that is not an object)")
+    run["args"] = {**LEGACY_ARGS, **run["args"]}
     return run
 
 

@@ -60,12 +60,11 @@ def trim(x: torch.Tensor, density: float) -> torch.Tensor:
 def ties_tensor(members: Iterable[torch.Tensor], weights: Sequence[float], density: float) -> torch.Tensor:
     """TIES over the task vectors of one tensor (trim, elect, disjoint mean), in fp32.
 
-    `members` may be a generator (read one at a time); see the module docstring for why four
-    accumulators of the tensor's shape are enough.
+    `members` may be a generator (read one at a time), one per weight (else ValueError); see the module docstring
+    for why four accumulators of the tensor's shape are enough.
     """
     pos = neg = wpos = wneg = None
-    count = 0
-    for x, w in zip(members, weights):
+    for x, w in zip(members, weights, strict=True):
         t = trim(x.float(), density)  # fp32 whatever the storage dtype
         if pos is None:
             pos, neg = torch.zeros_like(t), torch.zeros_like(t)
@@ -74,9 +73,6 @@ def ties_tensor(members: Iterable[torch.Tensor], weights: Sequence[float], densi
         neg.add_(t.clamp_max(0), alpha=w)
         wpos.add_((t > 0).float(), alpha=w)
         wneg.add_((t < 0).float(), alpha=w)
-        count += 1
-    if count != len(weights):
-        raise ValueError(f"got {count} tensors for {len(weights)} weights")
     plus = (pos + neg) >= 0  # elected sign of sum_i w_i t_i; zero counts as +
     num = torch.where(plus, pos, neg)
     den = torch.where(plus, wpos, wneg)
@@ -87,12 +83,8 @@ def ties_tensor(members: Iterable[torch.Tensor], weights: Sequence[float], densi
 def linear_tensor(members: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Weighted mean sum_i w_i x_i / sum_i w_i over the task vectors of one tensor, in fp32."""
     acc = None
-    count = 0
-    for x, w in zip(members, weights):
+    for x, w in zip(members, weights, strict=True):
         acc = x.float() * w if acc is None else acc.add_(x.float(), alpha=w)
-        count += 1
-    if count != len(weights):
-        raise ValueError(f"got {count} tensors for {len(weights)} weights")
     return acc / sum(weights)
 
 

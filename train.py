@@ -42,7 +42,8 @@ from tqdm import tqdm
 from distill import (dagger_loss, demo_loss, guide_mask, gtr_labels, reverse_kl_loss, solver_envs, teacher_answers,
                      teacher_kl, tokenizer_corpus, turbo_sft_labels)
 from env import CELL, FORMAT_VERSION, TASKS, LockstepEnvs
-from eval import OneLineParser, compare, evaluate, format_table, join_negative_numbers, json_safe, write_json
+from eval import (LEGACY_ARGS, OneLineParser, compare, evaluate, format_table, join_negative_numbers, json_safe,
+                  write_json)
 from merge import MergeHistory
 
 # agent.py is imported where it is used: it loads transformers (seconds), and --help must answer at once.
@@ -837,7 +838,6 @@ HEADINGS = {"task": "what to train", "num_envs": "budgets and logging", "sft_ste
 # Flags a resumed run may change: they extend or re-evaluate it, or say where it runs, not what it learns.
 RESUME_FLAGS = ("total_steps", "budget_seconds", "eval_episodes", "curve_every", "curve_episodes", "threads", "device")
 TYPES = {"int": int, "float": float, "str": str}
-LEGACY = {"critic": "head"}  # what a run whose args.json lacks these settings did
 
 
 def flag(name: str) -> str:
@@ -919,7 +919,7 @@ def read_saved_args(run_dir: str, error) -> dict:
     if missing:
         error(f"{path} is damaged: it lacks {', '.join(missing)}")
     # settings added to Args later take their defaults, or what a run saved before them did
-    return {**LEGACY, **{k: v for k, v in saved.items() if k in types}}
+    return {**LEGACY_ARGS, **{k: v for k, v in saved.items() if k in types}}
 
 
 def model_positions(model: str, error, which: str, local_only=False) -> int | None:

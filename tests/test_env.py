@@ -324,6 +324,10 @@ def test_expert_phrasing_and_wrong_facts():
     assert p.grounding("cards 3 8 8 8. formula 8/(3. target 8/(3-8/3). next -.") == pytest.approx(2 / 3)
     assert p.grounding("cards 3 8 3 8. formula 8/(3. target 8/(3+8/3). next +.") == pytest.approx(2 / 3)
     assert p.grounding("cards 3 8 3 8. formula 8/3. target 8/3*3*8. next -.") == pytest.approx(1 / 3)
+    r = p24([3, 8, 3, 8])  # no card played yet: the prompt's "(empty)" and a bare "empty" are both true
+    assert "Formula: (empty)." in r.prompt()
+    assert r.grounding("formula (empty).") == r.grounding("formula empty.") == 1.0
+    assert r.grounding("formula 8.") == 0.0 and p.grounding("formula (empty).") == 0.0  # p's formula is 8/(3
     q = p24([1, 1, 1, 1])  # unsolvable: the expert ends the episode at once
     assert json.loads(q.expert_answer())["action"] == "=" and q.optimal_actions() == {16}
     g = E.GridWorldEnv()

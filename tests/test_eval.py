@@ -10,6 +10,7 @@ from collections import deque
 import numpy as np
 import pytest
 from PIL import Image
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -79,6 +80,15 @@ def test_eval_split_train_deals_only_training_levels(capsys):
     assert "eval expert" in err and "/24 [" in err  # one bar per play, counting episodes
     with pytest.raises(ValueError, match="split"):
         E.play(E.expert_actor, "points24", 4, seed=0, split="test")
+
+
+def test_every_actor_meets_the_same_levels_whatever_the_batch():
+    """Env i plays levels i, i + num_envs, ...: with fewer envs than episodes, actors whose episodes end at other
+    turns (solver, random) still play the levels one env per episode would, episode for episode."""
+    levels = lambda actor, n: sorted(e["level"] for e in E.play(actor, "gridworld", 12, seed=0, num_envs=n)[0])
+    one_each = levels(E.expert_actor, 12)
+    assert len(set(one_each)) == 12
+    assert levels(E.expert_actor, 5) == levels(E.random_actor(0), 5) == levels(E.random_actor(0), 3) == one_each
 
 
 def bfs_length(level: str) -> int:
@@ -324,6 +334,21 @@ def test_compare_groups_by_every_setting_and_reads_null(tmp_path, capsys):
     table = E.compare([b], png=str(tmp_path / "one.png"))
     assert table.splitlines()[2:] == ["| ppo | 2 | n/a | 0.500 | held-out | n/a | n/a | n/a | n/a | n/a |"]
     assert (tmp_path / "one.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_names_a_damaged_run_and_reads_an_old_one_as_train_py_does(tmp_path):
+    step = '{"env_steps": 8, "charts/success_rate": 0.5}'
+    for name, metrics, ev in (("list-eval", [step], "[1]"), ("int-row", [step, "5"], None)):
+        with pytest.raises(ValueError, match=f"{name}: .* is damaged"):
+            E.read_run(fake_run(tmp_path / name, metrics, ev))
+    bad_args = fake_run(tmp_path / "list-args", [step])
+    Path(bad_args, "args.json").write_text("[]")
+    with pytest.raises(ValueError, match="args.json is damaged"):
+        E.read_run(bad_args)
+    # args.json from before --critic existed: the value head, as an explicit --critic head run of the same setting
+    runs = [E.read_run(fake_run(tmp_path / "old", [step])), E.read_run(fake_run(tmp_path / "new", [step], seed=2,
+                                                                                critic="head"))]
+    assert list(E.group_runs(runs)) == ["ppo"]
 
 
 def test_compare_labels_teacher_settings_only_for_turbo_methods(tmp_path):

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from merge import MergeHistory, linear_merge, ties_merge, trim
+from merge import MergeHistory, linear_merge, linear_tensor, ties_merge, ties_tensor, trim
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 
@@ -72,6 +72,10 @@ def test_bf16_in_bf16_out_and_bad_input():
     with pytest.raises(ValueError, match="shape"):
         h.add([{"a": torch.zeros(8, 9)}])
     assert h.count == 2  # a rejected add changes nothing
+    for members in ([T([1.0]), T([2.0]), T([3.0])], (x for x in [T([1.0])])):  # one tensor too many or too few
+        for merge in (lambda m, w: ties_tensor(m, w, 1.0), linear_tensor):
+            with pytest.raises(ValueError, match="zip"):
+                merge(iter(members), [1.0, 1.0])
 
 
 # base 10; deltas d1 = [2, 1], d2 = [4, -1], d3 = [1, 3]
