@@ -717,13 +717,14 @@ def read_json(path) -> dict:
 
 def write_manifest(path) -> None:
     """path/manifest.json: the SHA-256 of every file under `path` by relative POSIX path, so that a damaged
-    file is named at load, not trained on. A nested manifest.json's hashes are taken as they are."""
+    file is named at load, not trained on. A nested manifest.json's hashes are taken as they are, and it is
+    hashed itself: a damaged one fails the outer check, not a load after it."""
     path, known, files = Path(path), {}, []
     for f in path.rglob("*"):
         if f.name == "manifest.json" and f.parent != path:
             sub = f.parent.relative_to(path).as_posix()
             known.update({f"{sub}/{name}": digest for name, digest in read_json(f).items()})
-        elif f.is_file() and f.name != "manifest.json":
+        if f.is_file() and f != path / "manifest.json":
             files.append(f.relative_to(path).as_posix())
     atomic_write_text(path / "manifest.json", json.dumps(
         {name: known.get(name) or sha256_file(path / name) for name in sorted(files)}, indent=1))

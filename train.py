@@ -210,6 +210,7 @@ RANGES = [("total_steps num_envs num_steps ppo_epochs minibatch max_new_tokens m
           ("seed threads eval_episodes curve_every teacher_retries max_skips top_k vf_clip vf_coef "
            "sft_coef kl_coef thought_coef kl_invalid budget_seconds lora_rank lora_alpha",
            lambda v: v >= 0, "must be >= 0"),
+          ("seed threads", lambda v: v < 2**31, "must be < 2**31"),  # numpy seeds and torch threads are 32-bit
           ("gamma gae_lambda", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
           ("sft_noise", lambda v: 0 <= v <= 1 or v == -1, "must be in [0, 1] (-1 = the task's default)"),
           ("density ema_alpha", lambda v: 0 < v <= 1, "must be in (0, 1]"),
@@ -419,8 +420,8 @@ def rl_optimizer(agent, args, new_run: bool = True):
     opt = torch.optim.Adam([{"params": body, "base_lr": args.lr},
                             {"params": head, "base_lr": args.vf_lr}], lr=args.lr, eps=1e-5, fused=True)
     path = os.path.join(sft_cache_dir(args), "sft_moments.pt")
-    if new_run and args.carry_moments and not args.init and args.model in ("tiny", "small") and os.path.isfile(path):
-        moments = torch.load(path, weights_only=True)
+    if new_run and args.carry_moments and not args.init and args.model in ("tiny", "small"):
+        moments = load_train_state(path, "the warm-up's Adam moments (delete its directory to redo the warm-up)")
         for name, p in agent.model.named_parameters():
             m = moments.get(name)
             if m is not None and p.requires_grad and m["exp_avg"].shape == p.shape:
@@ -634,8 +635,8 @@ def ppo_update(agent, opt, params, data, args, stats, update=0, dagger=None, kee
     # the share of the variance of what the critic fits that the rollout's values explained: ~0 means A is little
     # more than G. The values came before this update's fit: the number is out of sample.
     target = data["env_returns"] if args.critic == "image" else data["returns"]
-    ev = 1 - (target - data["values"]).var() / target.var().clamp_min(1e-8)
-    return states, {**dict(zip(LOSS_KEYS, means)), "losses/explained_variance": all_reduce(ev, "mean").item()}
+    ev = 1 - global_var(target - data["values"]) / global_var(target).clamp_min(1e-8)
+    return states, {**dict(zip(LOSS_KEYS, means)), "losses/explained_variance": ev.item()}
 
 
 def sft_update(agent, opt, params, demos, args):
@@ -765,10 +766,14 @@ def main(args: Args):
         # the slowest rank's clock: every rank must agree on the lr and on when the time budget ends
         stats["wall_time"] = all_reduce(time.time() - t_start, "max")
         row = log_row(update, args, gather(buf), stats, losses, lr)
-        if main_rank and args.curve_every and update % args.curve_every == 0:  # same levels every time
-            row["eval/agent_success"] = held_out(agent, args, args.curve_episodes, "curve agent")["success"]
-            if teacher is not None:
-                row["eval/teacher_success"] = held_out(teacher, args, args.curve_episodes, "curve teacher")["success"]
+        if args.curve_every and update % args.curve_every == 0:  # same levels every time
+            t0 = time.time()
+            if main_rank:
+                row["eval/agent_success"] = held_out(agent, args, args.curve_episodes, "curve agent")["success"]
+                if teacher is not None:
+                    row["eval/teacher_success"] = held_out(teacher, args, args.curve_episodes,
+                                                           "curve teacher")["success"]
+            t_start += all_reduce(time.time() - t0, "max")  # evaluations are off the training clock
         if main_rank:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
@@ -1015,6 +1020,11 @@ def global_mean_std(x: torch.Tensor):
     return mean.to(x.dtype), (sq / (s[1] - 1)).sqrt().to(x.dtype)
 
 
+def global_var(x: torch.Tensor):
+    """Unbiased variance of x's entries over all ranks, as if one process held them all."""
+    return x.var() if world()[1] == 1 else global_mean_std(x)[1] ** 2
+
+
 def gather(x):
     """Every rank's x, in rank order, on every rank: lists are concatenated, and a dict of rollout tensors [T, N/K]
     becomes [T, N] with rank r's envs in columns r*N/K.. (the one-process order)."""
@@ -1043,7 +1053,8 @@ def save_checkpoint(args, update, agent, teacher, opt, envs, history, stats, dag
     own = {"update": update, "envs": envs.state_dict(), "stats": stats, "dagger": dagger,
            "demos": demos.state_dict() if demos is not None else None,
            "critic": critic.state() if critic is not None else None,
-           "rng": (random.getstate(), np.random.get_state(), torch.get_rng_state())}
+           "rng": (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                   torch.cuda.get_rng_state(args.device) if args.device.startswith("cuda") else None)}
 
     def write(tmp):
         os.makedirs(tmp)
@@ -1091,13 +1102,15 @@ def find_checkpoint(run_dir):
     return None
 
 
-def load_train_state(path):
+def load_train_state(path, what: str = ""):
+    """A train state (state.pt), or with `what` another dict of tensors; a missing or damaged file is named."""
     from agent import CheckpointError
     try:
-        state = torch.load(path, weights_only=False)
-    except Exception as e:  # truncated or foreign file: name it
-        raise CheckpointError(f"checkpoint file {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or "update" not in state:
+        state = torch.load(path, weights_only=bool(what))
+    except Exception as e:  # missing, truncated or foreign file: name it, in one line
+        raise CheckpointError(f"checkpoint file {path} is missing, corrupt or truncated ({type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0]})" + (f"; it holds {what}" if what else "")) from None
+    if not isinstance(state, dict) or not (what or "update" in state):
         raise CheckpointError(f"checkpoint file {path} is not a train state of this project")
     return state
 
@@ -1133,7 +1146,10 @@ def resume(ckpt, args, opt, params, history, envs, demos, metrics_path, critic=N
         critic.load(own["critic"])
     if demos is not None:
         demos.load_state_dict(own["demos"])
-    random.setstate(own["rng"][0]); np.random.set_state(own["rng"][1]); torch.set_rng_state(own["rng"][2])
+    py, np_state, cpu, *cuda = own["rng"]  # cuda: [the GPU's stream, None on a CPU run], or [] (older checkpoints)
+    random.setstate(py); np.random.set_state(np_state); torch.set_rng_state(cpu)
+    if cuda and cuda[0] is not None and args.device.startswith("cuda"):  # sampling draws from the GPU's stream
+        torch.cuda.set_rng_state(cuda[0], args.device)
     if rank == 0:
         kept = []
         with open(metrics_path, "a+") as f:  # a+: an empty file if it is missing

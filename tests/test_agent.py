@@ -322,9 +322,14 @@ def test_manifest_covers_nested_directories(tmp_path):
     write_manifest(tmp_path)
     top = json.loads((tmp_path / "manifest.json").read_text())
     inner = json.loads((tmp_path / "agent" / "manifest.json").read_text())
-    assert list(top) == ["agent/w.bin", "state.pt"] and top["agent/w.bin"] == inner["w.bin"]
+    assert list(top) == ["agent/manifest.json", "agent/w.bin", "state.pt"] and top["agent/w.bin"] == inner["w.bin"]
     with pytest.raises(CheckpointError, match=r"agent/w.bin is damaged"):
         verify_manifest(tmp_path)
+    nested = (tmp_path / "agent" / "manifest.json").read_text()
+    (tmp_path / "agent" / "manifest.json").write_text(nested.replace(inner["w.bin"], "0" * 64))
+    with pytest.raises(CheckpointError, match=r"agent/manifest.json is damaged"):   # the outer check names it
+        verify_manifest(tmp_path)
+    (tmp_path / "agent" / "manifest.json").write_text(nested)
     (tmp_path / "state.pt").unlink()
     (tmp_path / "agent" / "w.bin").write_bytes(b"weights")
     with pytest.raises(CheckpointError, match=r"state.pt is missing \(listed in .*manifest.json\)"):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import numpy as np
 import pytest
@@ -253,7 +254,8 @@ BAD_VALUES = [  # (argv, what the one line must name)
     (["--device", "tpu"], "--device"), (["--device", "gpu0"], "--device"), (["--ema-alpha", "7"], "--ema-alpha"),
     (["--gamma", "5"], "--gamma"), (["--gae-lambda", "9"], "--gae-lambda"), (["--eval-episodes", "-1"], "--eval-episodes"),
     (["--log-episodes", "0"], "--log-episodes"), (["--curve-episodes", "0"], "--curve-episodes"),
-    (["--threads", "-2"], "--threads"),
+    (["--threads", "-2"], "--threads"), (["--seed", "4294967296"], "--seed"),
+    (["--threads", "2147483648"], "--threads"),
     (["--max-new-tokens", "5000"], "--max-new-tokens"), (["--teacher-retries", "-3"], "--teacher-retries"),
     (["--max-skips", "-1"], "--max-skips"), (["--format-reward", "nan,inf"], "--format-reward"),
     (["--format-reward", "3"], "--format-reward"), (["--invalid-penalty", "nan"], "--invalid-penalty"),
@@ -384,6 +386,38 @@ def test_curve_every_logs_held_out_success_without_changing_training(tmp_path):
     assert all(held <= set(row) and all(0 <= row[k] <= 1 for k in held) for row in runs["curve"])
     strip = lambda row: {k: v for k, v in row.items() if k not in held | TIME_KEYS}  # noqa: E731
     assert [strip(row) for row in runs["curve"]] == [strip(row) for row in runs["plain"]]
+
+
+def test_curve_evaluations_are_off_the_training_clock(tmp_path, monkeypatch):
+    """--budget-seconds and charts/wall_time count the training loop only: here each curve evaluation takes
+    1,000 s on the clock train.py reads, and no logged wall time reaches that."""
+    share_sft_cache(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    skew = [0.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: time.time() + skew[0]))
+
+    def slow_held_out(model, args, episodes=None, desc="eval"):
+        skew[0] += 1000.0
+        return {"success": 0.5}
+    monkeypatch.setattr(train, "held_out", slow_held_out)
+    train.main(train.parse_args([*SMOKE, "--method", "ppo", "--curve-every", "1", "--eval-episodes", "0",
+                                 "--out", str(tmp_path / "run"), "--threads", "1"]))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert skew[0] == 2000.0 and [row["eval/agent_success"] for row in rows] == [0.5, 0.5]
+    assert all(0 < row["charts/wall_time"] < 1000 for row in rows)
+
+
+def test_a_damaged_warm_up_moments_file_is_named(tmp_path, monkeypatch):
+    from agent import CheckpointError
+    monkeypatch.chdir(tmp_path)
+    args = train.Args(task="gridworld", model="tiny", carry_moments=True)
+    path = os.path.join(train.sft_cache_dir(args), "sft_moments.pt")
+    os.makedirs(os.path.dirname(path))
+    for content in (None, b"not a zip archive"):   # missing, then damaged
+        if content:
+            open(path, "wb").write(content)
+        with pytest.raises(CheckpointError, match=f"{path} is missing, corrupt or truncated .*Adam moments"):
+            train.rl_optimizer(tiny_agent(), args)
 
 
 def test_plain_save_pretrained_directory_trains(tmp_path):
