@@ -248,7 +248,8 @@ def read_run(run_dir) -> dict:
         raise ValueError(f"{run_dir}: not a readable run directory ({e})") from None
     if not metrics:
         raise ValueError(f"{run_dir}: metrics.jsonl is empty (no update finished yet)")
-    for name, objs in (("args.json", [run["args"]]), ("metrics.jsonl", metrics), ("eval.json", [run["eval"] or {}])):
+    evals = [run["eval"]] if run["eval"] is not None else []
+    for name, objs in (("args.json", [run["args"]]), ("metrics.jsonl", metrics), ("eval.json", evals)):
         if not all(isinstance(o, dict) for o in objs):
             raise ValueError(f"{run_dir}: {name} is damaged (holds JSON that is not an object)")
     run["args"] = {**LEGACY_ARGS, **run["args"]}

@@ -6,11 +6,11 @@ import os
 import subprocess
 import sys
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -338,7 +338,8 @@ def test_compare_groups_by_every_setting_and_reads_null(tmp_path, capsys):
 
 def test_compare_names_a_damaged_run_and_reads_an_old_one_as_train_py_does(tmp_path):
     step = '{"env_steps": 8, "charts/success_rate": 0.5}'
-    for name, metrics, ev in (("list-eval", [step], "[1]"), ("int-row", [step, "5"], None)):
+    for name, metrics, ev in (("list-eval", [step], "[1]"), ("empty-list-eval", [step], "[]"),
+                              ("int-row", [step, "5"], None)):
         with pytest.raises(ValueError, match=f"{name}: .* is damaged"):
             E.read_run(fake_run(tmp_path / name, metrics, ev))
     bad_args = fake_run(tmp_path / "list-args", [step])
