@@ -415,11 +415,10 @@ class Agent:
              lora_alpha: float | None = None) -> "Agent":
         """A directory from `save` (its settings win over the arguments; another lora_rank is an error) or from
         `save_pretrained` (a fresh value head), or a hub id. Each failure is one CheckpointError naming the file."""
-        local = Path(path).expanduser()
-        hub = not local.exists() and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path))   # owner/name
+        local, hub = Path(path).expanduser(), hub_id(path)
         if not hub:
             check_checkpoint(local)
-        settings = read_json(local / "agent.json") if (local / "agent.json").is_file() else {}
+        settings = read_settings(local / "agent.json") if (local / "agent.json").is_file() else {}
         src = str(path) if hub else str(local)
         try:
             model, info = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype, output_loading_info=True)
@@ -440,7 +439,7 @@ class Agent:
         agent = cls(model.to(device), processor, size=settings.get("size", "custom"),
                     value_hidden=settings.get("value_hidden"), lora_rank=saved_rank or lora_rank,
                     lora_alpha=settings.get("lora_alpha", lora_alpha) if saved_rank else lora_alpha)
-        if (local / "value_head.safetensors").is_file():
+        if settings or (local / "value_head.safetensors").is_file():   # `save` writes it beside agent.json
             agent._read_weights(local / "value_head.safetensors", agent.value_head.load_state_dict)
         if saved_rank:
             agent._read_weights(local / "lora.safetensors", agent._set_lora)
@@ -455,7 +454,7 @@ class Agent:
 
     def _read_weights(self, file: Path, load) -> None:
         if not file.is_file():
-            raise CheckpointError(f"{file} is missing (agent.json lists it)")
+            raise CheckpointError(f"{file} is missing (a saved agent has it, by its agent.json)")
         try:
             load(load_file(str(file), device=str(self.device)))
         except (KeyError, RuntimeError) as e:   # a missing tensor or another shape
@@ -713,6 +712,27 @@ def read_json(path) -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} is damaged (a JSON {type(obj).__name__}, not an object)")
     return obj
+
+
+AGENT_JSON = {"size": lambda v: isinstance(v, str), "lora_rank": lambda v: type(v) is int and v >= 0,
+              "lora_alpha": lambda v: type(v) in (int, float),
+              "value_hidden": lambda v: isinstance(v, list) and all(type(n) is int and n > 0 for n in v)}
+
+
+def read_settings(path) -> dict:
+    """A saved agent's agent.json; a value of the wrong type is one CheckpointError naming the file."""
+    settings = read_json(path)
+    for key, ok in AGENT_JSON.items():
+        if key in settings and not ok(settings[key]):
+            raise CheckpointError(f"{path} is damaged ({key} = {settings[key]!r})")
+    return settings
+
+
+def hub_id(path) -> bool:
+    """An `owner/name` that is no local path: nothing there and no local directory `owner` (runs/x is a run)."""
+    local = Path(path).expanduser()
+    return bool(not local.exists() and not local.parent.is_dir()
+                and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)))
 
 
 def write_manifest(path) -> None:

@@ -257,7 +257,9 @@ class MergeHistory:
         return {"mode": self.mode, "alpha": self.alpha, "method": self.method, "density": self.density}
 
     def state_dict(self) -> dict:
-        return {**self._config(), "count": self.count, "base": self.base, "merged": self.merged}
+        """A snapshot: an add() after it replaces tensors in this object's dicts, not in the snapshot's."""
+        merged = None if self.merged is None else dict(self.merged)
+        return {**self._config(), "count": self.count, "base": dict(self.base), "merged": merged}
 
     def load_state_dict(self, sd: Mapping) -> None:
         """Restore from `state_dict()`. The merge settings must match this object's (else ValueError)."""

@@ -935,7 +935,8 @@ def model_positions(model: str, error, which: str, local_only=False) -> int | No
     if os.path.isfile(model):
         error(f"{which} {model} is a file; give a model directory (with config.json)")
     if not os.path.isdir(model):
-        if local_only or model.startswith((".", "/", "~")) or model.count("/") != 1:  # not a hub id owner/name
+        from agent import hub_id
+        if local_only or not hub_id(model):
             error(f"{which} {model}: no such model directory")
         return None
     path = os.path.join(model, "config.json")

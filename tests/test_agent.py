@@ -390,6 +390,12 @@ DAMAGES = {
     "foreign value head": (lambda d: ((d / "manifest.json").unlink(),
                                       save_file({"0.weight": torch.zeros(3, 3)}, str(d / "value_head.safetensors"))),
                            r"value_head.safetensors does not fit this agent"),
+    # no manifest: a saved agent (it has agent.json) without its value head is an error, not V = 0
+    "no value head": (lambda d: ((d / "manifest.json").unlink(), (d / "value_head.safetensors").unlink()),
+                      r"value_head.safetensors is missing"),
+    "agent.json of wrong types": (lambda d: ((d / "manifest.json").unlink(),
+                                             (d / "agent.json").write_text('{"size": "tiny", "lora_rank": "4x"}')),
+                                  r"agent.json is damaged \(lora_rank = '4x'\)"),
     "no config": (lambda d: (d / "config.json").unlink(), r"config.json is missing, so .* is not a transformers"),
     "config not an object": (lambda d: (d / "config.json").write_text("[1, 2]"),
                              r"config.json is damaged \(a JSON list, not an object\)"),
@@ -422,6 +428,10 @@ def test_missing_checkpoints_raise(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)   # no network retries here
     with pytest.raises(CheckpointError, match="hub"):
         Agent.load("nobody-here/no-such-model")
+    monkeypatch.chdir(tmp_path)   # runs/x has the shape of a hub id, but with runs/ here it is a path
+    (tmp_path / "runs" / ".x.old").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"runs/x: no such checkpoint directory \(an interrupted save"):
+        Agent.load("runs/x")
 
 
 @pytest.mark.parametrize("text, message", [("{not json", "not readable JSON"), ("", "not readable JSON"),

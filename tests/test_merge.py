@@ -160,8 +160,11 @@ def test_state_dict_round_trip(tmp_path):
             assert h2.teacher_state()[k].dtype == base[k].dtype
         h.add([{k: v + torch.randn(v.shape, generator=g).to(v.dtype) for k, v in base.items()}])
     nxt = {k: v + 1 for k, v in base.items()}
-    h2.load_state_dict(h.state_dict())
-    h.add([nxt]), h2.add([nxt])  # and it keeps merging identically
+    snapshot, teacher = h.state_dict(), h.teacher_state()
+    h.add([nxt])  # a state_dict held across an add still restores the history it was taken from
+    h2.load_state_dict(snapshot)
+    assert h2.count == 3 and all(torch.equal(h2.teacher_state()[k], teacher[k]) for k in base)
+    h2.add([nxt])  # and it keeps merging identically
     assert all(torch.equal(h2.merged[k], h.merged[k]) for k in base)
     with pytest.raises(ValueError, match="settings"):
         MergeHistory(base, mode="sma").load_state_dict(h.state_dict())

@@ -297,6 +297,16 @@ def test_files_where_directories_belong_exit_2(tmp_path, capsys, monkeypatch):
         assert e.value.code == 2 and len(err) == 1 and f"{flag} f.txt is a file" in err[0]
 
 
+def test_a_missing_path_in_a_local_directory_is_not_a_hub_id(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("runs")  # runs/x has the shape of a hub id owner/name; with runs/ here it is a path
+    for flag in ("--model", "--init"):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args([flag, "runs/x"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and f"{flag} runs/x: no such model directory" in err[0]
+
+
 @pytest.mark.parametrize("content, needle", [
     ("{not json", "not readable JSON"), ("", "not readable JSON"), ("[1, 2]", "a JSON list"),
     ('{"task": "sokoban", "method": "ppo", "model": "small", "seed": "one", "out": "r"}', "seed = 'one' is not a int"),
