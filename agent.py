@@ -454,7 +454,7 @@ class Agent:
 
     def _read_weights(self, file: Path, load) -> None:
         if not file.is_file():
-            raise CheckpointError(f"{file} is missing (a saved agent has it, by its agent.json)")
+            raise CheckpointError(f"{file} is missing, though agent.json says the agent was saved with it")
         try:
             load(load_file(str(file), device=str(self.device)))
         except (KeyError, RuntimeError) as e:   # a missing tensor or another shape
