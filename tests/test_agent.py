@@ -124,6 +124,30 @@ def test_thought_action_split_exact(agent):
     assert torch.equal(logp, b.logp) and torch.equal(values, b.values)
 
 
+def test_a_token_that_starts_exactly_at_the_action_key_is_action(agent):
+    # the other case of the split above: no merge leftwards, the key's quote opens a token of its own
+    tok, found = agent.tokenizer, 0
+    for text in ('x\n"action":"up"', 'x "action": "up"', '{"thoughts":"a b"\n"action":"up"}', 'ok\n\n"action":"left"'):
+        ids, s = tok.encode(text), text.rfind('"action":')
+        starts = [lo for lo, _ in token_spans(tok, ids)]
+        if s in starts:
+            found += 1
+            assert agent.split_thought_action(ids) == starts.index(s)
+    assert found  # the tokenizer splits at least one of them there
+
+
+def test_top_k_keeps_exactly_k_tokens(agent):
+    # top-k 1 samples the argmax every time; top-k 2 both of the two best, never a third
+    V, (best, second, third) = len(agent.tokenizer), [i for i in range(50, 60) if i not in agent.suppress_ids][:3]
+    logits = torch.full((400, V), -5.0)
+    logits[:, best], logits[:, second], logits[:, third] = 2.0, 1.9, 1.8
+    seen = torch.zeros(400, V, dtype=torch.bool)
+    torch.manual_seed(0)
+    one = agent.next_tokens(logits, seen, 5, 1.0, 1, 1.0, True, 0)
+    two = agent.next_tokens(logits, seen, 5, 1.0, 2, 1.0, True, 0)
+    assert set(one.tolist()) == {best} and set(two.tolist()) == {best, second}
+
+
 def test_score_equals_sample_logp(agent):
     # independent reference: generate's own per-step logits (KV-cache path) at the chosen tokens
     imgs, T = images(4), 0.7

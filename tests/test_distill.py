@@ -3,6 +3,7 @@ import json
 import math
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from distill import (dagger_loss, exact_reverse_kl, forward_kl, guide_mask, gtr_labels,  # noqa: E402
                      reverse_kl_loss, reverse_kl_penalty, sft_loss, teacher_answers, teacher_kl, token_logprobs,
-                     turbo_sft_labels, write_action)
+                     token_mean, turbo_sft_labels, write_action)
 from env import LockstepEnvs  # noqa: E402
 
 T = torch.tensor
@@ -37,6 +38,8 @@ def test_penalty_zero_when_models_agree_and_empty_turn():
     lp2 = lp.clone()
     lp2[2] = float("-inf")  # padding of an all-action turn may hold -inf: still 0, not nan
     assert torch.equal(reverse_kl_penalty(lp2, lp, mask), torch.zeros(3))
+    # the batch token mean reads masked entries only, a nan in padding included: (1 + 3) / 2
+    assert token_mean(T([[1.0, float("nan")], [3.0, float("-inf")]]), T([[1, 0], [1, 0]])).item() == 2.0
 
 
 def test_penalty_clipping_and_estimators():
@@ -126,6 +129,17 @@ def tiny_agent(seed=0):
     return Agent.build("tiny", tokenizer_corpus(0, episodes_per_task=8), seed=seed)
 
 
+def test_teacher_kl_clips_at_kl_clip():
+    # agent log-prob 0, teacher's -12 on the one guided token: log-ratio 12, clipped to --kl-clip 5 (default 10)
+    class Teacher:
+        def score(self, batch, return_logits=False):
+            return torch.tensor([[-12.0, -1.0]]), None, None
+    batch, mask = types.SimpleNamespace(logp=torch.tensor([[0.0, -1.0]]), temperature=1.0), torch.tensor([[1.0, 0.0]])
+    assert teacher_kl(None, Teacher(), batch, mask, "clip", kl_clip=5.0).tolist() == [5.0]
+    assert teacher_kl(None, Teacher(), batch, mask).tolist() == [10.0]
+    assert batch.teacher_logp.tolist() == [[-12.0, -1.0]]
+
+
 def test_teacher_kl_is_zero_when_teacher_equals_agent():
     agent = tiny_agent()
     images, prompts = LockstepEnvs("gridworld", 3, seed=0).observe()
@@ -156,6 +170,9 @@ def test_gtr_corrector_labels_only_wrong_turns_and_masks_action_tokens():
     grounding, actions = np.array([1.0, 0.5, 1.0]), np.array([right[0], right[1], wrong[2]])
     labels = gtr_labels(experts, optimal, actions, grounding, envs.envs)
     assert labels[0] is None
+    # a thought that states nothing checkable (grounding nan) is not grounded: corrected, though the move is optimal
+    nothing = gtr_labels(experts, optimal, actions, np.array([np.nan, 1.0, 1.0]), envs.envs)[0]
+    assert json.loads(nothing)["thoughts"] == json.loads(experts[0])["thoughts"]
     for i in (1, 2):
         label, expert = json.loads(labels[i]), json.loads(experts[i])
         assert label["thoughts"] == expert["thoughts"] and label["action"] == names[actions[i]]

@@ -316,6 +316,7 @@ def test_expert_phrasing_and_wrong_facts():
     assert e.grounding(thought.replace("box 2,2", "box 1,2")) == pytest.approx(2 / 3)
     assert e.grounding("I will move up") is None and e.grounding(None) is None
     assert e.grounding("player 99,2") == 0.0
+    assert e.grounding("player 1,9") == 0.0  # off the 6-wide board, not cell 1*6+9 = 15, which is 2,3
     p = p24([3, 8, 3, 8])
     play(p, list("8/(3"))
     ans = json.loads(p.expert_answer())
@@ -334,6 +335,7 @@ def test_expert_phrasing_and_wrong_facts():
     g.reset(seed=4)
     th = json.loads(g.expert_answer())["thoughts"]
     assert g.grounding(th) == 1.0 and g.grounding(th.replace("goal ", "goal 0,0 x ")) < 1.0
+    assert g.grounding(th + " box 1,1") == 1.0  # GridWorld has no boxes: a box is no fact of it, true or false
 
 
 # ------------------------------------------------------------------ LockstepEnvs

@@ -336,6 +336,28 @@ def test_compare_groups_by_every_setting_and_reads_null(tmp_path, capsys):
     assert (tmp_path / "one.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_episode_metrics_by_hand():
+    # 2 episodes, 4 turns: a turn whose thought states nothing checkable has nan grounding, left out of the mean
+    eps = [{"success": 1.0, "return": 9.5, "length": 6}, {"success": 0.0, "return": -1.5, "length": 15}]
+    turns = [{"thought": t, "format_ok": f, "action_valid": v, "grounding": g, "entropy": 0.25 * k, "tokens": 20 + k}
+             for k, (t, f, v, g) in enumerate([("a b", 1.0, 1.0, 1.0), ("c", 1.0, 0.0, math.nan),
+                                                ("a c", 1.0, 0.0, 0.5), ("", 0.0, 0.0, math.nan)])]
+    row = E.episode_metrics(eps, turns)
+    assert {k: row[k] for k in ("episodes", "success", "return", "length", "format_rate", "invalid_rate",
+                                "grounding", "thought_entropy", "tokens")} == {
+        "episodes": 2, "success": 0.5, "return": 4.0, "length": 10.5, "format_rate": 0.75, "invalid_rate": 0.75,
+        "grounding": 0.75, "thought_entropy": 0.375, "tokens": 21.5}
+    assert row["distinct2"] == 1.0  # bigrams "a b" and "a c": both distinct
+
+
+def test_compare_table_reads_each_column_from_its_own_number(tmp_path):
+    metrics = ['{"env_steps": 8, "charts/wall_time": 10}', '{"env_steps": 16, "charts/wall_time": 30}']
+    agent = {"success": 0.5, "return": 4.25, "length": 7, "grounding": 0.875, "thought_entropy": 0.125}
+    ev = json.dumps({"start (SFT)": {"success": 0.25}, "agent": agent, "teacher": {"success": 0.75}})
+    table = E.compare([fake_run(tmp_path / "r", metrics, ev)], png=str(tmp_path / "c.png"))
+    assert table.splitlines()[2] == "| ppo | 1 | 0.250 | 0.500 | held-out | 0.750 | 4.25 | 0.875 | 0.125 | 30 |"
+
+
 def test_compare_names_a_damaged_run_and_reads_an_old_one_as_train_py_does(tmp_path):
     step = '{"env_steps": 8, "charts/success_rate": 0.5}'
     for name, metrics, ev in (("list-eval", [step], "[1]"), ("empty-list-eval", [step], "[]"),

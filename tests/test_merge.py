@@ -121,6 +121,9 @@ def test_running_merge_is_not_one_ties_over_the_history():
     h.add(states[2:])
     # running: the merge [3,2] (weight 2) is re-trimmed to [3,0]; d3 -> [1,0]: [(2*3+1)/3, 0]
     assert close(h.teacher_state()["x"], [7 / 3, 0.0])
+    ema = MergeHistory(base, mode="ema", alpha=0.5, density=0.5)
+    ema.add(states[:1])  # EMA's first merge is trim(d1) too: [3,0], not d1 itself
+    assert close(ema.teacher_state()["x"], [3.0, 0.0])
     # one TIES over all three: [3,0], [0,2], [1,0] -> [(3+1)/2, 2/1]
     assert close(ties_merge(states, [1, 1, 1], density=0.5)["x"], [2.0, 2.0])
 

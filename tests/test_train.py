@@ -46,6 +46,10 @@ def test_gae_by_hand_with_terminal_in_the_middle():
     # t3: 1 + 0.9*3 - 2 = 1.7;  t2: 2 + 0.9*2 - 0 = 3.8, + 0.855*1.7 = 5.2535
     # t1: terminal: 0 - 1 = -1;  t0: 1 + 0.9*1 - 0.5 = 1.4, + 0.855*(-1) = 0.545
     assert torch.allclose(adv.squeeze(1), torch.tensor([0.545, -1.0, 5.2535, 1.7]), atol=1e-6)
+    # V = 4 after the episode's end: t1 still ignores it (0 - 1 = -1); t2: 2 + 0.9*2 - 4 = -0.2, + 0.855*1.7 = 1.2535
+    values[2] = 4.0
+    adv = train.gae(rewards, values, dones, torch.tensor([3.0]), gamma=0.9, lam=0.95)
+    assert torch.allclose(adv.squeeze(1), torch.tensor([0.545, -1.0, 1.2535, 1.7]), atol=1e-6)
 
 
 def test_without_a_critic_values_are_zero_and_returns_are_discounted_rewards():
@@ -74,6 +78,17 @@ def test_without_a_critic_values_are_zero_and_returns_are_discounted_rewards():
     returns, _, lambda_returns = train.compute_returns(shaped, torch.zeros(1), train.Args(bf16=False))
     assert torch.allclose(returns.squeeze(1), torch.tensor([3.5, -102.0, 5.855, 3.75]), atol=1e-5)
     assert torch.allclose(lambda_returns.squeeze(1), expected, atol=1e-5)
+    # beta 0.5 halves the penalty (0.25, 50, 0, 0.125); --kl-mode loss leaves only the format reward
+    returns, _, _ = train.compute_returns(shaped, torch.zeros(1), train.Args(bf16=False, kl_coef=0.5))
+    assert torch.allclose(returns.squeeze(1), torch.tensor([3.75, -52.0, 5.855, 3.875]), atol=1e-5)
+    returns, _, _ = train.compute_returns(shaped, torch.zeros(1), train.Args(bf16=False, kl_mode="loss"))
+    assert torch.allclose(returns.squeeze(1), torch.tensor([4.0, -2.0, 5.855, 4.0]), atol=1e-5)
+    # with a critic, the GAE example's values: returns = A + V, advantages = A normalised (A from the test above)
+    gae_adv, values = torch.tensor([0.545, -1.0, 5.2535, 1.7]), torch.tensor([0.5, 1.0, 0.0, 2.0])
+    returns, adv, _ = train.compute_returns({**buf, "values": values[:, None]}, torch.tensor([3.0]),
+                                            train.Args(method="ppo", bf16=False))
+    assert torch.allclose(returns.squeeze(1), gae_adv + values, atol=1e-5)
+    assert torch.allclose(adv.squeeze(1), (gae_adv - gae_adv.mean()) / gae_adv.std(), atol=1e-5)
 
 
 def test_image_critic_values_each_turn_before_it_fits_them():
@@ -107,11 +122,41 @@ def test_image_critic_values_each_turn_before_it_fits_them():
     data = train.ppo_data(batches, buf, last, args)  # plain ppo: no shaping, the returns are GAE's
     assert torch.allclose(data["env_returns"], data["returns"]) and data["env_returns"].shape == (6,)
     before, seen = [p.detach().clone() for p in critic.parameters()], critic.seen
-    for _ in range(3):  # three updates of these turns
+    for k in range(3):  # three updates of these turns, with targets 0, 1, 2: the replay keeps the last two
         critic.seen = list(seen)
-        critic.fit(data["env_returns"], steps=2, keep=2)
+        critic.fit(torch.full_like(data["env_returns"], float(k)), steps=2, keep=2)
     assert len(critic.replay) == 2 and critic.seen == [] and critic.replay[0][0].shape == (6, 3, 24, 24)
+    assert [r[2].tolist() for r in critic.replay] == [[1.0] * 6, [2.0] * 6]
     assert not all(torch.equal(a, p) for a, p in zip(before, critic.parameters()))
+
+
+SYMMETRIES = [(rows, cols, swap) for rows in (0, 1) for cols in (0, 1) for swap in (0, 1)]  # the first: identity
+
+
+def symmetry(image, rows, cols, swap):
+    """[C, H, W] flipped upside down, left to right, then transposed, as asked."""
+    image = image.flip(-2) if rows else image
+    image = image.flip(-1) if cols else image
+    return image.transpose(-2, -1) if swap else image
+
+
+def test_image_critic_fits_on_the_grids_symmetries():
+    # symmetric: each fit batch is turns under one of the square's 8 symmetries, the same for the whole batch: a cell
+    # moves with its colours, the channels stay; several different ones over 8 steps. Else the turns as they are.
+    x = torch.rand(5, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    for symmetric in (True, False):
+        critic = train.ImageCritic((96, 96, 3), seed=0, symmetric=symmetric)
+        seen, forward = [], critic.forward
+        critic.forward = lambda xb, left: seen.append(xb) or forward(xb, left)
+        critic.seen = [(x, torch.ones(5))]
+        critic.fit(torch.zeros(5), steps=8, keep=1)
+        used = set()
+        for xb in seen:
+            match = [k for k, sym in enumerate(SYMMETRIES)
+                     if all(any(torch.equal(symmetry(x[i], *sym), row) for i in range(5)) for row in xb)]
+            assert len(match) == 1
+            used.add(match[0])
+        assert len(used) > 2 if symmetric else used == {0}
 
 
 def test_ratio_is_exp_of_lambda_weighted_logp_difference():
@@ -124,8 +169,14 @@ def test_ratio_is_exp_of_lambda_weighted_logp_difference():
     # thought: 0.5 * (0.5 + 0.5) = 0.5; action: 0.2 + 0 = 0.2 -> ratio e^0.7
     assert math.isclose((new_seq - old_seq).exp().item(), math.exp(0.7), rel_tol=1e-6)
     # advantage +1, ratio 2.01 is clipped at 1.1: policy loss -1.1
-    pg, _, clipfrac = train.ppo_loss(new_seq, old_seq, torch.tensor([1.0]), clip=0.1)
+    pg, approx_kl, clipfrac = train.ppo_loss(new_seq, old_seq, torch.tensor([1.0]), clip=0.1)
     assert math.isclose(pg.item(), -1.1, rel_tol=1e-6) and clipfrac.item() == 1.0
+    assert math.isclose(approx_kl.item(), math.exp(0.7) - 1 - 0.7, rel_tol=1e-5)  # (r - 1) - log r
+    # the pessimistic bound: advantage -1 takes the unclipped e^0.7, not 1.1; advantage +1 at ratio e^-0.7 too
+    pg, _, _ = train.ppo_loss(new_seq, old_seq, torch.tensor([-1.0]), clip=0.1)
+    assert math.isclose(pg.item(), math.exp(0.7), rel_tol=1e-6)
+    pg, _, _ = train.ppo_loss(old_seq, new_seq, torch.tensor([1.0]), clip=0.1)
+    assert math.isclose(pg.item(), -math.exp(-0.7), rel_tol=1e-6)
     # value moved 0 -> 0 with return 1: 0.5 * 1^2
     z = torch.tensor([0.0])
     assert math.isclose(train.value_loss(z, z, torch.tensor([1.0]), vf_clip=0.1).item(), 0.5, rel_tol=1e-6)
@@ -152,6 +203,9 @@ def test_token_ratio_clips_each_token_and_weights_thoughts_by_lambda():
     pg, _, clipfrac = train.token_ppo_loss(new, old, torch.tensor([1.0]), weights, clip=0.1)
     assert math.isclose(pg.item(), -(0.5 * 1.1 + math.exp(-0.05)) / 1.5, rel_tol=1e-6)
     assert math.isclose(clipfrac.item(), 0.5 / 1.5, rel_tol=1e-6)
+    # advantage -1: the pessimistic bound takes the thought token's unclipped e^0.5
+    pg, _, _ = train.token_ppo_loss(new, old, torch.tensor([-1.0]), weights, clip=0.1)
+    assert math.isclose(pg.item(), (0.5 * math.exp(0.5) + math.exp(-0.05)) / 1.5, rel_tol=1e-6)
     # the gradient reaches the unclipped action token only: d/dlogp of -(1 * e^(logp - old)) / 1.5
     new.requires_grad_(True)
     pg, _, _ = train.token_ppo_loss(new, old, torch.tensor([1.0]), weights, clip=0.1)
@@ -493,6 +547,31 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
     assert open(tmp_path / "ckpt" / "agent" / "weights").read() == "update 1"
     assert train.load_train_state(str(tmp_path / "ckpt" / "state.pt"))["update"] == 1
     assert not (tmp_path / "ckpt.tmp").exists()
+
+
+def test_a_checkpoint_brings_back_merge_history_dagger_buffer_envs_and_logged_episodes(tmp_path):
+    # what the smoke resume below cannot see at its size (its tiny agent never writes a valid answer, so the teacher
+    # and the logged episodes do not shape its numbers): each part the loop keeps, saved and resumed by hand
+    from env import LockstepEnvs
+    from merge import MergeHistory
+    agent, args = tiny_agent(), train.Args(task="gridworld", model="tiny", out=str(tmp_path), bf16=False)
+    base, g = agent.trainable_state(), torch.Generator().manual_seed(0)
+    history = MergeHistory(base, mode="ema", alpha=0.5, density=0.8)
+    for _ in range(2):
+        history.add([{k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}])
+    envs = LockstepEnvs("gridworld", 2, seed=0)
+    images, prompts = envs.observe()
+    dagger = [(images[0], prompts[0], label) for label in ("a", "b", "c")]
+    stats = {**train.new_stats(), "env_steps": 64, "episodes": [{"success": True, "return": 9.5, "length": 6}]}
+    train.save_checkpoint(args, 3, agent, None, train.rl_optimizer(agent, args), envs, history, stats, dagger)
+    fresh, other_envs = MergeHistory(base, mode="ema", alpha=0.5, density=0.8), LockstepEnvs("gridworld", 2, seed=1)
+    got_stats, got_dagger, start = train.resume(str(tmp_path / "ckpt"), args, train.rl_optimizer(agent, args),
+                                                agent.parameters(), fresh, other_envs, None,
+                                                str(tmp_path / "metrics.jsonl"))
+    assert start == 4 and got_stats == stats and [y for *_, y in got_dagger] == ["a", "b", "c"]
+    assert fresh.count == 2 and all(torch.equal(fresh.teacher_state()[k], history.teacher_state()[k]) for k in base)
+    assert other_envs.observe()[1] == prompts and all(np.array_equal(a, b) for a, b in zip(other_envs.observe()[0],
+                                                                                           images))
 
 
 RESUME = ["--task", "gridworld", "--model", "tiny", "--sft-steps", "10", "--num-envs", "4", "--num-steps", "4",
