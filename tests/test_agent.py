@@ -469,6 +469,33 @@ def test_read_json_wants_an_object(tmp_path, text, message):
     assert read_json(f) == {"a": [1]}
 
 
+def test_lora_layer_by_hand():
+    # rank 2, alpha 8: scale 4. A, B all ones, x all ones: B A x = 2 * 4 = 8 per output, times 4 = 32 over the base
+    m = agent_mod.LoRALinear(torch.nn.Linear(4, 3), rank=2, alpha=8)
+    with torch.no_grad():
+        m.lora_A.fill_(1.0), m.lora_B.fill_(1.0)
+    x = torch.ones(1, 4)
+    assert torch.allclose(m(x) - m.base(x), torch.full((1, 3), 32.0))
+    assert torch.equal(m.delta_weight(), torch.full((3, 4), 8.0))
+    # a loaded state replaces B A: the effective weight is base + delta, 4 * 0.5 = 2 over the base
+    m.set_delta(torch.full((3, 4), 0.5))
+    assert torch.equal(m.delta_weight(), torch.full((3, 4), 0.5))
+    assert torch.allclose(m(x) - m.base(x), torch.full((1, 3), 2.0))
+
+
+def test_trainable_state_is_a_copy(agent):
+    # the states the merge keeps after each epoch must not move with the weights that go on training
+    state, (name, p) = agent.trainable_state(), next(iter(agent.model.named_parameters()))
+    kept = state[name].clone()
+    with torch.no_grad():
+        p.add_(1.0)
+    try:
+        assert torch.equal(state[name], kept)
+    finally:
+        with torch.no_grad():
+            p.sub_(1.0)
+
+
 def test_lora(agent, tmp_path):
     base = agent.copy_frozen()
     la = Agent.build("tiny", CORPUS, seed=0, lora_rank=4, lora_alpha=8)

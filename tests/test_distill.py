@@ -140,6 +140,29 @@ def test_teacher_kl_clips_at_kl_clip():
     assert batch.teacher_logp.tolist() == [[-12.0, -1.0]]
 
 
+def test_teacher_answers_tries_one_plus_retries_times_warmer_each_time():
+    calls = []
+
+    class Teacher:  # never a valid answer
+        def sample(self, images, prompts, temperature, **sampling):
+            calls.append(round(temperature, 6))
+            return types.SimpleNamespace(texts=["garbage"] * len(prompts))
+    envs = LockstepEnvs("gridworld", 1, seed=0)
+    assert teacher_answers(Teacher(), *envs.observe(), envs.envs, retries=2) == [None]
+    assert calls == [1.0, 1.1, 1.21]
+
+
+def test_demo_loss_plays_the_noisy_demonstrator():
+    # --sft-noise P: the demonstrator's moves are random at rate P (drawn from the envs' noise stream); 0: never
+    from distill import demo_loss
+    agent = tiny_agent()
+    for noise, draws in ((0.0, False), (0.5, True)):
+        demos = LockstepEnvs("gridworld", 4, seed=0)
+        before = demos.noise_rng.bit_generator.state
+        demo_loss(agent, demos, noise)
+        assert (demos.noise_rng.bit_generator.state != before) == draws
+
+
 def test_teacher_kl_is_zero_when_teacher_equals_agent():
     agent = tiny_agent()
     images, prompts = LockstepEnvs("gridworld", 3, seed=0).observe()

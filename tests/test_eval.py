@@ -49,6 +49,10 @@ def test_self_bleu2_by_hand():
     # "a b" twice and "c d": each "a b" finds itself among the references -> 1; "c d" shares no word -> 0
     assert math.isclose(E.self_bleu2(["a b", "a b", "c d"]), 2 / 3, rel_tol=1e-9)
     assert E.self_bleu2(["same words here"] * 5) == 1.0
+    # the reference length closest to the hypothesis', the shorter on a tie: "a b c" (refs of 2 and 4 words) BP 1;
+    # "a b" (refs of 3 and 4) BP e^(1 - 3/2), precisions 1; "a b c d": 3/4 and 2/3, BP 1
+    expected = (1 + math.exp(-0.5) + math.sqrt(3 / 4 * 2 / 3)) / 3
+    assert math.isclose(E.self_bleu2(["a b c", "a b", "a b c d"]), expected, rel_tol=1e-9)
     assert math.isnan(E.self_bleu2(["only one"]))
 
 
@@ -348,6 +352,12 @@ def test_episode_metrics_by_hand():
         "episodes": 2, "success": 0.5, "return": 4.0, "length": 10.5, "format_rate": 0.75, "invalid_rate": 0.75,
         "grounding": 0.75, "thought_entropy": 0.375, "tokens": 21.5}
     assert row["distinct2"] == 1.0  # bigrams "a b" and "a c": both distinct
+
+
+def test_format_table_is_markdown_a_renderer_accepts():
+    lines = E.format_table({"agent": {"success": 0.5}, "teacher": {}}).splitlines()
+    assert lines[1] == "|---|" + "---|" * len(E.COLUMNS) and all(ln.count("|") == len(E.COLUMNS) + 2 for ln in lines)
+    assert lines[2].startswith("| agent | 0.500 | n/a |")
 
 
 def test_compare_table_reads_each_column_from_its_own_number(tmp_path):

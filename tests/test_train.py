@@ -159,7 +159,68 @@ def test_image_critic_fits_on_the_grids_symmetries():
         assert len(used) > 2 if symmetric else used == {0}
 
 
-def test_ratio_is_exp_of_lambda_weighted_logp_difference():
+def test_log_row_by_hand():
+    # 2 turns x 2 envs. format 3 of 4; valid actions 2 of 4; grounding of the turns that state a fact (1, 0.5);
+    # the teacher's KL over valid-format turns only (0.2, 0.4, 0.6); episodes: the last --log-episodes 2
+    buf = {"format_ok": torch.tensor([[1.0, 0.0], [1.0, 1.0]]), "action_valid": torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+           "grounding": torch.tensor([[1.0, math.nan], [0.5, math.nan]]), "kl": torch.tensor([[0.2, 9.0], [0.4, 0.6]]),
+           "entropy": torch.tensor([[1.0, 2.0], [3.0, 4.0]])}
+    stats = {**train.new_stats(), "env_steps": 4, "episodes": [{"success": True, "return": 9.0, "length": 1},
+                                                                {"success": False, "return": -1.5, "length": 15},
+                                                                {"success": True, "return": 9.5, "length": 6}]}
+    row = train.log_row(3, train.Args(log_episodes=2, bf16=False), buf, stats, {}, 1e-5)
+    assert {k: row[k] for k in ("charts/format_rate", "charts/invalid_rate", "charts/thought_grounding",
+                                "charts/thought_entropy", "charts/success_rate", "charts/episodic_return",
+                                "charts/episodic_length", "env_steps")} == {
+        "charts/format_rate": 0.75, "charts/invalid_rate": 0.5, "charts/thought_grounding": 0.75,
+        "charts/thought_entropy": 2.5, "charts/success_rate": 0.5, "charts/episodic_return": 4.0,
+        "charts/episodic_length": 10.5, "env_steps": 4}
+    assert math.isclose(row["teacher/kl"], 0.4, rel_tol=1e-6)
+
+
+def test_schedules_and_the_value_heads_learning_rate(monkeypatch):
+    # RL: cosine over the budget, 8 of 32 turns -> 0.5 (1 + cos(pi / 4)); the value head's group starts at --vf-lr
+    args = train.Args(total_steps=32, lr=1e-4, vf_lr=1e-3, bf16=False)
+    lrs = [train.scheduled_lr(1e-4, args, {"env_steps": n}) for n in (0, 8, 32)]
+    assert lrs[0] == 1e-4 and math.isclose(lrs[1], 1e-4 * 0.5 * (1 + math.cos(math.pi / 4))) and lrs[2] < 1e-20
+    agent = tiny_agent()
+    opt = train.rl_optimizer(agent, args)
+    assert [g["base_lr"] for g in opt.param_groups] == [1e-4, 1e-3]
+    assert opt.param_groups[1]["params"] == list(agent.value_head.parameters())
+    # the SFT warm-up: linear over 30 steps, then cosine to 0 over the rest (40 steps: 10 of cosine)
+    seen = []
+    monkeypatch.setattr(train, "solver_envs", lambda *a: None)
+    monkeypatch.setattr(train, "sft_step", lambda _, opt, *a, **k: seen.append(opt.param_groups[0]["lr"]) or
+                        torch.zeros(()))
+    train.sft_warmup(agent, train.Args(task="gridworld", sft_steps=40, sft_lr=1e-3, bf16=False))
+    expected = [1e-3 * (s + 1) / 30 for s in range(30)] + [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 10))
+                                                           for k in range(10)]
+    assert np.allclose(seen, expected, rtol=1e-12)
+
+
+def test_rollout_orders_turns_as_ppo_reads_them_and_bootstraps_from_the_last_state():
+    # the value head with weights of its own: V differs by state, so the bootstrap must be V(s_T), the state after
+    # the last turn (env 0 meets its time limit then and starts a new level); ppo_data flattens values turn-major, as
+    # the returns and the Batch. A truncation ends the episode for GAE as a termination does
+    from env import LockstepEnvs
+    agent = tiny_agent()
+    torch.nn.init.normal_(agent.value_head[-1].weight, std=1.0, generator=torch.Generator().manual_seed(0))
+    envs = LockstepEnvs("gridworld", 3, seed=0)
+    envs.envs[0].steps = envs.envs[0].max_steps - 2
+    truncated, step_texts = [], envs.step_texts
+    envs.step_texts = lambda texts: (lambda out: truncated.append(out["truncated"].tolist()) or out)(step_texts(texts))
+    args = train.Args(task="gridworld", model="tiny", method="ppo", num_envs=3, num_steps=2, max_new_tokens=8,
+                      bf16=False, vf_coef=0.5)
+    batches, buf, last = train.rollout(agent, None, envs, args, train.new_stats())
+    with torch.no_grad():
+        expected = agent.encode(*envs.observe(), [""] * 3).values
+    assert torch.allclose(last, expected, atol=1e-6) and last.unique().numel() == 3
+    assert truncated[1] == [True, False, False] and buf["dones"][:, 0].tolist() == [0.0, 1.0]
+    buf["values"] = torch.arange(6.0).reshape(2, 3)
+    data = train.ppo_data(batches, buf, last, args)
+    assert data["values"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert torch.equal(data["returns"], (data["returns"].reshape(2, 3)).reshape(-1))
+
     thought = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
     action = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
     old = torch.tensor([[-1.0, -2.0, -0.5, -0.1]])
@@ -319,7 +380,8 @@ BAD_VALUES = [  # (argv, what the one line must name)
     (["--total-steps", "abc"], "--total-steps"), (["--no-such-flag"], "--no-such-flag"),
     (["--tot", "5"], "--tot"),  # no abbreviations: a typo is not silently another flag
     (["--critic", "mlp"], "--critic"), (["--critic", "image", "--vf-coef", "0.5"], "--vf-coef"),
-    (["--critic-steps", "0"], "--critic-steps"),
+    (["--critic-steps", "0"], "--critic-steps"), (["--density", "0"], "--density"),
+    (["--ema-alpha", "0"], "--ema-alpha"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "sees no CUDA device")])
 
 
@@ -522,6 +584,9 @@ def test_nan_loss_is_skipped_and_never_reaches_the_weights():
     with pytest.raises(FloatingPointError, match="update 7: 2 optimizer steps in a row"):
         train.ppo_update(agent, opt, params, data, args, stats, update=7)
     assert all(torch.equal(a, p) for a, p in zip(before, params))
+    data["advantages"] = torch.nan_to_num(data["advantages"])  # a finite step ends the run of skips
+    train.ppo_update(agent, opt, params, data, args, stats, update=8)
+    assert stats["skips_in_row"] == 0 and stats["skipped_steps"] == 2
 
 
 def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
