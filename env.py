@@ -418,6 +418,7 @@ class GridWorldEnv(_GridEnv):
         return {a for a, q in enumerate(self.nbr[self.player]) if q >= 0 and self.dist.get(q) == d - 1} if d else set()
 
     def expert_answer(self) -> str:
+        """The first optimal move in action order (up, down, left, right), so a state has one demonstration."""
         move = MOVES[min(self.optimal_actions(), default=0)]
         thought = f"player {self._pos(self.player)} goal {self._pos(self.goal)} path starts {move} so {move}."
         return answer_json({"thoughts": thought, "action": move})

@@ -224,6 +224,21 @@ def test_kv_decoder_equals_slow_loop_and_full_forward(agent, lora, tmp_path):
     ent = -(lp.exp() * lp).sum(-1)
     full = (ent * b.thought_mask).sum(1) / b.thought_mask.sum(1).clamp(min=1)
     assert (full - b.thought_entropy).abs().max() < 1e-5
+    # encode's entropy is the same sum, over the tokens of the answers it is given
+    e = a.encode(imgs, PROMPTS, b.texts, temperature=1.3)
+    with torch.no_grad():
+        lp = torch.log_softmax(a.score(e, return_logits=True)[2] / 1.3, -1)
+    ent = (-(lp.exp() * lp).sum(-1) * e.thought_mask).sum(1) / e.thought_mask.sum(1)
+    assert (ent - e.thought_entropy).abs().max() < 1e-5 and (ent > 0).all()
+
+
+def test_min_new_tokens_holds_eos_back_for_exactly_that_many_tokens(agent):
+    V = agent.model.config.text_config.vocab_size
+    logits = torch.zeros(1, V)
+    logits[0, agent.eos_ids] = 5.0   # EOS is the argmax
+    seen = torch.zeros(1, V, dtype=torch.bool)
+    picks = [int(agent.next_tokens(logits, seen, step, 1.0, 0, 1.0, False, 2)) for step in range(4)]
+    assert [t in agent.eos_ids for t in picks] == [False, False, True, True]
 
 
 def test_kv_decoder_samples_like_generate(agent):

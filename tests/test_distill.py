@@ -123,6 +123,12 @@ def test_sft_loss_hand_ce_and_ignores_actions():
 # The guidance with a tiny agent, on hand-made turns
 
 
+def test_tokenizer_corpus_follows_its_seed():
+    from distill import tokenizer_corpus
+    a, b, c = (tokenizer_corpus(seed, episodes_per_task=4) for seed in (0, 0, 1))
+    assert a == b and a != c and any(text.startswith("user\nSokoban") for text in a)
+
+
 def tiny_agent(seed=0):
     from agent import Agent
     from distill import tokenizer_corpus

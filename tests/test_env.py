@@ -135,6 +135,19 @@ def test_gridworld_wall_costs_a_step_and_goal_reward():
     assert r == pytest.approx(9.9) and term and info["success"]
 
 
+def test_gridworld_expert_shows_the_first_optimal_move_in_action_order():
+    ties = 0
+    for seed in range(10):
+        g = E.GridWorldEnv()
+        g.reset(seed=seed)
+        while g.optimal_actions():
+            best = min(g.optimal_actions())
+            assert json.loads(g.expert_answer())["action"] == E.MOVES[best]
+            ties += len(g.optimal_actions()) > 1
+            g.step(best)
+    assert ties > 0  # states where more than one move is optimal were met
+
+
 def test_gridworld_generator_solvable_and_deterministic():
     e = E.GridWorldEnv()
     for seed in range(100):
@@ -363,6 +376,17 @@ def test_lockstep_autoreset_and_invalid_turns():
     out = envs.step_texts([""] * 4)
     assert out["action_valid"].sum() == 0 and (out["action"] == -1).all()
     assert [e.steps for e in envs.envs] == [1] * 4
+
+
+def test_an_episode_succeeds_when_its_level_is_solved_not_when_a_box_scores():
+    # two boxes, one turn allowed: pushing one box onto a target pays +1 (reward 0.9) as the time limit ends the
+    # episode, unsolved; the one-box level solved on the same turn is a success
+    for level, reward, success in (("#######\n#@$.$.#\n#######", 0.9, False), ("#####\n#@$.#\n#####", 10.9, True)):
+        envs = E.LockstepEnvs("sokoban", 1, seed=0)
+        envs.envs[0] = load(level, max_steps=1)
+        out = envs.step_texts(['{"thoughts": "x", "action": "right"}'])
+        assert out["done"][0] and out["reward"][0] == pytest.approx(reward)
+        assert [ep["success"] for ep in out["episodes"]] == [success]
 
 
 def test_lockstep_episode_k_is_seeded_with_seed_times_1000003_plus_k():

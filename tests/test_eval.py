@@ -112,6 +112,21 @@ def bfs_length(level: str) -> int:
     raise AssertionError("unsolvable level")
 
 
+def test_evaluation_samples_from_its_own_seed_and_leaves_the_callers_stream_alone():
+    import torch
+    torch.manual_seed(0)
+    untouched = torch.rand(3)
+    torch.manual_seed(0)
+    with E.seeded(1, "cpu"):
+        a = torch.rand(3)
+    after = torch.rand(3)
+    with E.seeded(1, "cpu"):
+        b = torch.rand(3)
+    with E.seeded(2, "cpu"):
+        c = torch.rand(3)
+    assert torch.equal(after, untouched) and torch.equal(a, b) and not torch.equal(a, c)
+
+
 def test_expert_replay_gif_has_one_frame_per_turn_plus_the_final_state(tmp_path):
     replays = E.write_replays(E.expert_actor, "gridworld", 2, seed=3, out_dir=str(tmp_path))
     for k, r in enumerate(replays):

@@ -248,6 +248,39 @@ def test_rollout_orders_turns_as_ppo_reads_them_and_bootstraps_from_the_last_sta
     assert math.isclose(train.value_loss(z, z, torch.tensor([1.0]), vf_clip=0.1).item(), 0.5, rel_tol=1e-6)
 
 
+def test_gtr_rollout_labels_and_counts_only_the_wrong_turns():
+    # env 1 answers as the expert (an optimal move, every fact true): the corrector leaves it alone; the untrained
+    # agent's other answers are wrong, so 2 turns x 2 envs get labels, the same count the buffer and the log see
+    from env import LockstepEnvs
+    envs = LockstepEnvs("gridworld", 3, seed=0)
+    step_texts = envs.step_texts
+
+    def env_1_answers_as_the_expert(texts):
+        return step_texts([texts[0], envs.envs[1].expert_answer(), texts[2]])
+    envs.step_texts = env_1_answers_as_the_expert
+    args = train.Args(task="gridworld", model="tiny", method="gtr", num_envs=3, num_steps=2, max_new_tokens=8,
+                      bf16=False)
+    stats, dagger, seen = train.new_stats(), [], []
+    observe = envs.observe
+
+    def recording_observe():
+        seen.append(observe())
+        return seen[-1]
+    envs.observe = recording_observe
+    train.rollout(tiny_agent(), None, envs, args, stats, dagger=dagger)
+    assert stats["labels"] == len(dagger) == 4
+    # the labelled images are those of envs 0 and 2 (GridWorld's prompt is one sentence; its images differ)
+    turns = [(0, 0), (0, 2), (1, 0), (1, 2)]   # (turn, env)
+    assert all(np.array_equal(image, seen[t][0][i]) for (image, _, _), (t, i) in zip(dagger, turns))
+    assert not np.array_equal(seen[0][0][0], seen[0][0][2])
+
+
+def test_time_budget_counts_the_loops_wall_clock():
+    args = train.Args(budget_by="time", budget_seconds=10.0)
+    stats = dict(train.new_stats(), wall_time=5.0, teacher_time=1.0)
+    assert train.budget_used(args, stats) == 0.5
+
+
 def test_value_clip_range():
     """Old value 0, new value 3, return 10. Clipped at 0.1: max((3-10)^2, (0.1-10)^2) = 98.01, so the loss is
     0.5 * 98.01 and its gradient in the new value is 0 (V may move only 0.1 per rollout). Unclipped (0): 0.5 * 49,
