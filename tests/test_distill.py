@@ -129,6 +129,17 @@ def test_tokenizer_corpus_follows_its_seed():
     assert a == b and a != c and any(text.startswith("user\nSokoban") for text in a)
 
 
+def test_demonstrations_come_from_training_levels_only():
+    from distill import solver_envs
+    from env import TASKS, in_eval_split
+    for task in TASKS:
+        envs, levels = solver_envs(task, 8, seed=0), set()
+        for _ in range(12):
+            levels |= {e.level for e in envs.envs}
+            envs.step_texts(envs.expert_texts())
+        assert len(levels) > 8 and not any(in_eval_split(level) for level in levels), task
+
+
 def tiny_agent(seed=0):
     from agent import Agent
     from distill import tokenizer_corpus

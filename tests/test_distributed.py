@@ -19,6 +19,7 @@ This file is also the worker script: `torchrun --nproc_per_node 2 tests/test_dis
 """
 import hashlib
 import json
+import math
 import os
 import signal
 import socket
@@ -56,6 +57,9 @@ STEP_ARGS = dict(task="gridworld", model="tiny", method="ppo", num_envs=4, num_s
                  max_new_tokens=24, bf16=False, threads=1)
 
 
+SPREAD = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 32.0])  # mean 10.5, squared deviations summing to 703.5
+
+
 def one_step(agent, batches, buf, last, args):
     """ppo_update with plain SGD (Adam's first step is ~lr * sign(g) and would hide a wrong gradient scale).
     Returns the change of every trained tensor and the logged losses."""
@@ -84,7 +88,9 @@ def worker(workdir):
     per = args.num_envs // n
     part = columns(data["batches"], data["buf"], data["last"], list(range(rank * per, (rank + 1) * per)))
     delta, losses = one_step(Agent.load(os.path.join(workdir, "agent")), *part, args)
-    torch.save({"delta": delta, "losses": losses}, os.path.join(workdir, f"rank{rank}.pt"))
+    half = len(SPREAD) // n
+    mean_std = train.global_mean_std(SPREAD[rank * half:(rank + 1) * half])
+    torch.save({"delta": delta, "losses": losses, "mean_std": mean_std}, os.path.join(workdir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
@@ -114,6 +120,10 @@ def test_two_ranks_with_half_the_envs_each_take_the_one_process_step(tmp_path):
     assert err < 1e-4 * scale
     for k in ("losses/policy", "losses/value", "losses/approx_kl", "losses/clipfrac", "losses/explained_variance"):
         assert abs(ranks[0]["losses"][k] - ref_losses[k]) <= 1e-5 * (1 + abs(ref_losses[k])), k
+    # advantages are normalised by the unbiased std of all ranks' turns: the PPO step above cannot show its scale
+    # (the gradient clip and the zero-mean policy loss hide it), so the two ranks' halves of SPREAD show it
+    for r in ranks:
+        assert torch.allclose(torch.stack(r["mean_std"]), torch.tensor([10.5, math.sqrt(703.5 / 5)]))
     # a rank that stepped on its own half (local gradient, local normalisation) would be far off
     alone, _ = one_step(Agent.load(tmp_path / "agent"), *columns(batches, buf, last, [0, 1]), args)
     assert max((a - b).abs().max().item() for a, b in zip(alone, ref_delta)) > 100 * err + 1e-3 * scale
