@@ -19,8 +19,9 @@ Every number is timed through the project's own code on real environments (Sokob
                code of commit --loop-base (exported with git archive) and this checkout, each in its own
                process (scripts/bench_loop.py), with the split of one update; the ratio is new / old. The
                trees take turns, --loop-rounds times, so that a drift in the machine's speed falls on both.
-A random-init agent stops at once, so generation is forced to `--new-tokens` tokens (a trained agent writes
-~45). Median of `--repeats` after one warm-up. Usage: python scripts/bench.py [--threads 2] [--quick]
+A random-init agent stops at once, so generation is forced to `--new-tokens` tokens (default 45, above the 27
+a trained Sokoban agent writes). Median of `--repeats` after one warm-up.
+Usage: python scripts/bench.py [--threads 2] [--quick]
 """
 import argparse
 import json
@@ -89,8 +90,10 @@ def loop_rows(base: str, threads: int, updates: int, rounds: int) -> list[tuple[
             for label, root in ((f"old ({base})", tmp), ("new (this checkout)", ROOT)):
                 cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench_loop.py"), "--root", root,
                        "--threads", str(threads), "--updates", str(updates), "--bf16", bf16]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                rows.append((label, json.loads(out.strip().splitlines()[-1])))
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode:
+                    sys.exit(f"bench_loop.py failed in {label}:\n{r.stderr[-3000:]}")
+                rows.append((label, json.loads(r.stdout.strip().splitlines()[-1])))
     return rows
 
 
@@ -127,6 +130,8 @@ def main():
     args = p.parse_args()
     if args.only not in ("", "loop"):
         p.error("--only: loop or nothing")
+    if args.loop_updates < 2 or args.loop_rounds < 1:
+        p.error("--loop-updates must be >= 2 (the first warms up) and --loop-rounds >= 1")
     threads = args.threads or torch.get_num_threads()
     if args.only == "loop" or not args.quick:
         print_loop(loop_rows(args.loop_base, threads, args.loop_updates, args.loop_rounds))

@@ -1,7 +1,8 @@
 """Throughput of Agent.sample (generated tokens/s) and Agent.score with backward (scored tokens/s).
 
-Fake 96x96 images, a realistic ~50-token Sokoban prompt, exactly `--new-tokens` generated tokens per row
-(forced with min_new_tokens, since a random-init model emits EOS at once). Median of `--repeats` runs
+Fake 96x96 images, a long Sokoban prompt (its length is the table's prompt tok; train.py's prompts are 26),
+exactly `--new-tokens` generated tokens per row (forced with min_new_tokens, since a random-init model emits EOS
+at once). Median of `--repeats` runs
 after one warm-up. Usage: python scripts/bench_agent.py [--sizes tiny,small] [--batches 1,16]
 """
 import argparse

@@ -27,6 +27,8 @@ def main():
     p.add_argument("--bf16", choices=("on", "off"), required=True,
                    help="autocast of both trees (an old tree may default to bf16 where it is many times slower)")
     a = p.parse_args()
+    if a.updates < 2:
+        p.error("--updates must be >= 2: the first warms up, the rate is over the others")
     root = os.path.abspath(a.root)
     sys.path.insert(0, root)
     os.chdir(root)

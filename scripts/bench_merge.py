@@ -1,8 +1,8 @@
 """Benchmark of merge.py: merge time and peak memory against the number of checkpoints.
 
 Two synthetic trainable states with transformer-like shapes (embedding, attention, MLP, norms, lm_head):
-  5M:   vocab 512, hidden 256, 5 layers, MLP 1024, fp32   (the size of the project's tiny agent)
-  100M: vocab 32000, hidden 768, 7 layers, MLP 3072, bf16 (bf16 keeps 64 checkpoint files at 12.6 GB)
+  5M:   vocab 512, hidden 256, 5 layers, MLP 1024, fp32   (5.5M entries: about the project's small agent)
+  100M: vocab 32000, hidden 768, 7 layers, MLP 3072, bf16 (115M entries; bf16 keeps 64 checkpoint files at 14.7 GB)
 Checkpoint i = base + 0.01 * N(0, 1) noise (seeded), so every entry has sign conflicts to resolve.
 
 running: one MergeHistory (SMA, TIES, density 0.8), one checkpoint per add(), built in memory just

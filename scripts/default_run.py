@@ -28,7 +28,12 @@ def main():
     if a.fresh:
         for d in glob.glob(os.path.join(ROOT, "runs", "sft-cache", "sokoban-*")):
             shutil.rmtree(d)
-    out = next((a.extra[i + 1] for i, x in enumerate(a.extra[:-1]) if x == "--out"), None)
+    out = None  # the last --out wins, as in train.py's argparse; both spellings
+    for i, x in enumerate(a.extra):
+        if x == "--out" and i + 1 < len(a.extra):
+            out = a.extra[i + 1]
+        elif x.startswith("--out="):
+            out = x.split("=", 1)[1]
     extra = list(a.extra)
     if out is None:  # train.py never overwrites a run: each benchmark gets its own directory
         out = os.path.join("runs", time.strftime("default-run-%Y%m%d-%H%M%S"))
@@ -40,7 +45,8 @@ def main():
     total = time.time() - t0
     run = os.path.join(ROOT, out)
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
-    ev = json.load(open(os.path.join(run, "eval.json")))
+    path = os.path.join(run, "eval.json")  # absent under --eval-episodes 0
+    ev = json.load(open(path)) if os.path.isfile(path) else {}
     rl = rows[-1]["charts/wall_time"]
     print("\n| item | value |\n|---|---|")
     print(f"| whole command | {total / 60:.1f} min |")

@@ -1,7 +1,7 @@
 """GPU smoke check of the real-model path: a tiny Qwen2.5-VL written by plain `save_pretrained` trains through
 train.py on CUDA the way a local Qwen2.5-VL checkpoint would, resumes, and evaluates with eval.py.
 
-    python scripts/gpu_smoke.py [--device cuda] [--workdir /tmp/gtr-gpu-smoke]
+    python scripts/gpu_smoke.py [--device cuda] [--workdir NEW_DIR]   # default: a fresh temporary directory
 
 Cases (GridWorld, 2 updates of 4 envs x 4 turns each): turbo-kl with LoRA r=8, turbo-kl with full
 fine-tuning, turbo-sft with LoRA, gtr with LoRA; then the first run is extended by 2 updates with --resume and
@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,8 +24,11 @@ sys.path.insert(0, ROOT)
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
-    p.add_argument("--workdir", default="/tmp/gtr-gpu-smoke")
+    p.add_argument("--workdir", default="", help="an empty or new directory (default: a fresh temp directory)")
     a = p.parse_args()
+    if a.workdir and os.path.isdir(a.workdir) and os.listdir(a.workdir):
+        p.error(f"--workdir {a.workdir} is not empty: train.py never overwrites a run; give a new directory")
+    a.workdir = a.workdir or tempfile.mkdtemp(prefix="gtr-gpu-smoke-")
     from agent import Agent
     from distill import tokenizer_corpus
     model_dir = os.path.join(a.workdir, "qwen")

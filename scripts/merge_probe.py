@@ -34,6 +34,12 @@ class KeepingHistory(merge.MergeHistory):
         os.makedirs(self.folder, exist_ok=True)
         torch.save(self.base, os.path.join(self.folder, "base.pt"))
 
+    def load_state_dict(self, sd):
+        """A resumed run: the base is the saved history's (the SFT start), not the resumed agent given to
+        __init__; base.pt is rewritten from it."""
+        super().load_state_dict(sd)
+        torch.save(self.base, os.path.join(self.folder, "base.pt"))
+
     def add(self, states):
         states = [states] if isinstance(states, dict) else list(states)
         for i, s in enumerate(states):
@@ -83,6 +89,8 @@ def main():
     p.add_argument("--tag", default="", help="suffix of the run directory, to keep probes of other flags apart")
     p.add_argument("train_flags", nargs="*", help="train.py flags, after --")
     a = p.parse_args()
+    if a.episodes < 1:
+        p.error(f"--episodes must be >= 1, got {a.episodes}")
     out = os.path.join("runs", f"merge-probe-s{a.seed}" + (f"-{a.tag}" if a.tag else ""))
     started = os.path.exists(os.path.join(out, "args.json"))  # then its own args.json decides every flag
     args = train.parse_args(["--resume", out] if started else ["--seed", str(a.seed), *a.train_flags, "--out", out])

@@ -11,11 +11,14 @@
 Run it from the repository root: it starts from the cached SFT agent in runs/sft-cache/ (made if missing), with
 train.py's own optimizer (`rl_optimizer`), and by default runs the train.py flags' whole --total-steps budget.
 
-The loop is train.py's own (rollout -> ppo_data -> ppo_update, ppo method, no teacher); only the advantages
-differ. After each update it prints one JSON line: training success, approx-KL and clip fraction, the
-correlation of the real advantages with "this turn's move was one of the solver's optimal moves", and the
-held-out optimal-move rate: 256 start states of evaluation-split levels, 2 sampled answers each (standard
-error about 2 points). Sokoban or GridWorld (tasks whose env knows its optimal moves per state).
+The loop is train.py's own (rollout -> ppo_data -> ppo_update, ppo method, no teacher, train.py's critic: the
+image critic valuing each turn as it is played and refit after each update, or the value head); only the
+advantages differ. After each update it prints one JSON line: training success, approx-KL and clip fraction, the
+correlation of the real advantages with "this turn's move was one of the solver's optimal moves", the critic's
+explained variance on the rollout (critic_ev), and the held-out optimal-move rate: 256 start states of
+evaluation-split levels, 2 sampled answers each (standard error about 2 points; sampled from a seed of their own,
+so the probe leaves training's random numbers as they were). Sokoban or GridWorld (tasks whose env knows its
+optimal moves per state).
 
 Reading it: if `real` moves the optimal-move rate no more than `shuffle`, the policy gradient is noise at
 this budget; `oracle` bounds what a perfect per-turn advantage could do with the same optimizer settings.
@@ -37,8 +40,14 @@ from env import LockstepEnvs, parse_answer  # noqa: E402
 
 
 def optimal_move_rate(agent, envs, images, prompts, optimal, args, seed, samples=2, chunk=64):
-    """Share of sampled answers on fixed states whose action is one of that state's optimal moves."""
-    torch.manual_seed(seed)
+    """Share of sampled answers on fixed states whose action is one of that state's optimal moves. Seeded by
+    `seed` in a forked RNG: training draws the same numbers whatever the probe samples."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _optimal_move_rate(agent, envs, images, prompts, optimal, args, samples, chunk)
+
+
+def _optimal_move_rate(agent, envs, images, prompts, optimal, args, samples, chunk):
     env, hits = envs.envs[0], 0
     for _ in range(samples):
         for s in range(0, len(prompts), chunk):
@@ -75,6 +84,8 @@ def main():
     p.add_argument("--probe-states", type=int, default=256)
     p.add_argument("train_flags", nargs="*", help="train.py flags (after --), e.g. --lr 3e-5 --task gridworld")
     a = p.parse_args()
+    if a.probe_states < 1:
+        p.error(f"--probe-states must be >= 1, got {a.probe_states}")
     # the probe writes no run: an --out that cannot exist keeps train.py's refusal to overwrite one out of the way
     args = train.parse_args(["--method", "ppo", "--out", os.path.join("runs", f"signal-probe-{os.getpid()}"),
                              *a.train_flags])
@@ -98,6 +109,10 @@ def main():
         return out
 
     envs.step_texts = labelled_step
+    critic = None  # train.py's critic: --critic image (the grid tasks' default) values each turn as it is played
+    if args.critic == "image":
+        critic = train.ImageCritic(envs.envs[0].observation_space.shape, args.seed,
+                                   envs.envs[0].symmetric).to(args.device)
     params = agent.parameters()
     opt = train.rl_optimizer(agent, args)  # train.py's own (with --carry-moments: the warm-up's moments)
     if a.warmup > 0:
@@ -111,7 +126,7 @@ def main():
         for g in opt.param_groups:  # train.py's schedule
             g["lr"] = g["scheduled"] = train.scheduled_lr(g["base_lr"], args, stats)
         labels.clear()
-        batches, buf, last = train.rollout(agent, None, envs, args, stats)
+        batches, buf, last = train.rollout(agent, None, envs, args, stats, critic=critic)
         data = train.ppo_data(batches, buf, last, args)
         oracle = torch.tensor(labels)  # [played turns], the order of data["advantages"]
         corr = float(np.corrcoef(data["advantages"].numpy(), oracle.numpy())[0, 1])
@@ -124,11 +139,14 @@ def main():
         elif a.adv == "oracle-pos":
             data["advantages"] = (oracle > 0).float()
         _, losses = train.ppo_update(agent, opt, params, data, args, stats, update)
+        if critic is not None:  # as train.main: refit after it valued this rollout
+            critic.fit(data["env_returns"], args.critic_steps, args.critic_updates)
         eps = stats["episodes"][-args.log_episodes:]
         print(json.dumps({"adv": a.adv, "update": update, "env_steps": stats["env_steps"],
                           "success": round(float(np.mean([e["success"] for e in eps])), 3),
                           "approx_kl": round(losses["losses/approx_kl"], 4),
                           "clipfrac": round(losses["losses/clipfrac"], 3), "corr_adv_optimal": round(corr, 3),
+                          "critic_ev": round(losses["losses/explained_variance"], 3),
                           "optimal_move_rate": optimal_move_rate(agent, probe, p_images, p_prompts, p_optimal,
                                                                  args, seed=update)}), flush=True)
         stats["episodes"] = stats["episodes"][-args.log_episodes:]

@@ -74,6 +74,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=False)
     p.add_argument("--table-alpha", type=float, default=0.5, help="EMA weight of each update's mean (0, 1]")
     a, rest = p.parse_known_args()
+    if "-h" in rest or "--help" in rest:  # this script's flag, then train.py's (whose parser exits)
+        print(p.format_help())
     if not 0 < a.table_alpha <= 1:
         p.error("--table-alpha must be in (0, 1]")
     args = train.parse_args(rest)

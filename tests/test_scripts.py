@@ -30,6 +30,9 @@ def test_reproduce_quick_plan(tmp_path):
     assert flag(sft, "--budget-by") == "time"  # the SFT baseline gets turbo-kl's wall-clock instead
     assert len({flag(c, "--out") for c in train}) == 7 and not os.path.exists(tmp_path / "runs")
     assert cmds[-1][:2] == ["eval.py", "compare"] and len(cmds) == 8
+    # a quick or partial reproduction writes tables of its own: the committed full ones stay
+    assert flag(cmds[-1], "--table") == "docs/results_sokoban_quick.md"
+    assert flag(cmds[-1], "--out") == "docs/curves_sokoban_quick.png"
 
 
 def test_signal_probe_prints_one_line_per_update(tmp_path):
@@ -44,6 +47,48 @@ def test_signal_probe_prints_one_line_per_update(tmp_path):
     assert [r["update"] for r in rows] == [0, 1, 2] and rows[-1]["env_steps"] == 32
     assert all(0.0 <= r["optimal_move_rate"] <= 1.0 for r in rows)  # 16 samples each: a share, k / 16
     assert all(abs(r["optimal_move_rate"] * 16 - round(r["optimal_move_rate"] * 16)) < 1e-9 for r in rows)
+    # GridWorld's critic is the image critic, as in train.py: refit after update 1, it values update 2's turns (with
+    # no critic V = 0 and the explained variance is exactly 0)
+    assert rows[-1]["critic_ev"] != 0.0
+
+
+def load_script(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_signal_probe_evaluation_leaves_trainings_random_numbers_alone():
+    import torch
+    import train
+    from agent import Agent
+    from env import LockstepEnvs
+    probe = load_script("signal_probe")
+    agent = Agent.build("tiny", train.tokenizer_corpus(0, episodes_per_task=8), seed=0)
+    envs = LockstepEnvs("gridworld", 4, seed=0, split="eval")
+    images, prompts = envs.observe()
+    args = train.Args(task="gridworld", model="tiny", max_new_tokens=8, bf16=False)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    rates = [probe.optimal_move_rate(agent, envs, images, prompts, envs.optimal_actions(), args, seed=5)
+             for _ in range(2)]
+    assert torch.equal(torch.rand(3), expected) and rates[0] == rates[1]
+
+
+def test_merge_probe_keeps_the_sft_start_as_base_when_a_run_resumes(tmp_path, monkeypatch):
+    import torch
+    import merge
+    probe = load_script("merge_probe")
+    monkeypatch.setattr(probe.KeepingHistory, "folder", str(tmp_path / "history"))
+    sft, resumed = {"w": torch.zeros(3)}, {"w": torch.ones(3)}
+    saved = merge.MergeHistory(sft)
+    saved.add({"w": torch.full((3,), 0.5)})
+    history = probe.KeepingHistory(resumed)   # train.py builds it from the resumed agent, then loads the saved one
+    history.load_state_dict(saved.state_dict())
+    assert torch.equal(torch.load(tmp_path / "history" / "base.pt")["w"], sft["w"])
 
 
 def test_reproduce_skips_finished_and_resumes_killed_runs(tmp_path):
@@ -59,6 +104,8 @@ def test_reproduce_skips_finished_and_resumes_killed_runs(tmp_path):
     train = [line[2:].split() for line in out.stdout.splitlines() if line.startswith("$ train.py")]
     outs = [c[c.index("--out") + 1] if "--out" in c else None for c in train]
     assert train[0] == ["train.py", "--resume", str(root / "sokoban-gtr-s2")]  # ppo skipped, gtr resumed
+    compare = next(line[2:].split() for line in out.stdout.splitlines() if line.startswith("$ eval.py compare"))
+    assert compare[compare.index("--table") + 1] == "docs/results_sokoban_s2.md"
     assert len(train) == 6 and all(o.endswith("-s2") for o in outs[1:])  # the other five rows, seed 2 only
     assert not any("sokoban-ppo-s2" in " ".join(c) for c in train)
 
@@ -79,11 +126,8 @@ def test_reproduce_scores_points24_on_the_training_distribution(tmp_path):
 def test_signal_probe_warm_up_scales_each_step_linearly():
     """warm_up(opt, 4): steps 1..5 run at 1/4, 2/4, 3/4, 1, 1 of the scheduled lr. With plain SGD on the
     loss w (gradient 1), the weight after k steps is 1 - lr * sum of those factors: worked by hand."""
-    import importlib.util
     import torch
-    spec = importlib.util.spec_from_file_location("signal_probe", os.path.join(ROOT, "scripts", "signal_probe.py"))
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_script("signal_probe")
     w = torch.nn.Parameter(torch.ones(()))
     opt = torch.optim.SGD([w], lr=0.1)
     opt.param_groups[0]["scheduled"] = 0.1
@@ -228,3 +272,12 @@ def test_loop_bench_reports_the_median_of_alternating_rounds(capsys):
     out = capsys.readouterr().out
     assert [line.split("|")[5].strip() for line in out.splitlines() if "new / old" in line] == \
         ["3.00x", "2.00x", "2.50x", "2.50x"]
+
+
+def test_loop_bench_refuses_a_single_update_before_it_runs_anything():
+    # the first update warms up and the rate is over the others: one update would divide by zero minutes later
+    for script, argv in (("bench.py", ["--only", "loop", "--loop-updates", "1"]),
+                         ("bench_loop.py", ["--root", ROOT, "--threads", "1", "--updates", "1", "--bf16", "off"])):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *argv], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2 and "updates must be >= 2" in r.stderr.splitlines()[-1], (script, r.stderr)
