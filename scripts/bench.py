@@ -132,8 +132,12 @@ def main():
         p.error("--only: loop or nothing")
     if args.loop_updates < 2 or args.loop_rounds < 1:
         p.error("--loop-updates must be >= 2 (the first warms up) and --loop-rounds >= 1")
+    runs_loop = args.only == "loop" or not args.quick
+    verify = ["git", "-C", ROOT, "rev-parse", "--verify", "--quiet", f"{args.loop_base}^{{commit}}"]
+    if runs_loop and subprocess.run(verify, capture_output=True).returncode:
+        p.error(f"--loop-base {args.loop_base}: no such commit in this repository")
     threads = args.threads or torch.get_num_threads()
-    if args.only == "loop" or not args.quick:
+    if runs_loop:
         print_loop(loop_rows(args.loop_base, threads, args.loop_updates, args.loop_rounds))
     if args.only == "loop":
         return

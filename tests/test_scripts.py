@@ -274,10 +274,13 @@ def test_loop_bench_reports_the_median_of_alternating_rounds(capsys):
         ["3.00x", "2.00x", "2.50x", "2.50x"]
 
 
-def test_loop_bench_refuses_a_single_update_before_it_runs_anything():
+def test_loop_bench_refuses_bad_settings_before_it_runs_anything():
     # the first update warms up and the rate is over the others: one update would divide by zero minutes later
-    for script, argv in (("bench.py", ["--only", "loop", "--loop-updates", "1"]),
-                         ("bench_loop.py", ["--root", ROOT, "--threads", "1", "--updates", "1", "--bf16", "off"])):
+    for script, argv, needle in (
+            ("bench.py", ["--only", "loop", "--loop-updates", "1"], "updates must be >= 2"),
+            ("bench_loop.py", ["--root", ROOT, "--threads", "1", "--updates", "1", "--bf16", "off"],
+             "updates must be >= 2"),
+            ("bench.py", ["--only", "loop", "--loop-base", "nosuchcommit"], "nosuchcommit: no such commit")):
         r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *argv], capture_output=True,
                            text=True, timeout=60)
-        assert r.returncode == 2 and "updates must be >= 2" in r.stderr.splitlines()[-1], (script, r.stderr)
+        assert r.returncode == 2 and needle in r.stderr.splitlines()[-1], (script, r.stderr)
