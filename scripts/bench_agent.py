@@ -23,12 +23,16 @@ PROMPT = ("You are playing Sokoban on a 6x6 grid. Push every box onto a target. 
 ANSWER = '{"thoughts":"player 2,4 box 2,2 target 2,1 push left now so left.","action":"left"}'
 
 
-def timed(fn, repeats):
+def timed(fn, repeats, device="cpu"):
+    """Median seconds of fn after one warm-up; on CUDA the clock waits for the queued kernels."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     fn()   # warm-up
+    sync()
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
+        sync()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
@@ -59,13 +63,14 @@ def main():
             prompts = [PROMPT] * B
             n = args.new_tokens
             batch = agent.sample(imgs, prompts, min_new_tokens=n, max_new_tokens=n)
-            t_sample = timed(lambda: agent.sample(imgs, prompts, min_new_tokens=n, max_new_tokens=n), args.repeats)
+            t_sample = timed(lambda: agent.sample(imgs, prompts, min_new_tokens=n, max_new_tokens=n), args.repeats,
+                             args.device)
 
             def score_step():
                 logp, values, _ = agent.score(batch)
                 (logp.sum() + values.sum()).backward()
                 agent.model.zero_grad(set_to_none=True)
-            t_score = timed(score_step, args.repeats)
+            t_score = timed(score_step, args.repeats, args.device)
             G = int(batch.gen_mask.sum())
             print(f"| {size} | {agent.num_params() / 1e6:.2f}M | {B} | {batch.prompt_len} | "
                   f"{B * n / t_sample:,.0f} | {G / t_score:,.0f} | {batch.input_ids.numel() / t_score:,.0f} |",
