@@ -80,6 +80,7 @@ def main():
         p.error(f"--seeds must be positive, got {a.seeds}")
     budget = ["--total-steps", "1024", "--eval-episodes", "30"] if a.quick else []  # else train.py's defaults
     budget += a.train_args.split()
+    resume_args = where(a.train_args.split())  # a resumed run keeps the rest of its args.json
     for task in tasks:
         dirs = []
         task_args = budget + TASK_ARGS.get(task, [])
@@ -88,14 +89,13 @@ def main():
                 out = os.path.join(a.root, f"{task}-{name}-s{seed}")
                 dirs.append(out)
                 train(out, ["train.py", "--task", task, "--method", method, "--seed", str(seed), "--out", out,
-                            *task_args, *extra], a.dry_run, where(a.train_args.split()))
+                            *task_args, *extra], a.dry_run, resume_args)
             out = os.path.join(a.root, f"{task}-sft-s{seed}")
             dirs.append(out)
             ref = os.path.join(ROOT, a.root, f"{task}-turbo-kl-s{seed}", "metrics.jsonl")
             seconds = json.loads(open(ref).readlines()[-1])["charts/wall_time"] if os.path.isfile(ref) else 0
             train(out, ["train.py", "--task", task, "--method", "sft", "--seed", str(seed), "--out", out, *task_args,
-                        "--budget-by", "time", "--budget-seconds", f"{seconds or 1:.0f}"], a.dry_run,
-                  where(a.train_args.split()))
+                        "--budget-by", "time", "--budget-seconds", f"{seconds or 1:.0f}"], a.dry_run, resume_args)
         tag = ("_quick" if a.quick else "") + (f"_s{'-'.join(map(str, seeds))}" if a.seed_list else "")
         run(["eval.py", "compare", *dirs, "--out", f"docs/curves_{task}{tag}.png", "--table",
              f"docs/results_{task}{tag}.md"], a.dry_run)

@@ -42,22 +42,18 @@ from env import LockstepEnvs, parse_answer  # noqa: E402
 def optimal_move_rate(agent, envs, images, prompts, optimal, args, seed, samples=2, chunk=64):
     """Share of sampled answers on fixed states whose action is one of that state's optimal moves. Seeded by
     `seed` in a forked RNG: training draws the same numbers whatever the probe samples."""
+    env, hits = envs.envs[0], 0
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return _optimal_move_rate(agent, envs, images, prompts, optimal, args, samples, chunk)
-
-
-def _optimal_move_rate(agent, envs, images, prompts, optimal, args, samples, chunk):
-    env, hits = envs.envs[0], 0
-    for _ in range(samples):
-        for s in range(0, len(prompts), chunk):
-            with torch.no_grad(), train.autocast(args):
-                b = agent.sample(images[s:s + chunk], prompts[s:s + chunk], temperature=args.temperature,
-                                 top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-                                 max_new_tokens=args.max_new_tokens)
-            for i, text in enumerate(b.texts):
-                a, _ = parse_answer(text, env.action_names, env.answer_keys)
-                hits += a is not None and a in optimal[s + i]
+        for _ in range(samples):
+            for s in range(0, len(prompts), chunk):
+                with torch.no_grad(), train.autocast(args):
+                    b = agent.sample(images[s:s + chunk], prompts[s:s + chunk], temperature=args.temperature,
+                                     top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                                     max_new_tokens=args.max_new_tokens)
+                for i, text in enumerate(b.texts):
+                    a, _ = parse_answer(text, env.action_names, env.answer_keys)
+                    hits += a is not None and a in optimal[s + i]
     return hits / (samples * len(prompts))
 
 

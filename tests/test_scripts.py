@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))  # tests import scripts by name, scripts their siblings
 
-from test_train import share_sft_cache  # noqa: E402
+from test_train import share_sft_cache, tiny_agent  # noqa: E402
 
 
 def test_reproduce_quick_plan(tmp_path):
@@ -52,21 +52,12 @@ def test_signal_probe_prints_one_line_per_update(tmp_path):
     assert rows[-1]["critic_ev"] != 0.0
 
 
-def load_script(name):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_signal_probe_evaluation_leaves_trainings_random_numbers_alone():
     import torch
+    import signal_probe as probe
     import train
-    from agent import Agent
     from env import LockstepEnvs
-    probe = load_script("signal_probe")
-    agent = Agent.build("tiny", train.tokenizer_corpus(0, episodes_per_task=8), seed=0)
+    agent = tiny_agent()
     envs = LockstepEnvs("gridworld", 4, seed=0, split="eval")
     images, prompts = envs.observe()
     args = train.Args(task="gridworld", model="tiny", max_new_tokens=8, bf16=False)
@@ -81,7 +72,7 @@ def test_signal_probe_evaluation_leaves_trainings_random_numbers_alone():
 def test_merge_probe_keeps_the_sft_start_as_base_when_a_run_resumes(tmp_path, monkeypatch):
     import torch
     import merge
-    probe = load_script("merge_probe")
+    import merge_probe as probe
     monkeypatch.setattr(probe.KeepingHistory, "folder", str(tmp_path / "history"))
     sft, resumed = {"w": torch.zeros(3)}, {"w": torch.ones(3)}
     saved = merge.MergeHistory(sft)
@@ -127,7 +118,7 @@ def test_signal_probe_warm_up_scales_each_step_linearly():
     """warm_up(opt, 4): steps 1..5 run at 1/4, 2/4, 3/4, 1, 1 of the scheduled lr. With plain SGD on the
     loss w (gradient 1), the weight after k steps is 1 - lr * sum of those factors: worked by hand."""
     import torch
-    probe = load_script("signal_probe")
+    import signal_probe as probe
     w = torch.nn.Parameter(torch.ones(()))
     opt = torch.optim.SGD([w], lr=0.1)
     opt.param_groups[0]["scheduled"] = 0.1
