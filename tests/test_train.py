@@ -226,6 +226,8 @@ def test_rollout_orders_turns_as_ppo_reads_them_and_bootstraps_from_the_last_sta
     assert data["values"].tolist() == [0, 1, 2, 3, 4, 5]
     assert data["batch"].texts == batches[0].texts + batches[1].texts  # the turns in the same order
 
+
+def test_ratio_is_exp_of_lambda_weighted_logp_difference():
     thought = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
     action = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
     old = torch.tensor([[-1.0, -2.0, -0.5, -0.1]])
