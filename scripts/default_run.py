@@ -28,12 +28,9 @@ def main():
     if a.fresh:
         for d in glob.glob(os.path.join(ROOT, "runs", "sft-cache", "sokoban-*")):
             shutil.rmtree(d)
-    out = None  # the last --out wins, as in train.py's argparse; both spellings
-    for i, x in enumerate(a.extra):
-        if x == "--out" and i + 1 < len(a.extra):
-            out = a.extra[i + 1]
-        elif x.startswith("--out="):
-            out = x.split("=", 1)[1]
+    q = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --out as train.py's parser reads it
+    q.add_argument("--out")
+    out = q.parse_known_args(a.extra)[0].out  # the last one wins; "--out DIR" or "--out=DIR"
     extra = list(a.extra)
     if out is None:  # train.py never overwrites a run: each benchmark gets its own directory
         out = os.path.join("runs", time.strftime("default-run-%Y%m%d-%H%M%S"))
